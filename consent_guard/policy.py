@@ -1,0 +1,212 @@
+"""The policy: data in a TOML file, loaded once, validated with messages a person can act on.
+
+The same file drives ComfyUI, A1111 and the command line. Every key is optional; a missing
+key takes the documented default below (DEFAULT_POLICY_TOML is the documentation).
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Optional
+
+try:  # Python 3.11+
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10 (ComfyUI still supports it)
+    import tomli as tomllib  # type: ignore[no-redef]
+
+from .verdict import Decision
+
+POLICY_FILENAME = "policy.toml"
+
+DEFAULT_POLICY_TOML = """\
+# Consent Guard policy. Every key is optional; the values shown are the defaults.
+version = 1
+
+[actions]
+# What happens to an image in each category:
+#   "allow"  - saved as it is
+#   "censor" - the detected regions are pixelated (an image with no region to censor is blocked)
+#   "block"  - nothing of the original is written; a placeholder says why
+sexual = "block"    # exposed genitals or anus, or the whole image scored explicit by open_nsfw
+nudity = "censor"   # exposed female breasts or buttocks
+
+[censor]
+style = "pixelate"  # "pixelate", "blur" or "black"
+margin = 0.15       # each region grows by this share of its size before censoring
+
+[explicit]
+# Operating points of the two models (see README, "How the explicit check decides").
+# Defaults are the published ones: NudeNet's detection threshold (0.25) and open_nsfw's bands
+# (below 0.2 safe with high probability, 0.8 and above NSFW with high probability).
+nudenet_min_score = 0.25
+open_nsfw_safe_below = 0.2
+open_nsfw_explicit_at = 0.8
+# When open_nsfw calls the whole image safe but NudeNet sees an exposed part, open_nsfw
+# re-scores the part's neighbourhood: a square of this many times the part's size.
+region_context = 3.0
+
+[models]
+device = "auto"     # "auto" (CUDA if onnxruntime-gpu can use it, else CPU) or "cpu"
+# Optional paths that override where a model file is looked for (names from models/manifest.toml):
+# [models.paths]
+# nudenet_320n = "/opt/models/320n.onnx"
+
+[limits]
+max_pixels = 100000000  # larger images are refused (decompression bombs); 100 MP
+"""
+
+ACTION_CATEGORIES = ("sexual", "nudity")
+CENSOR_STYLES = ("pixelate", "blur", "black")
+DEVICES = ("auto", "cpu")
+
+
+class PolicyError(ValueError):
+    """A policy file that cannot be used. The message names the file, the key and the fix."""
+
+
+@dataclass(frozen=True)
+class Policy:
+    actions: Mapping[str, Decision] = field(
+        default_factory=lambda: {"sexual": Decision.BLOCK, "nudity": Decision.CENSOR})
+    censor_style: str = "pixelate"
+    censor_margin: float = 0.15
+    nudenet_min_score: float = 0.25
+    open_nsfw_safe_below: float = 0.2
+    open_nsfw_explicit_at: float = 0.8
+    region_context: float = 3.0
+    device: str = "auto"
+    model_paths: Mapping[str, str] = field(default_factory=dict)
+    max_pixels: int = 100_000_000
+    source: Optional[str] = None  # the file it came from, None for built-in defaults
+
+    def action_for(self, category: str) -> Decision:
+        return self.actions[category]
+
+
+def _suggest(key: str, known) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f" Did you mean '{close[0]}'?" if close else f" Known keys: {', '.join(sorted(known))}."
+
+
+class _Reader:
+    """Walks the parsed TOML and turns each problem into one clear message."""
+
+    def __init__(self, data: dict, where: str):
+        self.data, self.where, self.problems = data, where, []
+
+    def table(self, name: str, known: tuple) -> dict:
+        value = self.data.get(name, {})
+        if not isinstance(value, dict):
+            self.problems.append(f"[{name}] must be a table, got {type(value).__name__}.")
+            return {}
+        for key in value:
+            if key not in known:
+                self.problems.append(f"unknown key '{key}' in [{name}].{_suggest(key, known)}")
+        return value
+
+    def number(self, table: dict, section: str, key: str, default: float, lo: float, hi: float):
+        value = table.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self.problems.append(f"[{section}] {key} must be a number, got {value!r}.")
+            return default
+        if not lo <= value <= hi:
+            self.problems.append(f"[{section}] {key} = {value} is out of range {lo}..{hi}.")
+            return default
+        return float(value)
+
+    def choice(self, table: dict, section: str, key: str, default: str, options: tuple) -> str:
+        value = table.get(key, default)
+        if value not in options:
+            self.problems.append(
+                f"[{section}] {key} = {value!r} is not one of {', '.join(map(repr, options))}.")
+            return default
+        return value
+
+
+def policy_from_dict(data: dict, where: str = "<policy>") -> Policy:
+    defaults = Policy()
+    r = _Reader(data, where)
+    for key in data:
+        if key not in ("version", "actions", "censor", "explicit", "models", "limits"):
+            r.problems.append(f"unknown top-level key '{key}'."
+                              + _suggest(key, ("version", "actions", "censor", "explicit",
+                                               "models", "limits")))
+    if data.get("version", 1) != 1:
+        r.problems.append(f"version = {data.get('version')!r}: this Consent Guard reads version 1.")
+
+    actions_t = r.table("actions", ACTION_CATEGORIES)
+    actions = dict(defaults.actions)
+    for cat in ACTION_CATEGORIES:
+        if cat in actions_t:
+            actions[cat] = Decision(r.choice(actions_t, "actions", cat, actions[cat].value,
+                                             tuple(d.value for d in Decision)))
+
+    censor_t = r.table("censor", ("style", "margin"))
+    explicit_t = r.table("explicit", ("nudenet_min_score", "open_nsfw_safe_below",
+                                      "open_nsfw_explicit_at", "region_context"))
+    models_t = r.table("models", ("device", "paths"))
+    limits_t = r.table("limits", ("max_pixels",))
+
+    paths = models_t.get("paths", {})
+    if not isinstance(paths, dict) or not all(isinstance(v, str) for v in paths.values()):
+        r.problems.append("[models.paths] must map model names to file paths (strings).")
+        paths = {}
+
+    safe_below = r.number(explicit_t, "explicit", "open_nsfw_safe_below",
+                          defaults.open_nsfw_safe_below, 0.0, 1.0)
+    explicit_at = r.number(explicit_t, "explicit", "open_nsfw_explicit_at",
+                           defaults.open_nsfw_explicit_at, 0.0, 1.0)
+    if safe_below > explicit_at:
+        r.problems.append(f"[explicit] open_nsfw_safe_below ({safe_below}) must not be above "
+                          f"open_nsfw_explicit_at ({explicit_at}).")
+
+    max_pixels = limits_t.get("max_pixels", defaults.max_pixels)
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 64 * 64:
+        r.problems.append(f"[limits] max_pixels must be a whole number of at least 4096, "
+                          f"got {max_pixels!r}.")
+        max_pixels = defaults.max_pixels
+
+    policy = Policy(
+        actions=actions,
+        censor_style=r.choice(censor_t, "censor", "style", defaults.censor_style, CENSOR_STYLES),
+        censor_margin=r.number(censor_t, "censor", "margin", defaults.censor_margin, 0.0, 2.0),
+        nudenet_min_score=r.number(explicit_t, "explicit", "nudenet_min_score",
+                                   defaults.nudenet_min_score, 0.05, 1.0),
+        open_nsfw_safe_below=safe_below,
+        open_nsfw_explicit_at=explicit_at,
+        region_context=r.number(explicit_t, "explicit", "region_context",
+                                defaults.region_context, 1.0, 10.0),
+        device=r.choice(models_t, "models", "device", defaults.device, DEVICES),
+        model_paths=dict(paths),
+        max_pixels=max_pixels,
+        source=where,
+    )
+    if r.problems:
+        raise PolicyError(f"Policy {where} has {len(r.problems)} problem(s):\n  - "
+                          + "\n  - ".join(r.problems))
+    return policy
+
+
+def load_policy(path: Optional[Path] = None, home: Optional[Path] = None) -> Policy:
+    """Load `path`, else `<home>/policy.toml` if it exists, else the built-in defaults."""
+    if path is None and home is not None:
+        candidate = Path(home) / POLICY_FILENAME
+        if not candidate.exists():
+            return Policy()
+        path = candidate
+    if path is None:
+        return Policy()
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PolicyError(f"Policy file {path} does not exist. Create one with "
+                          f"`consent-guard policy init`.") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PolicyError(f"Policy file {path} cannot be read: {exc}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise PolicyError(f"Policy file {path} is not valid TOML: {exc}") from None
+    return policy_from_dict(data, str(path))

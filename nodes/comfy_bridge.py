@@ -1,0 +1,85 @@
+"""What the ComfyUI adapter needs from ComfyUI, in one place: folders, tensors, progress.
+
+Signatures followed (ComfyUI a125cd84, folder_paths.py): get_output_directory(),
+get_temp_directory(), get_user_directory(), models_dir, add_model_folder_path(name, path),
+get_folder_paths(name), get_save_image_path(prefix, output_dir, width, height) ->
+(full_output_folder, filename, counter, subfolder, filename_prefix). comfy/utils.py:
+ProgressBar(total).update(n). IMAGE tensors are float32 [B, H, W, C] in 0..1.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import numpy as np
+
+import folder_paths  # ComfyUI's module; present whenever ComfyUI loads this package
+
+from ..consent_guard import Engine, load_policy
+from ..consent_guard.home import resolve_home
+from ..consent_guard.policy import POLICY_FILENAME
+
+MODEL_FOLDER = "consent_guard"  # <ComfyUI>/models/consent_guard/ may hold the weight files
+
+folder_paths.add_model_folder_path(MODEL_FOLDER, os.path.join(folder_paths.models_dir, MODEL_FOLDER))
+
+
+class ConsentGuardError(RuntimeError):
+    """Raised inside a node so that ComfyUI stops the workflow and shows the message."""
+
+
+_engine: Optional[Engine] = None
+_engine_key: Optional[Tuple] = None
+_lock = threading.Lock()
+
+
+def home() -> Path:
+    return resolve_home(folder_paths.get_user_directory())
+
+
+def get_engine() -> Engine:
+    """The process's engine; rebuilt when the policy file changes, so edits need no restart.
+    A policy that cannot be read raises ConsentGuardError: nothing runs unchecked."""
+    global _engine, _engine_key
+    policy_path = home() / POLICY_FILENAME
+    try:
+        stat = policy_path.stat()
+        key = (str(policy_path), stat.st_mtime_ns, stat.st_size)
+    except FileNotFoundError:
+        key = (str(policy_path), None, None)
+    with _lock:
+        if _engine is None or key != _engine_key:
+            try:
+                policy = load_policy(home=policy_path.parent)
+            except Exception as exc:
+                raise ConsentGuardError(f"Consent Guard cannot read its policy, so nothing is "
+                                        f"saved: {exc}") from exc
+            model_dirs = [Path(p) for p in folder_paths.get_folder_paths(MODEL_FOLDER)]
+            _engine, _engine_key = Engine(policy, model_dirs=model_dirs), key
+        return _engine
+
+
+def tensor_to_frames(images) -> List[np.ndarray]:
+    """ComfyUI IMAGE [B, H, W, C] float tensor -> list of H x W x C float arrays."""
+    if images is None or not hasattr(images, "shape") or len(images.shape) != 4:
+        raise ConsentGuardError(f"expected an IMAGE batch [B, H, W, C], got "
+                                f"{getattr(images, 'shape', type(images).__name__)}")
+    arr = images.detach().cpu().float().numpy() if hasattr(images, "detach") else np.asarray(images)
+    return list(arr)
+
+
+def frames_to_tensor(frames: List[np.ndarray]):
+    import torch
+
+    return torch.from_numpy(np.stack(frames).astype(np.float32) / 255.0)
+
+
+def progress(total: int):
+    """ComfyUI's progress bar for long batches, or None outside ComfyUI."""
+    try:
+        from comfy.utils import ProgressBar
+    except ImportError:
+        return None
+    return ProgressBar(total)

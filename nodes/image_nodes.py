@@ -1,0 +1,188 @@
+"""Image nodes: check a batch, and save or preview only what the policy allows.
+
+ConsentGuardSaveImage and ConsentGuardPreviewImage follow nodes.SaveImage / nodes.PreviewImage
+(ComfyUI a125cd84, nodes.py): same inputs, hidden PROMPT / EXTRA_PNGINFO, same file naming
+(`{prefix}_{counter:05}_.png`, `%batch_num%`), `args.disable_metadata` respected for the prompt.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from typing import List
+
+import numpy as np
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+import folder_paths
+from comfy.cli_args import args
+
+from ..consent_guard.verdict import Decision, Verdict
+from .comfy_bridge import (ConsentGuardError, frames_to_tensor, get_engine, progress,
+                           tensor_to_frames)
+
+log = logging.getLogger("consent_guard")
+CATEGORY = "Consent Guard"
+CHUNK = 16  # frames per engine call: progress for long batches, bounded memory
+
+
+def check_frames(frames: List[np.ndarray]) -> List[Verdict]:
+    engine = get_engine()
+    bar = progress(len(frames)) if len(frames) > CHUNK else None
+    verdicts: List[Verdict] = []
+    for start in range(0, len(frames), CHUNK):
+        verdicts.extend(engine.check_images(frames[start:start + CHUNK]))
+        if bar is not None:
+            bar.update(min(CHUNK, len(frames) - start))
+    return verdicts
+
+
+def report(verdicts: List[Verdict]) -> dict:
+    return {"decision": Decision.strictest(v.decision for v in verdicts).value,
+            "images": [{"index": i, **v.to_dict()} for i, v in enumerate(verdicts)]}
+
+
+class ConsentGuardCheckImage:
+    """IMAGE -> IMAGE: each frame checked; censored or replaced by a placeholder where the policy
+    says so. Any frame that could not be checked stops the workflow (fail closed)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"images": ("IMAGE", {"tooltip": "Images to check, any batch size."})}}
+
+    RETURN_TYPES = ("IMAGE", "STRING")
+    RETURN_NAMES = ("images", "report")
+    FUNCTION = "check"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("Checks every image for explicit content. Passes allowed images through, "
+                   "censors or replaces the others, and returns a JSON report.")
+
+    def check(self, images):
+        frames = tensor_to_frames(images)
+        verdicts = check_frames(frames)
+        failed = [v for v in verdicts if v.error]
+        if failed:
+            raise ConsentGuardError(f"Consent Guard could not check {len(failed)} of "
+                                    f"{len(frames)} image(s), so the workflow stops here: "
+                                    f"{failed[0].error}")
+        engine = get_engine()
+        out = [engine.output_for(f, v) for f, v in zip(frames, verdicts)]
+        for i, v in enumerate(verdicts):
+            if not v.allowed:
+                log.warning("Consent Guard: image %d of %d %s", i + 1, len(frames), v.summary())
+        return (frames_to_tensor(out), json.dumps(report(verdicts)))
+
+
+class ConsentGuardSaveImage:
+    """Drop-in for SaveImage: writes only what the policy allows; a blocked image is never
+    written, and a placeholder saying why is shown in its place."""
+
+    def __init__(self):
+        self.output_dir = folder_paths.get_output_directory()
+        self.type = "output"
+        self.prefix_append = ""
+        self.compress_level = 4
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "images": ("IMAGE", {"tooltip": "The images to check and save."}),
+                "filename_prefix": ("STRING", {"default": "ComfyUI", "tooltip":
+                                    "The prefix for the file to save, as in Save Image."}),
+            },
+            "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
+        }
+
+    RETURN_TYPES = ()
+    FUNCTION = "save_images"
+    OUTPUT_NODE = True
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Checks each image, then saves what the policy allows to the output folder."
+
+    def _metadata(self, verdict: Verdict, prompt, extra_pnginfo) -> PngInfo:
+        metadata = PngInfo()
+        if not args.disable_metadata:
+            if prompt is not None:
+                metadata.add_text("prompt", json.dumps(prompt))
+            if extra_pnginfo is not None:
+                for key in extra_pnginfo:
+                    metadata.add_text(key, json.dumps(extra_pnginfo[key]))
+        summary = {"decision": verdict.decision.value,
+                   "reasons": [{"label": r.label, "score": round(r.score, 3)}
+                               for r in verdict.reasons],
+                   "rule": verdict.rule}
+        metadata.add_text("consent_guard", json.dumps(summary))
+        return metadata
+
+    def _placeholder(self, frame: np.ndarray, verdict: Verdict) -> dict:
+        """Written to the temp folder (never output/), so the UI can show why."""
+        temp_dir = folder_paths.get_temp_directory()
+        h, w = frame.shape[:2]
+        full, name, counter, sub, _ = folder_paths.get_save_image_path(
+            "ConsentGuard_blocked", temp_dir, w, h)
+        file = f"{name}_{counter:05}_.png"
+        pixels = get_engine().placeholder(w, h, verdict)
+        Image.fromarray(pixels).save(os.path.join(full, file), compress_level=1)
+        return {"filename": file, "subfolder": sub, "type": "temp"}
+
+    def save_images(self, images, filename_prefix="ComfyUI", prompt=None, extra_pnginfo=None):
+        frames = tensor_to_frames(images)
+        verdicts = check_frames(frames)
+        if all(v.error for v in verdicts):
+            raise ConsentGuardError("Consent Guard could not check the images, so nothing was "
+                                    f"saved: {verdicts[0].error}")
+        engine = get_engine()
+        filename_prefix += self.prefix_append
+        h, w = frames[0].shape[:2]
+        full_output_folder, filename, counter, subfolder, filename_prefix = \
+            folder_paths.get_save_image_path(filename_prefix, self.output_dir, w, h)
+        results, notes = [], []
+        for batch_number, (frame, verdict) in enumerate(zip(frames, verdicts)):
+            pixels = None if verdict.error else engine.render(frame, verdict)
+            notes.append(f"image {batch_number + 1}: {verdict.summary()}")
+            if pixels is None:
+                log.warning("Consent Guard: image %d not saved (%s)", batch_number + 1,
+                            verdict.summary())
+                results.append(self._placeholder(frame, verdict))
+                continue
+            name = filename.replace("%batch_num%", str(batch_number))
+            file = f"{name}_{counter:05}_.png"
+            Image.fromarray(pixels).save(os.path.join(full_output_folder, file),
+                                         pnginfo=self._metadata(verdict, prompt, extra_pnginfo),
+                                         compress_level=self.compress_level)
+            results.append({"filename": file, "subfolder": subfolder, "type": self.type})
+            counter += 1
+        return {"ui": {"images": results, "consent_guard": notes}}
+
+
+class ConsentGuardPreviewImage(ConsentGuardSaveImage):
+    """Drop-in for PreviewImage: the same checks, written to the temp folder."""
+
+    def __init__(self):
+        self.output_dir = folder_paths.get_temp_directory()
+        self.type = "temp"
+        self.prefix_append = "_temp_" + "".join(random.choice("abcdefghijklmnopqrstupvxyz")
+                                                for _ in range(5))
+        self.compress_level = 1
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"images": ("IMAGE",)},
+                "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}}
+
+    DESCRIPTION = "Checks each image, then previews what the policy allows."
+
+
+NODE_CLASS_MAPPINGS = {
+    "ConsentGuardCheckImage": ConsentGuardCheckImage,
+    "ConsentGuardSaveImage": ConsentGuardSaveImage,
+    "ConsentGuardPreviewImage": ConsentGuardPreviewImage,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "ConsentGuardCheckImage": "Consent Guard: Check Image",
+    "ConsentGuardSaveImage": "Consent Guard: Save Image",
+    "ConsentGuardPreviewImage": "Consent Guard: Preview Image",
+}

@@ -52,7 +52,7 @@ def key_of(image: PreparedImage) -> int:
 
 def keyed_image(key: int, size=(64, 48)) -> np.ndarray:
     w, h = size
-    img = np.full((h, w, 3), 128, np.uint8)
+    img = np.random.default_rng(key).integers(0, 256, (h, w, 3), dtype=np.uint8)
     img[0, 0, 0] = key
     return img
 

@@ -1,0 +1,90 @@
+"""Small stand-ins for the ComfyUI modules the adapter imports, following the real signatures
+of ComfyUI a125cd84: folder_paths.py (directories, add_model_folder_path, get_folder_paths,
+get_save_image_path), comfy/cli_args.py (args.disable_metadata), comfy/utils.py (ProgressBar).
+Only what the adapter uses is here; the integration test runs the real ComfyUI."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import types
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def make_folder_paths(base: Path) -> types.ModuleType:
+    fp = types.ModuleType("folder_paths")
+    fp.base_path = str(base)
+    fp.models_dir = str(base / "models")
+    fp.output_directory = str(base / "output")
+    fp.temp_directory = str(base / "temp")
+    fp.user_directory = str(base / "user")
+    fp.folder_names_and_paths = {}
+    for d in (fp.output_directory, fp.temp_directory, fp.user_directory):
+        os.makedirs(d, exist_ok=True)
+
+    fp.get_output_directory = lambda: fp.output_directory
+    fp.get_temp_directory = lambda: fp.temp_directory
+    fp.get_user_directory = lambda: fp.user_directory
+
+    def add_model_folder_path(folder_name: str, full_folder_path: str, is_default: bool = False):
+        paths = fp.folder_names_and_paths.setdefault(folder_name, ([], set()))[0]
+        if full_folder_path not in paths:
+            paths.insert(0, full_folder_path) if is_default else paths.append(full_folder_path)
+
+    def get_folder_paths(folder_name: str) -> list:
+        return fp.folder_names_and_paths[folder_name][0][:]
+
+    def get_save_image_path(filename_prefix: str, output_dir: str, image_width=0, image_height=0):
+        subfolder = os.path.dirname(os.path.normpath(filename_prefix))
+        filename = os.path.basename(os.path.normpath(filename_prefix))
+        full_output_folder = os.path.join(output_dir, subfolder)
+        if os.path.commonpath((output_dir, os.path.abspath(full_output_folder))) != output_dir:
+            raise Exception("Saving image outside the output folder is not allowed.")
+        os.makedirs(full_output_folder, exist_ok=True)
+        taken = [int(f[len(filename) + 1:].split("_")[0]) for f in os.listdir(full_output_folder)
+                 if f.startswith(filename + "_") and f[len(filename) + 1:].split("_")[0].isdigit()]
+        counter = max(taken, default=0) + 1
+        return full_output_folder, filename, counter, subfolder, filename_prefix
+
+    fp.add_model_folder_path = add_model_folder_path
+    fp.get_folder_paths = get_folder_paths
+    fp.get_save_image_path = get_save_image_path
+    return fp
+
+
+class ProgressBar:
+    instances: list = []
+
+    def __init__(self, total, node_id=None):
+        self.total, self.current = total, 0
+        ProgressBar.instances.append(self)
+
+    def update_absolute(self, value, total=None, preview=None):
+        self.current = min(value, self.total)
+
+    def update(self, value):
+        self.update_absolute(self.current + value)
+
+
+def install(monkeypatch, base: Path, disable_metadata: bool = False):
+    """Put the stand-ins in sys.modules, then load this repo the way ComfyUI's
+    nodes.load_custom_node does: spec_from_file_location(<module path>, <dir>/__init__.py)."""
+    monkeypatch.setitem(sys.modules, "folder_paths", make_folder_paths(base))
+    comfy = types.ModuleType("comfy")
+    cli_args = types.ModuleType("comfy.cli_args")
+    cli_args.args = types.SimpleNamespace(disable_metadata=disable_metadata)
+    utils = types.ModuleType("comfy.utils")
+    utils.ProgressBar = ProgressBar
+    comfy.cli_args, comfy.utils = cli_args, utils
+    for name, mod in (("comfy", comfy), ("comfy.cli_args", cli_args), ("comfy.utils", utils)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    name = "custom_nodes_consent_guard_under_test"
+    for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+        del sys.modules[key]
+    spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -39,16 +39,22 @@ def home() -> Path:
     return resolve_home(folder_paths.get_user_directory())
 
 
+def policy_state() -> Tuple:
+    """Identifies the policy file's current version (path, mtime, size)."""
+    policy_path = home() / POLICY_FILENAME
+    try:
+        stat = policy_path.stat()
+        return (str(policy_path), stat.st_mtime_ns, stat.st_size)
+    except FileNotFoundError:
+        return (str(policy_path), None, None)
+
+
 def get_engine() -> Engine:
     """The process's engine; rebuilt when the policy file changes, so edits need no restart.
     A policy that cannot be read raises ConsentGuardError: nothing runs unchecked."""
     global _engine, _engine_key
-    policy_path = home() / POLICY_FILENAME
-    try:
-        stat = policy_path.stat()
-        key = (str(policy_path), stat.st_mtime_ns, stat.st_size)
-    except FileNotFoundError:
-        key = (str(policy_path), None, None)
+    key = policy_state()
+    policy_path = Path(key[0])
     with _lock:
         if _engine is None or key != _engine_key:
             try:

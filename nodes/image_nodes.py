@@ -20,8 +20,8 @@ import folder_paths
 from comfy.cli_args import args
 
 from ..consent_guard.verdict import Decision, Verdict
-from .comfy_bridge import (ConsentGuardError, frames_to_tensor, get_engine, progress,
-                           tensor_to_frames)
+from .comfy_bridge import (ConsentGuardError, frames_to_tensor, get_engine, policy_state,
+                           progress, tensor_to_frames)
 
 log = logging.getLogger("consent_guard")
 CATEGORY = "Consent Guard"
@@ -39,12 +39,22 @@ def check_frames(frames: List[np.ndarray]) -> List[Verdict]:
     return verdicts
 
 
+class _PolicyBound:
+    """ComfyUI reuses a node's cached output while its inputs are unchanged (execution.py,
+    IsChangedCache); a changed policy must count as a change, or a re-run after tightening the
+    policy would hand on images checked under the old one."""
+
+    @classmethod
+    def IS_CHANGED(cls, **_constant_inputs):
+        return repr(policy_state())
+
+
 def report(verdicts: List[Verdict]) -> dict:
     return {"decision": Decision.strictest(v.decision for v in verdicts).value,
             "images": [{"index": i, **v.to_dict()} for i, v in enumerate(verdicts)]}
 
 
-class ConsentGuardCheckImage:
+class ConsentGuardCheckImage(_PolicyBound):
     """IMAGE -> IMAGE: each frame checked; censored or replaced by a placeholder where the policy
     says so. Any frame that could not be checked stops the workflow (fail closed)."""
 
@@ -75,7 +85,7 @@ class ConsentGuardCheckImage:
         return (frames_to_tensor(out), json.dumps(report(verdicts)))
 
 
-class ConsentGuardSaveImage:
+class ConsentGuardSaveImage(_PolicyBound):
     """Drop-in for SaveImage: writes only what the policy allows; a blocked image is never
     written, and a placeholder saying why is shown in its place."""
 

@@ -159,6 +159,17 @@ def test_policy_edits_take_effect_without_restart(comfy, tmp_path):
     assert second is not first and second.policy.action_for("nudity").value == "block"
 
 
+def test_policy_change_invalidates_comfyui_cache(comfy, tmp_path):
+    pkg, _ = comfy
+    nodes = pkg.NODE_CLASS_MAPPINGS
+    before = {name: cls.IS_CHANGED(filename_prefix="x") for name, cls in nodes.items()}
+    assert nodes["ConsentGuardCheckImage"].IS_CHANGED() == before["ConsentGuardCheckImage"]
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "policy.toml").write_text("[actions]\nnudity = 'block'\n")
+    after = {name: cls.IS_CHANGED(filename_prefix="x") for name, cls in nodes.items()}
+    assert all(before[n] != after[n] for n in nodes)
+
+
 def test_real_models_through_the_node(comfy, t1_jpg):
     pkg, base = comfy
     rgb = np.asarray(Image.open(t1_jpg).convert("RGB"))

@@ -1,0 +1,185 @@
+"""Against the real ComfyUI: skipped unless COMFYUI_DIR points at a checkout.
+
+Setup (once): a venv for ComfyUI with its requirements (COMFYUI_DIR/venv, or set
+COMFYUI_PYTHON), then `<that python> install.py` from this repo. The test starts ComfyUI on
+CPU with a throwaway --base-directory whose custom_nodes/ links to this repo, drives it over
+HTTP (POST /prompt, GET /history) and checks what lands in output/ and temp/.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
+pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Comfy:
+    def __init__(self, base: Path, home: Path):
+        comfy_dir = Path(COMFYUI_DIR)
+        python = os.environ.get("COMFYUI_PYTHON") or str(comfy_dir / "venv" / "bin" / "python")
+        if not Path(python).exists():
+            python = sys.executable
+        self.base, self.port = base, _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = dict(os.environ, CONSENT_GUARD_HOME=str(home))
+        self.log = open(base / "server.log", "w")
+        self.proc = subprocess.Popen(
+            [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+             "--base-directory", str(base)],
+            cwd=comfy_dir, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited: {self.tail()}")
+            try:
+                info = self.get("/object_info/ConsentGuardSaveImage")
+                if info:
+                    return
+                raise RuntimeError("ComfyUI started without Consent Guard's nodes (did "
+                                   f"`{python} install.py` run?): {self.tail()}")
+            except OSError:
+                time.sleep(1)
+        raise RuntimeError(f"ComfyUI did not start in time: {self.tail()}")
+
+    def tail(self) -> str:
+        self.log.flush()
+        return (self.base / "server.log").read_text()[-3000:]
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=10) as r:
+            return json.loads(r.read())
+
+    def run(self, graph: dict, timeout: float = 180) -> dict:
+        req = urllib.request.Request(self.url + "/prompt", method="POST",
+                                     data=json.dumps({"prompt": graph, "client_id": "cg-test"}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            prompt_id = json.loads(r.read())["prompt_id"]
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            hist = self.get(f"/history/{prompt_id}")
+            if prompt_id in hist and hist[prompt_id].get("status", {}).get("completed") is not None:
+                return hist[prompt_id]
+            time.sleep(0.5)
+        raise TimeoutError(f"prompt {prompt_id} did not finish: {self.tail()}")
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory):
+    from conftest import package_file
+
+    base = tmp_path_factory.mktemp("comfy_base")
+    home = tmp_path_factory.mktemp("cg_home")
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / "consent_guard").symlink_to(REPO, target_is_directory=True)
+    (base / "input").mkdir()
+    shutil.copy(package_file("insightface", "data/images/t1.jpg"), base / "input" / "t1.jpg")
+    server = Comfy(base, home)
+    yield server, base, home
+    server.stop()
+
+
+def save_graph(prefix: str) -> dict:
+    return {"1": {"class_type": "LoadImage", "inputs": {"image": "t1.jpg"}},
+            "2": {"class_type": "ConsentGuardSaveImage",
+                  "inputs": {"images": ["1", 0], "filename_prefix": prefix}}}
+
+
+def check_then_save_graph(prefix: str) -> dict:
+    return {"1": {"class_type": "LoadImage", "inputs": {"image": "t1.jpg"}},
+            "2": {"class_type": "ConsentGuardCheckImage", "inputs": {"images": ["1", 0]}},
+            "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": prefix}}}
+
+
+def outputs(base: Path, prefix: str):
+    return sorted((base / "output").glob(f"{prefix}_*.png"))
+
+
+def original(base: Path) -> np.ndarray:
+    return np.asarray(Image.open(base / "input" / "t1.jpg").convert("RGB"))
+
+
+def set_policy(home: Path, text: str):
+    (home / "policy.toml").write_text(text)
+    time.sleep(0.05)
+
+
+def test_1_allowed_image_is_saved_with_verdict_metadata(comfy):
+    server, base, home = comfy
+    hist = server.run(save_graph("cg_save"))
+    assert hist["status"]["status_str"] == "success", hist["status"]
+    [saved] = outputs(base, "cg_save")
+    img = Image.open(saved)
+    assert json.loads(img.text["consent_guard"])["decision"] == "allow"
+    assert "prompt" in img.text
+    assert np.array_equal(np.asarray(img.convert("RGB")), original(base))
+
+
+def test_2_check_node_then_stock_save(comfy):
+    server, base, home = comfy
+    hist = server.run(check_then_save_graph("cg_check"))
+    assert hist["status"]["status_str"] == "success", hist["status"]
+    [saved] = outputs(base, "cg_check")
+    assert np.array_equal(np.asarray(Image.open(saved).convert("RGB")), original(base))
+    report = hist["outputs"].get("2")  # CheckImage is not an output node: report is its STRING
+    assert report is None or "images" not in report
+
+
+def test_3_blocked_image_never_reaches_output(comfy):
+    """A policy that calls everything explicit (both open_nsfw bands at 0) makes the real
+    models block a benign photo: the real block path, end to end, with nothing explicit."""
+    server, base, home = comfy
+    set_policy(home, "[explicit]\nopen_nsfw_safe_below = 0.0\nopen_nsfw_explicit_at = 0.0\n")
+    hist = server.run(save_graph("cg_blocked"))
+    assert hist["status"]["status_str"] == "success", hist["status"]
+    assert outputs(base, "cg_blocked") == []
+    ui = hist["outputs"]["2"]
+    assert [i["type"] for i in ui["images"]] == ["temp"]
+    assert "block" in ui["consent_guard"][0]
+    placeholder = base / "temp" / ui["images"][0]["filename"]
+    assert not np.array_equal(np.asarray(Image.open(placeholder).convert("RGB")), original(base))
+
+    # the same Check -> SaveImage graph as test 2 must be re-checked, not served from cache
+    hist = server.run(check_then_save_graph("cg_check_blocked"))
+    assert hist["status"]["status_str"] == "success", hist["status"]
+    [saved] = outputs(base, "cg_check_blocked")
+    assert not np.array_equal(np.asarray(Image.open(saved).convert("RGB")), original(base))
+
+
+def test_4_missing_model_fails_closed_with_message(comfy):
+    server, base, home = comfy
+    set_policy(home, f'[models.paths]\nnudenet_320n = "{base / "nowhere.onnx"}"\n')
+    hist = server.run(save_graph("cg_fail"))
+    assert hist["status"]["status_str"] == "error"
+    messages = json.dumps(hist["status"]["messages"])
+    assert "nowhere.onnx" in messages
+    assert outputs(base, "cg_fail") == []
+    hist = server.run(check_then_save_graph("cg_fail_check"))
+    assert hist["status"]["status_str"] == "error" and outputs(base, "cg_fail_check") == []

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -14,7 +14,7 @@ from .explicit import check_explicit
 from .imageio import ImageInputError, read_image_frames, to_rgb_uint8
 from .models import ModelError, ModelResolver, onnx_session
 from .policy import Policy
-from .prepare import PreparedImage
+from .prepare import WORK_SIZE, PreparedImage
 from .verdict import Decision, Verdict
 
 log = logging.getLogger("consent_guard")
@@ -47,9 +47,12 @@ class Engine:
                 self._scorer = OpenNSFWScorer(
                     onnx_session(resolver.resolve("open_nsfw"), self.policy.device))
 
-    def check_images(self, pixels: Sequence[np.ndarray]) -> List[Verdict]:
+    def check_images(self, pixels: Sequence[np.ndarray],
+                     full_size: Optional[Tuple[int, int]] = None) -> List[Verdict]:
         """One verdict per image; the batch goes through each model together. Never raises for
-        a bad image or a failing model: that image's verdict is a block that says why."""
+        a bad image or a failing model: that image's verdict is a block that says why.
+        `full_size` is given when the pixels were decoded at reduced scale (regions are
+        reported in full-size pixels)."""
         verdicts: List[Optional[Verdict]] = [None] * len(pixels)
         prepared, index = [], []
         for i, px in enumerate(pixels):
@@ -59,7 +62,7 @@ class Engine:
                 if h * w > self.policy.max_pixels:
                     raise ImageInputError(f"too large to check: {w}x{h}, over the policy limit "
                                           f"of {self.policy.max_pixels} pixels")
-                prepared.append(PreparedImage(rgb))
+                prepared.append(PreparedImage(rgb, full_size))
                 index.append(i)
             except ImageInputError as exc:
                 verdicts[i] = Verdict.failed(f"unusable image: {exc}")
@@ -84,10 +87,10 @@ class Engine:
     def check_file(self, path: Path) -> Verdict:
         """Every frame of an image file; the strictest frame's verdict stands for the file."""
         try:
-            frames = read_image_frames(path, self.policy.max_pixels)
+            frames, size = read_image_frames(path, self.policy.max_pixels, draft_size=WORK_SIZE)
         except ImageInputError as exc:
             return Verdict.failed(f"unusable image: {exc}")
-        verdicts = self.check_images(frames)
+        verdicts = self.check_images(frames, size)
         return max(verdicts, key=lambda v: (v.error is not None, v.decision.rank))
 
     def render(self, pixels: np.ndarray, verdict: Verdict) -> Optional[np.ndarray]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import List
+from typing import List, Tuple
 
 import numpy as np
 from PIL import Image, ImageOps, ImageSequence
@@ -73,8 +73,15 @@ def _frame_to_rgb(frame: Image.Image) -> np.ndarray:
     return to_rgb_uint8(np.asarray(frame))
 
 
-def read_image_frames(path: Path, max_pixels: int) -> List[np.ndarray]:
-    """Decode a file into RGB uint8 frames (one for a still image, each frame of an animation)."""
+def read_image_frames(path: Path, max_pixels: int, draft_size: int = 0
+                      ) -> Tuple[List[np.ndarray], Tuple[int, int]]:
+    """Decode a file into RGB uint8 frames (one for a still image, each frame of an animation)
+    and the image's size as displayed (width, height).
+
+    With `draft_size`, a large JPEG is decoded at a reduced scale (JPEG's own DCT scaling, far
+    cheaper than decoding in full and resizing) no smaller than draft_size on either side; the
+    returned size is still the full one, so boxes can be mapped back to it.
+    """
     path = Path(path)
     try:
         with warnings.catch_warnings():
@@ -98,6 +105,11 @@ def read_image_frames(path: Path, max_pixels: int) -> List[np.ndarray]:
             raise ImageInputError(f"has {n_frames} frames, over the limit of {MAX_FRAMES}")
         frames = []
         try:
+            orientation = img.getexif().get(0x0112, 1) if n_frames == 1 else 1
+            if orientation in (5, 6, 7, 8):
+                w, h = h, w
+            if draft_size and img.format == "JPEG" and min(img.size) > 2 * draft_size:
+                img.draft("RGB", (draft_size, draft_size))
             for frame in ImageSequence.Iterator(img):
                 frame.load()
                 if n_frames == 1:
@@ -109,4 +121,4 @@ def read_image_frames(path: Path, max_pixels: int) -> List[np.ndarray]:
             raise ImageInputError(f"is corrupt or truncated ({type(exc).__name__}: {exc})") from None
     if not frames:
         raise ImageInputError("holds no image frames")
-    return frames
+    return frames, (w, h)

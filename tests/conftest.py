@@ -47,7 +47,7 @@ def shared_eval() -> Path:
 
 def key_of(image: PreparedImage) -> int:
     """Test images are keyed by the value of their top-left pixel's red channel."""
-    return int(image.rgb[0, 0, 0])
+    return int(np.asarray(image.work)[0, 0, 0])
 
 
 def keyed_image(key: int, size=(64, 48)) -> np.ndarray:

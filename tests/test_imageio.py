@@ -82,13 +82,13 @@ def test_modes_gray_rgba_16bit_palette_and_animation(tmp_path):
     g16 = Image.fromarray(np.full((8, 10), 65535, np.uint16))
     g16.save(tmp_path / "g16.png")
     for name in [*cases, "g16.png"]:
-        frames = read_image_frames(tmp_path / name, LIMIT)
-        assert len(frames) == 1 and frames[0].shape == (8, 10, 3) and frames[0].dtype == np.uint8
-    assert read_image_frames(tmp_path / "g16.png", LIMIT)[0].max() == 255
-    assert read_image_frames(tmp_path / "rgba.png", LIMIT)[0][0, 0].tolist() == [10, 20, 30]
+        frames, size = read_image_frames(tmp_path / name, LIMIT)
+        assert size == (10, 8) and len(frames) == 1 and frames[0].shape == (8, 10, 3) and frames[0].dtype == np.uint8
+    assert read_image_frames(tmp_path / "g16.png", LIMIT)[0][0].max() == 255
+    assert read_image_frames(tmp_path / "rgba.png", LIMIT)[0][0][0, 0].tolist() == [10, 20, 30]
     anim = [Image.new("RGB", (12, 12), c) for c in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
     anim[0].save(tmp_path / "a.gif", save_all=True, append_images=anim[1:], duration=50)
-    assert len(read_image_frames(tmp_path / "a.gif", LIMIT)) == 3
+    assert len(read_image_frames(tmp_path / "a.gif", LIMIT)[0]) == 3
 
 
 def test_exif_orientation_is_applied(tmp_path):
@@ -96,4 +96,15 @@ def test_exif_orientation_is_applied(tmp_path):
     exif = img.getexif()
     exif[0x0112] = 6  # rotate 90 degrees on display
     img.save(tmp_path / "r.jpg", exif=exif)
-    assert read_image_frames(tmp_path / "r.jpg", LIMIT)[0].shape == (20, 10, 3)
+    frames, size = read_image_frames(tmp_path / "r.jpg", LIMIT)
+    assert frames[0].shape == (20, 10, 3) and size == (10, 20)
+
+
+def test_large_jpeg_draft_decode_keeps_the_full_size(tmp_path):
+    rng = np.random.default_rng(3)
+    Image.fromarray(rng.integers(0, 255, (1500, 2600, 3), np.uint8)).save(tmp_path / "big.jpg")
+    frames, size = read_image_frames(tmp_path / "big.jpg", LIMIT, draft_size=640)
+    assert size == (2600, 1500)
+    assert 640 <= min(frames[0].shape[:2]) < 1500  # decoded at a reduced scale
+    full, _ = read_image_frames(tmp_path / "big.jpg", LIMIT)
+    assert full[0].shape == (1500, 2600, 3)

@@ -67,14 +67,17 @@ def explicit_reasons(image: PreparedImage, parts: List[PartDetection], whole: fl
 
 def decide(reasons: Sequence[Reason], rule: str, scores: dict) -> Verdict:
     """Turn reasons into a decision: the strictest action wins; censoring needs a region."""
+    def censorable(r: Reason) -> bool:
+        return r.region is not None and r.region[2] > 0 and r.region[3] > 0
+
     decision = Decision.strictest(r.action for r in reasons)
     if decision is Decision.CENSOR and any(
-            r.action is Decision.CENSOR and r.region is None for r in reasons):
+            r.action is Decision.CENSOR and not censorable(r) for r in reasons):
         decision = Decision.BLOCK
         rule += "; a censor finding has no region to censor, so the image is blocked"
     regions = tuple(r.region for r in reasons
                     if decision is Decision.CENSOR and r.action is not Decision.ALLOW
-                    and r.region is not None)
+                    and censorable(r))
     return Verdict(decision=decision, reasons=tuple(reasons), regions=regions, rule=rule,
                    scores=scores)
 

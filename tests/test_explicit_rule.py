@@ -78,6 +78,12 @@ def test_censor_without_region_escalates_to_block():
     assert v.decision is Decision.BLOCK and "no region" in v.rule
 
 
+def test_censor_with_an_empty_region_escalates_to_block():
+    flat = PartDetection("BUTTOCKS_EXPOSED", 0.7, (63, 10, 0, 12))  # clipped at the border
+    v = engine(parts={1: [flat]}, whole={1: 0.5}).check_image(keyed_image(1))
+    assert v.decision is Decision.BLOCK and v.regions == ()
+
+
 def test_nudenet_threshold_comes_from_policy():
     p = policy_from_dict({"explicit": {"nudenet_min_score": 0.2}})
     v = engine(parts={1: [WEAK]}, whole={1: 0.5}, policy=p).check_image(keyed_image(1))

@@ -19,6 +19,7 @@ from PIL.PngImagePlugin import PngInfo
 import folder_paths
 from comfy.cli_args import args
 
+from ..consent_guard import Engine
 from ..consent_guard.verdict import Decision, Verdict
 from .comfy_bridge import (ConsentGuardError, frames_to_tensor, get_engine, policy_state,
                            progress, tensor_to_frames)
@@ -28,8 +29,8 @@ CATEGORY = "Consent Guard"
 CHUNK = 16  # frames per engine call: progress for long batches, bounded memory
 
 
-def check_frames(frames: List[np.ndarray]) -> List[Verdict]:
-    engine = get_engine()
+def check_frames(engine: Engine, frames: List[np.ndarray]) -> List[Verdict]:
+    """Every frame, in chunks, all under the one engine (so one policy) of this node run."""
     bar = progress(len(frames)) if len(frames) > CHUNK else None
     verdicts: List[Verdict] = []
     for start in range(0, len(frames), CHUNK):
@@ -70,14 +71,14 @@ class ConsentGuardCheckImage(_PolicyBound):
                    "censors or replaces the others, and returns a JSON report.")
 
     def check(self, images):
+        engine = get_engine()
         frames = tensor_to_frames(images)
-        verdicts = check_frames(frames)
+        verdicts = check_frames(engine, frames)
         failed = [v for v in verdicts if v.error]
         if failed:
             raise ConsentGuardError(f"Consent Guard could not check {len(failed)} of "
                                     f"{len(frames)} image(s), so the workflow stops here: "
                                     f"{failed[0].error}")
-        engine = get_engine()
         out = [engine.output_for(f, v) for f, v in zip(frames, verdicts)]
         for i, v in enumerate(verdicts):
             if not v.allowed:
@@ -127,24 +128,25 @@ class ConsentGuardSaveImage(_PolicyBound):
         metadata.add_text("consent_guard", json.dumps(summary))
         return metadata
 
-    def _placeholder(self, frame: np.ndarray, verdict: Verdict) -> dict:
+    @staticmethod
+    def _placeholder(frame: np.ndarray, verdict: Verdict) -> dict:
         """Written to the temp folder (never output/), so the UI can show why."""
         temp_dir = folder_paths.get_temp_directory()
         h, w = frame.shape[:2]
         full, name, counter, sub, _ = folder_paths.get_save_image_path(
             "ConsentGuard_blocked", temp_dir, w, h)
         file = f"{name}_{counter:05}_.png"
-        pixels = get_engine().placeholder(w, h, verdict)
+        pixels = Engine.placeholder(w, h, verdict)
         Image.fromarray(pixels).save(os.path.join(full, file), compress_level=1)
         return {"filename": file, "subfolder": sub, "type": "temp"}
 
     def save_images(self, images, filename_prefix="ComfyUI", prompt=None, extra_pnginfo=None):
+        engine = get_engine()
         frames = tensor_to_frames(images)
-        verdicts = check_frames(frames)
+        verdicts = check_frames(engine, frames)
         if all(v.error for v in verdicts):
             raise ConsentGuardError("Consent Guard could not check the images, so nothing was "
                                     f"saved: {verdicts[0].error}")
-        engine = get_engine()
         filename_prefix += self.prefix_append
         h, w = frames[0].shape[:2]
         full_output_folder, filename, counter, subfolder, filename_prefix = \

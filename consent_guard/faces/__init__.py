@@ -1,0 +1,1 @@
+"""Faces: detection, embedding and matching against the protected-identity registry."""

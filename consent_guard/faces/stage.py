@@ -1,0 +1,105 @@
+"""The face stage: find faces, embed them, match them against the registry, apply the scopes.
+
+Detection runs on a copy cut down to DETECT_SIZE on the long side (faces in generated images
+are large; small ones are below the matching minimum anyway); alignment and embedding use the
+pixels as given, so a face is embedded at the best resolution available.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, List, Optional, Sequence
+
+import numpy as np
+from PIL import Image
+
+from ..verdict import Decision, FaceFinding, Reason, Verdict
+from .base import Face, FaceDetector, FaceEmbedder
+from .matching import Gallery
+
+DETECT_SIZE = 640
+
+
+def detect_faces(detector: FaceDetector, rgb: np.ndarray, detect_size: int = DETECT_SIZE
+                 ) -> List[Face]:
+    """Faces in `rgb`'s pixels, found on a copy no larger than `detect_size`."""
+    h, w = rgb.shape[:2]
+    scale = detect_size / max(h, w)
+    if scale >= 1.0:
+        return detector.detect(rgb)
+    small = Image.fromarray(rgb).resize((max(1, round(w * scale)), max(1, round(h * scale))),
+                                        Image.Resampling.BILINEAR)
+    return [f.scaled(1.0 / scale) for f in detector.detect(np.asarray(small))]
+
+
+class FaceStage:
+    """One detector, one embedder and the gallery of that embedder's stored embeddings.
+
+    `gallery` is a callable so the engine can hand over the registry's current contents
+    (reloaded when the registry changes) without the stage knowing about the registry.
+    """
+
+    def __init__(self, detector: FaceDetector, embedder: FaceEmbedder,
+                 gallery: Callable[[], Gallery], min_face_px: float = 32,
+                 detect_size: int = DETECT_SIZE, threshold: Optional[float] = None):
+        self.detector, self.embedder, self._gallery = detector, embedder, gallery
+        self.min_face_px, self.detect_size = min_face_px, detect_size
+        self.threshold = embedder.threshold if threshold is None else threshold
+
+    def findings(self, rgb: np.ndarray, to_full: float = 1.0) -> List[FaceFinding]:
+        """Every face of at least min_face_px (measured at full size), with its best match.
+        `to_full` maps `rgb`'s pixels to the full image's (when it was decoded smaller)."""
+        faces = [f for f in detect_faces(self.detector, rgb, self.detect_size)
+                 if f.size * to_full >= self.min_face_px]
+        if not faces:
+            return []
+        matches = self._gallery().match(self.embedder.embed(rgb, faces), self.threshold)
+        out = []
+        for face, m in zip(faces, matches):
+            box = tuple(int(round(v * to_full)) for v in face.box)
+            out.append(FaceFinding(box, round(face.score, 4), m.identity if m else None,
+                                   m.scope if m else None, m.similarity if m else None))
+        return out
+
+
+def apply_identity_rules(verdict: Verdict, faces: Sequence[FaceFinding]) -> Verdict:
+    """The output rule: a protected person under scope `any` is never shown; under scope
+    `explicit` they are not shown in an image the explicit check censors or blocks."""
+    explicit = verdict.decision is not Decision.ALLOW
+    hits = [f for f in faces if f.identity and (f.scope == "any" or explicit)]
+    if not hits:
+        return _with_faces(verdict, faces)
+    reasons = verdict.reasons + tuple(_reason(f) for f in hits)
+    rule = ("protected identity: " + "; ".join(sorted({_why(f) for f in hits}))
+            + (f"; {verdict.rule}" if verdict.rule else ""))
+    return dataclasses.replace(verdict, decision=Decision.BLOCK, reasons=reasons, regions=(),
+                               rule=rule, faces=tuple(faces))
+
+
+def input_rules(faces: Sequence[FaceFinding]) -> Verdict:
+    """The input rule: a photo of someone protected under scope `any` may not be a source for
+    img2img, inpainting or face swap. Scope `explicit` does not restrict inputs."""
+    hits = [f for f in faces if f.identity and f.scope == "any"]
+    if not hits:
+        return Verdict(Decision.ALLOW, rule="no protected identity (scope any) in the input",
+                       faces=tuple(faces))
+    return Verdict(Decision.BLOCK, tuple(_reason(f) for f in hits), (),
+                   "protected identity: this person's photos may not be used as a source "
+                   "(scope any)", faces=tuple(faces))
+
+
+def _reason(f: FaceFinding) -> Reason:
+    return Reason("face_match", f.identity or "", float(f.similarity or 0.0),
+                  "protected_identity", Decision.BLOCK, f.box)
+
+
+def _why(f: FaceFinding) -> str:
+    if f.scope == "any":
+        return "no image of this person may be generated (scope any)"
+    return "no explicit image of this person may be generated (scope explicit)"
+
+
+def _with_faces(verdict: Verdict, faces: Sequence[FaceFinding]) -> Verdict:
+    return dataclasses.replace(verdict, faces=tuple(faces)) if faces else verdict
+
+
+__all__ = ["FaceStage", "detect_faces", "apply_identity_rules", "input_rules"]

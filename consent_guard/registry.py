@@ -1,0 +1,513 @@
+"""The protected-identity registry: who asked to be protected, and their face embeddings.
+
+One SQLite file. It never holds a photo, only embeddings, and everything personal in it (names,
+aliases, consent records, embeddings) is sealed with AES-256-GCM under a random data key. The
+data key is stored twice, each copy wrapped: once under a key derived from the admin's
+passphrase (scrypt), and optionally once in a key file beside the registry that only the admin
+and the account that runs the image generator should be able to read (ComfyUI must read the
+registry unattended to protect anyone). Reading needs either; every change needs the passphrase.
+
+Concurrency: WAL journal, so ComfyUI can read while the CLI writes; each change is one
+transaction, so a crash in the middle of an enrolment loses nothing already stored. A counter in
+the meta table changes with every write, so readers know when to reload.
+Revoking deletes rows with `secure_delete` on, then checkpoints the WAL and vacuums the file.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+import sqlite3
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+REGISTRY_FILENAME = "identities.db"
+KEY_FILENAME = "registry.key"
+ENV_PASSPHRASE = "CONSENT_GUARD_PASSPHRASE"
+SCOPES = ("explicit", "any")
+FORMAT = 1
+EXPORT_MAGIC = b"CONSENT-GUARD-REGISTRY-EXPORT/1\n"
+# scrypt cost: about 0.1 s and 32 MiB per derivation on a laptop; the salt is per registry.
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2 ** 15, 8, 1
+
+
+class RegistryError(RuntimeError):
+    """The registry cannot be used as asked; the message says what to do."""
+
+
+class LockedError(RegistryError):
+    """No key to open the registry (wrong passphrase, or no passphrase and no key file)."""
+
+
+@dataclass(frozen=True)
+class Consent:
+    by: str  # who gave consent (the person, a parent, a school officer)
+    on_behalf_of: str = ""  # whose behalf, when not their own
+    at: str = ""  # ISO time the consent was recorded
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return {"by": self.by, "on_behalf_of": self.on_behalf_of, "at": self.at,
+                "note": self.note}
+
+
+@dataclass(frozen=True)
+class Identity:
+    id: str
+    name: str
+    scope: str
+    aliases: Tuple[str, ...] = ()
+    consent: Optional[Consent] = None
+    created: str = ""
+    models: Dict[str, int] = field(default_factory=dict)  # embedder model_id -> embeddings
+
+    def public_dict(self) -> dict:
+        """What `identity list` shows: no biometrics."""
+        return {"id": self.id, "name": self.name, "aliases": list(self.aliases),
+                "scope": self.scope, "created": self.created,
+                "consent": self.consent.to_dict() if self.consent else None,
+                "embeddings": dict(self.models)}
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """Every stored embedding of one embedder, ready to match: row i belongs to owners[i]."""
+
+    model_id: str
+    vectors: np.ndarray  # (N, dim) float32, unit rows
+    owners: np.ndarray  # (N,) index into identities
+    identities: Tuple[Tuple[str, str], ...]  # (id, scope) per owner index
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _aead():
+    try:
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    except ImportError as exc:  # pragma: no cover - requirements.txt installs it
+        raise RegistryError("The identity registry needs the `cryptography` package: run "
+                            "install.py or `pip install cryptography`.") from exc
+    return AESGCM
+
+
+def derive_key(passphrase: str, salt: bytes, n: int = SCRYPT_N, r: int = SCRYPT_R,
+               p: int = SCRYPT_P) -> bytes:
+    from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+    if not passphrase:
+        raise RegistryError("The passphrase is empty.")
+    return Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(passphrase.encode("utf-8"))
+
+
+def seal(key: bytes, plain: bytes, context: bytes) -> bytes:
+    nonce = secrets.token_bytes(12)
+    return nonce + _aead()(key).encrypt(nonce, plain, context)
+
+
+def unseal(key: bytes, sealed: bytes, context: bytes) -> bytes:
+    from cryptography.exceptions import InvalidTag
+
+    try:
+        return _aead()(key).decrypt(sealed[:12], sealed[12:], context)
+    except InvalidTag:
+        raise LockedError("wrong key: the data cannot be decrypted with it") from None
+
+
+def read_passphrase_file(path: Path) -> str:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise RegistryError(f"Cannot read the passphrase file {path}: {exc}") from None
+    return text.rstrip("\r\n")
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS identity (
+    id TEXT PRIMARY KEY, scope TEXT NOT NULL, created TEXT NOT NULL, sealed BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS embedding (
+    id INTEGER PRIMARY KEY, identity_id TEXT NOT NULL REFERENCES identity(id) ON DELETE CASCADE,
+    model_id TEXT NOT NULL, created TEXT NOT NULL, sealed BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS embedding_model ON embedding(model_id, identity_id);
+"""
+
+
+class Registry:
+    """An open registry file. Thread-safe; one connection per instance, guarded by a lock."""
+
+    def __init__(self, path: Path, key: bytes):
+        self.path = Path(path)
+        self._key = key
+        self._lock = threading.RLock()
+        self._db = _connect(self.path)
+
+    # -- opening -------------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: Path, passphrase: str, key_file: Optional[Path] = None) -> "Registry":
+        """A new, empty registry. `key_file` (if given) receives the data key, mode 0600."""
+        path = Path(path)
+        if path.exists():
+            raise RegistryError(f"A registry already exists at {path}.")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data_key = secrets.token_bytes(32)
+        salt = secrets.token_bytes(16)
+        kek = derive_key(passphrase, salt)
+        db = _connect(path)
+        with db:
+            db.executescript(_SCHEMA)
+            meta = {"format": str(FORMAT), "generation": "0",
+                    "kdf": json.dumps({"salt": _b64(salt), "n": SCRYPT_N, "r": SCRYPT_R,
+                                       "p": SCRYPT_P}),
+                    "wrapped_key": _b64(seal(kek, data_key, b"data key")),
+                    "created": _now()}
+            db.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
+        db.close()
+        _restrict(path)
+        if key_file is not None:
+            write_key_file(Path(key_file), data_key)
+        return cls(path, data_key)
+
+    @classmethod
+    def open(cls, path: Path, *, passphrase: Optional[str] = None,
+             key_file: Optional[Path] = None) -> "Registry":
+        """Open with the passphrase if given, else with the key file."""
+        path = Path(path)
+        if not path.is_file():
+            raise RegistryError(f"No identity registry at {path}. Create one with "
+                                f"`consent-guard identity init`.")
+        db = _connect(path)
+        try:
+            meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+        except sqlite3.DatabaseError as exc:
+            raise RegistryError(f"{path} is not a Consent Guard registry: {exc}") from None
+        finally:
+            db.close()
+        if int(meta.get("format", 0)) != FORMAT:
+            raise RegistryError(f"{path} has registry format {meta.get('format')}; this "
+                                f"Consent Guard reads format {FORMAT}.")
+        if passphrase is not None:
+            kdf = json.loads(meta["kdf"])
+            kek = derive_key(passphrase, _unb64(kdf["salt"]), kdf["n"], kdf["r"], kdf["p"])
+            try:
+                data_key = unseal(kek, _unb64(meta["wrapped_key"]), b"data key")
+            except LockedError:
+                raise LockedError(f"Wrong passphrase for the registry {path}.") from None
+        elif key_file is not None and Path(key_file).is_file():
+            data_key = read_key_file(Path(key_file))
+        else:
+            where = f" (no key file at {key_file})" if key_file else ""
+            raise LockedError(
+                f"The registry {path} is locked{where}: give the admin passphrase "
+                f"(${ENV_PASSPHRASE} or --passphrase-file), or create the key file with "
+                f"`consent-guard identity key-file`.")
+        reg = cls(path, data_key)
+        reg._check_key()
+        return reg
+
+    def _check_key(self) -> None:
+        row = self._db.execute("SELECT id, sealed FROM identity LIMIT 1").fetchone()
+        if row is not None:
+            try:
+                unseal(self._key, row[1], row[0].encode())
+            except LockedError:
+                raise LockedError(f"The key file does not open the registry {self.path}: it "
+                                  f"belongs to another registry. Recreate it with "
+                                  f"`consent-guard identity key-file`.") from None
+
+    def verify_passphrase(self, passphrase: str) -> None:
+        """Raise LockedError unless `passphrase` is the admin passphrase of this registry."""
+        kdf = json.loads(self._meta("kdf"))
+        kek = derive_key(passphrase, _unb64(kdf["salt"]), kdf["n"], kdf["r"], kdf["p"])
+        try:
+            if unseal(kek, _unb64(self._meta("wrapped_key")), b"data key") != self._key:
+                raise LockedError("the passphrase opens another key")
+        except LockedError:
+            raise LockedError(f"Wrong admin passphrase for the registry {self.path}.") from None
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> "Registry":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- reading -------------------------------------------------------------------------
+    def _meta(self, key: str) -> str:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else ""
+
+    @property
+    def generation(self) -> int:
+        """Changes with every write, from any process: readers reload when it does."""
+        with self._lock:
+            return int(self._meta("generation") or 0)
+
+    def identities(self) -> List[Identity]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, scope, created, sealed FROM identity ORDER BY created, id").fetchall()
+            counts: Dict[str, Dict[str, int]] = {}
+            for ident, model, n in self._db.execute(
+                    "SELECT identity_id, model_id, COUNT(*) FROM embedding "
+                    "GROUP BY identity_id, model_id"):
+                counts.setdefault(ident, {})[model] = n
+        out = []
+        for ident, scope, created, sealed in rows:
+            info = json.loads(unseal(self._key, sealed, ident.encode()))
+            consent = Consent(**info["consent"]) if info.get("consent") else None
+            out.append(Identity(ident, info["name"], scope, tuple(info.get("aliases", ())),
+                                consent, created, counts.get(ident, {})))
+        return out
+
+    def find(self, name_or_id: str) -> Identity:
+        """An identity by id, display name or alias (case-insensitive)."""
+        wanted = name_or_id.casefold()
+        hits = [i for i in self.identities()
+                if i.id == name_or_id or i.name.casefold() == wanted
+                or wanted in (a.casefold() for a in i.aliases)]
+        if not hits:
+            raise RegistryError(f"No identity named '{name_or_id}' in {self.path} "
+                                f"(`consent-guard identity list` shows them).")
+        if len(hits) > 1:
+            raise RegistryError(f"'{name_or_id}' names {len(hits)} identities; use the id: "
+                                + ", ".join(i.id for i in hits))
+        return hits[0]
+
+    def model_ids(self) -> List[str]:
+        with self._lock:
+            return [r[0] for r in self._db.execute(
+                "SELECT DISTINCT model_id FROM embedding ORDER BY model_id")]
+
+    def embeddings(self, model_id: str) -> Embeddings:
+        """All embeddings made by `model_id`, grouped by identity (rows of one owner adjacent)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT e.identity_id, i.scope, e.id, e.sealed FROM embedding e "
+                "JOIN identity i ON i.id = e.identity_id WHERE e.model_id = ? "
+                "ORDER BY e.identity_id, e.id", (model_id,)).fetchall()
+        idents: List[Tuple[str, str]] = []
+        owners, vectors = [], []
+        for ident, scope, row_id, sealed in rows:
+            if not idents or idents[-1][0] != ident:
+                idents.append((ident, scope))
+            owners.append(len(idents) - 1)
+            raw = unseal(self._key, sealed, f"{ident}/{model_id}/{row_id}".encode())
+            vectors.append(np.frombuffer(raw, dtype="<f4"))
+        dim = len(vectors[0]) if vectors else 0
+        return Embeddings(model_id, np.asarray(vectors, np.float32).reshape(len(vectors), dim),
+                          np.asarray(owners, np.int64), tuple(idents))
+
+    # -- writing (the caller has checked the admin passphrase) ----------------------------
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                self._db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 "
+                                 "WHERE key = 'generation'")
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def add(self, name: str, scope: str, consent: Consent, embeddings: Dict[str, np.ndarray],
+            aliases: Sequence[str] = (), ident: Optional[str] = None,
+            created: Optional[str] = None) -> Identity:
+        """Store a new identity with its embeddings (model_id -> (n, dim)), in one transaction."""
+        name = name.strip()
+        if not name:
+            raise RegistryError("An identity needs a display name.")
+        if scope not in SCOPES:
+            raise RegistryError(f"scope must be one of {', '.join(SCOPES)}, not {scope!r}.")
+        if not consent.by.strip():
+            raise RegistryError("A consent record needs who consented (--consent-by).")
+        if not any(len(v) for v in embeddings.values()):
+            raise RegistryError("An identity needs at least one face embedding.")
+        taken = {i.name.casefold() for i in self.identities()}
+        if name.casefold() in taken and ident is None:
+            raise RegistryError(f"An identity named '{name}' is already enrolled; revoke it "
+                                f"first, or use `identity add-photos`.")
+        ident = ident or f"id_{uuid.uuid4().hex[:12]}"
+        created = created or _now()
+        aliases = tuple(a.strip() for a in aliases if a.strip())
+        info = {"name": name, "aliases": list(aliases), "consent": consent.to_dict()}
+        with self._write() as db:
+            db.execute("INSERT INTO identity VALUES (?, ?, ?, ?)",
+                       (ident, scope, created, seal(self._key, json.dumps(info).encode(),
+                                                    ident.encode())))
+            self._insert_embeddings(db, ident, embeddings)
+        return self.find(ident)
+
+    def add_embeddings(self, ident: str, embeddings: Dict[str, np.ndarray]) -> None:
+        with self._write() as db:
+            if db.execute("SELECT 1 FROM identity WHERE id = ?", (ident,)).fetchone() is None:
+                raise RegistryError(f"No identity {ident}.")
+            self._insert_embeddings(db, ident, embeddings)
+
+    def _insert_embeddings(self, db, ident: str, embeddings: Dict[str, np.ndarray]) -> None:
+        now = _now()
+        for model_id, vectors in embeddings.items():
+            for vec in np.asarray(vectors, np.float32).reshape(len(vectors), -1):
+                cur = db.execute("INSERT INTO embedding (identity_id, model_id, created, sealed) "
+                                 "VALUES (?, ?, ?, x'')", (ident, model_id, now))
+                row_id = cur.lastrowid
+                sealed = seal(self._key, vec.astype("<f4").tobytes(),
+                              f"{ident}/{model_id}/{row_id}".encode())
+                db.execute("UPDATE embedding SET sealed = ? WHERE id = ?", (sealed, row_id))
+
+    def revoke(self, ident: str) -> None:
+        """Delete an identity and its embeddings for good: secure_delete overwrites the freed
+        pages, the WAL is checkpointed and truncated, and VACUUM rebuilds the file."""
+        with self._write() as db:
+            db.execute("DELETE FROM embedding WHERE identity_id = ?", (ident,))
+            if db.execute("DELETE FROM identity WHERE id = ?", (ident,)).rowcount == 0:
+                raise RegistryError(f"No identity {ident}.")
+        self._scrub()
+
+    def _scrub(self) -> None:
+        with self._lock:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._db.execute("VACUUM")
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    # -- key file, export and import -----------------------------------------------------
+    def write_key_file(self, path: Path) -> None:
+        write_key_file(Path(path), self._key)
+
+    def export(self, path: Path, passphrase: str) -> int:
+        """Everything, as one file sealed under `passphrase`; returns the identity count."""
+        records = []
+        for ident in self.identities():
+            rec = ident.public_dict()
+            rec.pop("embeddings")
+            rec["embeddings"] = {}
+            for model_id in ident.models:
+                emb = self.embeddings(model_id)
+                mine = [k for k, (i, _) in enumerate(emb.identities) if i == ident.id]
+                rows = emb.vectors[np.isin(emb.owners, mine)]
+                rec["embeddings"][model_id] = {"dim": int(rows.shape[1]),
+                                               "vectors": _b64(rows.astype("<f4").tobytes())}
+            records.append(rec)
+        payload = json.dumps({"format": FORMAT, "exported": _now(),
+                              "identities": records}).encode()
+        salt = secrets.token_bytes(16)
+        header = json.dumps({"salt": _b64(salt), "n": SCRYPT_N, "r": SCRYPT_R,
+                             "p": SCRYPT_P}).encode()
+        body = seal(derive_key(passphrase, salt), payload, EXPORT_MAGIC + header)
+        tmp = Path(str(path) + ".tmp")
+        with open(tmp, "wb") as fp:
+            fp.write(EXPORT_MAGIC + header + b"\n" + body)
+            fp.flush()
+            os.fsync(fp.fileno())
+        os.replace(tmp, path)
+        _restrict(Path(path))
+        return len(records)
+
+    def import_file(self, path: Path, passphrase: str, replace: bool = False) -> Tuple[int, int]:
+        """Load an export. Identities with the same id are replaced by the file's copy; with
+        `replace`, identities not in the file are revoked, so every machine ends up the same.
+        Returns (imported, revoked)."""
+        records = read_export(Path(path), passphrase)
+        revoked = 0
+        with self._write() as db:
+            incoming = {r["id"] for r in records}
+            existing = [r[0] for r in db.execute("SELECT id FROM identity")]
+            for ident in existing:
+                if ident in incoming or replace:
+                    db.execute("DELETE FROM embedding WHERE identity_id = ?", (ident,))
+                    db.execute("DELETE FROM identity WHERE id = ?", (ident,))
+                    revoked += ident not in incoming
+            for r in records:
+                info = {"name": r["name"], "aliases": r.get("aliases", []),
+                        "consent": r.get("consent")}
+                db.execute("INSERT INTO identity VALUES (?, ?, ?, ?)",
+                           (r["id"], r["scope"], r.get("created") or _now(),
+                            seal(self._key, json.dumps(info).encode(), r["id"].encode())))
+                emb = {m: np.frombuffer(_unb64(v["vectors"]), dtype="<f4").reshape(-1, v["dim"])
+                       for m, v in r["embeddings"].items()}
+                self._insert_embeddings(db, r["id"], emb)
+        if revoked:
+            self._scrub()
+        return len(records), revoked
+
+
+def read_export(path: Path, passphrase: str) -> List[dict]:
+    try:
+        blob = Path(path).read_bytes()
+    except OSError as exc:
+        raise RegistryError(f"Cannot read {path}: {exc}") from None
+    if not blob.startswith(EXPORT_MAGIC):
+        raise RegistryError(f"{path} is not a Consent Guard registry export.")
+    header, _, body = blob[len(EXPORT_MAGIC):].partition(b"\n")
+    kdf = json.loads(header)
+    key = derive_key(passphrase, _unb64(kdf["salt"]), kdf["n"], kdf["r"], kdf["p"])
+    try:
+        payload = unseal(key, body, EXPORT_MAGIC + header)
+    except LockedError:
+        raise LockedError(f"Wrong passphrase for the export {path} (or the file was "
+                          f"altered).") from None
+    data = json.loads(payload)
+    if data.get("format") != FORMAT:
+        raise RegistryError(f"{path} has export format {data.get('format')}; this Consent "
+                            f"Guard reads {FORMAT}.")
+    return data["identities"]
+
+
+def write_key_file(path: Path, key: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as fp:
+        fp.write("consent-guard-registry-key-v1 " + _b64(key) + "\n")
+    _restrict(path)
+
+
+def read_key_file(path: Path) -> bytes:
+    try:
+        text = path.read_text(encoding="ascii").split()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LockedError(f"Cannot read the registry key file {path}: {exc}") from None
+    if len(text) != 2 or text[0] != "consent-guard-registry-key-v1":
+        raise LockedError(f"{path} is not a Consent Guard registry key file.")
+    key = _unb64(text[1])
+    if len(key) != 32:
+        raise LockedError(f"{path} holds a damaged key.")
+    return key
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(str(path), timeout=30, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode = WAL")
+    db.execute("PRAGMA synchronous = FULL")
+    db.execute("PRAGMA secure_delete = ON")
+    db.execute("PRAGMA foreign_keys = ON")
+    return db
+
+
+def _restrict(path: Path) -> None:
+    """Owner-only permissions where the OS has them (on Windows the folder's ACL applies)."""
+    try:
+        os.chmod(path, 0o600)
+    except OSError:
+        pass
+
+
+def _b64(b: bytes) -> str:
+    return base64.b64encode(b).decode("ascii")
+
+
+def _unb64(s: str) -> bytes:
+    return base64.b64decode(s.encode("ascii"))

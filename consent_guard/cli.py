@@ -8,11 +8,12 @@ import sys
 from pathlib import Path
 from typing import Iterator, List, Optional
 
-from . import __version__
+from . import __version__, cli_identity
 from .engine import Engine
 from .home import resolve_home
 from .models import ModelError, ModelResolver, describe
 from .policy import DEFAULT_POLICY_TOML, POLICY_FILENAME, PolicyError, load_policy
+from .registry import RegistryError, open_for_matching
 from .verdict import Decision
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
@@ -45,7 +46,11 @@ def _progress(items: list, enabled: bool):
 
 def cmd_scan(args) -> int:
     policy = load_policy(Path(args.policy) if args.policy else None, home=resolve_home())
-    engine = Engine(policy)
+    registry = open_for_matching(policy, resolve_home())  # None when nobody is enrolled
+    models = Path(args.models_dir) if args.models_dir else None
+    engine = Engine(policy, registry=registry,
+                    model_dirs=[models / "consent_guard"] if models else [],
+                    insightface_dirs=[models / "insightface"] if models else [])
     files = list(_expand(args.paths))
     if not files:
         print("consent-guard: no images found in " + " ".join(args.paths), file=sys.stderr)
@@ -110,7 +115,8 @@ def cmd_models(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="consent-guard",
-        description="Check images for explicit content before they are kept. "
+        description="Check images for explicit content and protected people before they "
+                    "are kept. "
                     f"State folder: ${'{'}CONSENT_GUARD_HOME{'}'} or {resolve_home()}")
     parser.add_argument("--version", action="version", version=f"consent-guard {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -120,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--json", action="store_true", help="one JSON object per line")
     scan.add_argument("--policy", metavar="FILE", help="policy TOML (default: the home folder's)")
     scan.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    scan.add_argument("--models-dir", metavar="DIR", help="ComfyUI's models folder (weights in "
+                      "DIR/consent_guard, an InsightFace pack in DIR/insightface)")
     scan.set_defaults(func=cmd_scan)
 
     pol = sub.add_parser("policy", help="create, check or show the policy")
@@ -131,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     mod = sub.add_parser("models", help="verify the model files (sha256) and show where they are")
     mod.add_argument("--policy", metavar="FILE")
     mod.set_defaults(func=cmd_models)
+
+    cli_identity.add_parser(sub)
     return parser
 
 
@@ -138,7 +148,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (PolicyError, ModelError) as exc:
+    except (PolicyError, ModelError, RegistryError) as exc:
         print(f"consent-guard: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

@@ -511,3 +511,23 @@ def _b64(b: bytes) -> str:
 
 def _unb64(s: str) -> bytes:
     return base64.b64decode(s.encode("ascii"))
+
+
+def registry_paths(policy, home: Path) -> Tuple[Path, Path]:
+    """(registry file, key file) for a policy: its [identities] entries, else the home's."""
+    db = Path(policy.registry_path).expanduser() if policy.registry_path else \
+        Path(home) / REGISTRY_FILENAME
+    key = Path(policy.key_file).expanduser() if policy.key_file else db.with_name(KEY_FILENAME)
+    return db, key
+
+
+def open_for_matching(policy, home: Path, passphrase: Optional[str] = None
+                      ) -> Optional[Registry]:
+    """The registry a checker reads, or None when there is none (nobody enrolled). Opened with
+    the passphrase if given (else $CONSENT_GUARD_PASSPHRASE), else the key file. A registry that
+    exists but cannot be opened raises: checking without it would leave people unprotected."""
+    db, key = registry_paths(policy, home)
+    if not db.exists():
+        return None
+    passphrase = passphrase if passphrase is not None else os.environ.get(ENV_PASSPHRASE)
+    return Registry.open(db, passphrase=passphrase or None, key_file=key)

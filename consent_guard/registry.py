@@ -258,7 +258,7 @@ class Registry:
     def identities(self) -> List[Identity]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT id, scope, created, sealed FROM identity ORDER BY created, id").fetchall()
+                "SELECT id, scope, created, sealed FROM identity ORDER BY rowid").fetchall()
             counts: Dict[str, Dict[str, int]] = {}
             for ident, model, n in self._db.execute(
                     "SELECT identity_id, model_id, COUNT(*) FROM embedding "
@@ -297,7 +297,7 @@ class Registry:
             rows = self._db.execute(
                 "SELECT e.identity_id, i.scope, e.id, e.sealed FROM embedding e "
                 "JOIN identity i ON i.id = e.identity_id WHERE e.model_id = ? "
-                "ORDER BY e.identity_id, e.id", (model_id,)).fetchall()
+                "ORDER BY i.rowid, e.id", (model_id,)).fetchall()
         idents: List[Tuple[str, str]] = []
         owners, vectors = [], []
         for ident, scope, row_id, sealed in rows:

@@ -87,3 +87,46 @@ class FakeScorer:
     def score_regions(self, image, boxes, context):
         self.region_calls += 1
         return [self.region.get(key_of(image), 0.0) for _ in boxes]
+
+
+class FakeFaces:
+    """FaceDetector and FaceEmbedder double in one: the people in an image are chosen per image
+    key; face i sits at x = 50 * i, 48 px square, and each person has a fixed unit vector."""
+
+    name = "fake_faces"
+    dim = 16
+    threshold = 0.5
+
+    def __init__(self, people_by_key: Dict[int, List[str]], model_id: str = "fake-000000000001",
+                 error: Optional[Exception] = None):
+        self.people_by_key, self.model_id, self.error = people_by_key, model_id, error
+        self.embedded = 0
+
+    @staticmethod
+    def vector(person: str) -> np.ndarray:
+        v = np.random.default_rng(sum(map(ord, person))).standard_normal(16).astype(np.float32)
+        return v / np.linalg.norm(v)
+
+    def detect(self, rgb):
+        from consent_guard.faces.base import Face
+
+        if self.error:
+            raise self.error
+        people = self.people_by_key.get(int(rgb[0, 0, 0]), [])
+        return [Face((50.0 * i, 0.0, 48.0, 48.0), 0.9,
+                     np.array([[50 * i + 14, 18], [50 * i + 34, 18], [50 * i + 24, 28],
+                               [50 * i + 16, 38], [50 * i + 32, 38]], np.float32))
+                for i in range(len(people))]
+
+    def embed(self, rgb, faces):
+        people = self.people_by_key.get(int(rgb[0, 0, 0]), [])
+        self.embedded += len(faces)
+        return np.array([self.vector(people[int(f.box[0] // 50)]) for f in faces],
+                        np.float32).reshape(len(faces), self.dim)
+
+
+def fake_backend(people_by_key, **kw):
+    from consent_guard.faces.backends import FaceBackend
+
+    faces = FakeFaces(people_by_key, **kw)
+    return FaceBackend("fake", faces, faces)

@@ -16,7 +16,8 @@ def fake_engine(monkeypatch, tmp_path):
     monkeypatch.setenv("CONSENT_GUARD_HOME", str(tmp_path / "home"))
     parts = FakeParts({10: [PartDetection("BUTTOCKS_EXPOSED", 0.7, (1, 1, 8, 8))]})
     scorer = FakeScorer(whole={10: 0.5, 20: 0.95})
-    monkeypatch.setattr(cli, "Engine", lambda policy: Engine(policy, parts=parts, scorer=scorer))
+    monkeypatch.setattr(cli, "Engine",
+                        lambda policy, **kw: Engine(policy, parts=parts, scorer=scorer, **kw))
 
 
 def write(folder, name, key):

@@ -50,8 +50,7 @@ class Gallery:
     def best(self, queries: np.ndarray) -> List[Optional[Match]]:
         """For each query (unit row), the identity it is most similar to and the similarity
         (max over that identity's rows); None when the gallery is empty."""
-        queries = np.asarray(queries, np.float32).reshape(-1, self.vectors.shape[1]
-                                                         if len(self.vectors) else 0)
+        queries = np.atleast_2d(np.asarray(queries, np.float32))
         if not len(self.vectors) or not len(queries):
             return [None] * len(queries)
         sims = self.vectors @ queries.T  # (N, F)

@@ -106,10 +106,10 @@ def test_revoke_deletes_for_good(tmp_path, reg):
 
 def test_export_import_round_trip_and_replace(tmp_path, reg):
     a = reg.add("A", "any", Consent("A", "B", "2026-01-01", "n"), {"m": unit(2, seed=3)},
-                aliases=["aa"])
+                aliases=["Alias-Kept-Secret"])
     out = tmp_path / "school.cgx"
     assert reg.export(out, "export pass") == 1
-    assert b"aa" not in out.read_bytes()[64:]
+    assert b"Alias-Kept-Secret" not in out.read_bytes()
     lab = Registry.create(tmp_path / "lab.db", "lab admin pass")
     stale = lab.add("Left school", "any", Consent("x"), {"m": unit(1, seed=9)})
     with pytest.raises(LockedError):
@@ -117,7 +117,7 @@ def test_export_import_round_trip_and_replace(tmp_path, reg):
     assert lab.import_file(out, "export pass") == (1, 0)
     assert {i.name for i in lab.identities()} == {"A", "Left school"}
     got = lab.find(a.id)
-    assert got.aliases == ("aa",) and got.consent.on_behalf_of == "B" and got.scope == "any"
+    assert got.aliases == ("Alias-Kept-Secret",) and got.consent.on_behalf_of == "B" and got.scope == "any"
     emb = lab.embeddings("m")
     mine = [i for i, _ in emb.identities].index(a.id)
     np.testing.assert_allclose(emb.vectors[emb.owners == mine], unit(2, seed=3))

@@ -12,11 +12,9 @@ import os
 import sys
 from pathlib import Path
 
-from .faces.backends import available_backends
-from .faces.enrol import embed_photos
 from .home import resolve_home
-from .models import ModelError, ModelResolver
-from .policy import Policy, load_policy
+from .identities import EnrolmentRefused, enrol_person, open_admin
+from .policy import load_policy
 from .registry import (ENV_PASSPHRASE, SCOPES, Consent, Registry, RegistryError,
                        read_passphrase_file, registry_paths)
 
@@ -64,12 +62,8 @@ def _open_admin(args, db: Path, key: Path, create: bool = False) -> Registry:
     if create and not db.exists():
         print(f"Creating the identity registry {db}. Choose the admin passphrase: it is "
               f"needed for every change and cannot be recovered.", file=sys.stderr)
-        passphrase = _passphrase(args, confirm=True)
-        reg = Registry.create(db, passphrase, key_file=None if args.no_key_file else key)
-        if not args.no_key_file:
-            print(f"Key file for unattended matching (ComfyUI): {key}. Only the admin and the "
-                  f"account that runs ComfyUI should be able to read it.", file=sys.stderr)
-        return reg
+        return open_admin(db, key, _passphrase(args, confirm=True),
+                          key_file=not getattr(args, "no_key_file", False))
     return Registry.open(db, passphrase=_passphrase(args))
 
 
@@ -78,15 +72,6 @@ def _open_reader(args, db: Path, key: Path) -> Registry:
     if args.passphrase_file or os.environ.get(ENV_PASSPHRASE):
         passphrase = _passphrase(args)
     return Registry.open(db, passphrase=passphrase, key_file=key)
-
-
-def _backends(policy: Policy, args):
-    model_dirs, insight_dirs = _model_dirs(args)
-    backends, problems = available_backends(policy, ModelResolver(policy.model_paths,
-                                                                   model_dirs), insight_dirs)
-    if not backends:
-        raise ModelError("No face backend can run here: " + " | ".join(problems))
-    return backends, problems
 
 
 def cmd_init(args) -> int:
@@ -101,28 +86,39 @@ def cmd_init(args) -> int:
 
 def cmd_enroll(args) -> int:
     policy, db, key = _context(args)
-    backends, problems = _backends(policy, args)
-    for p in problems:
-        print(f"note: {p}", file=sys.stderr)
-    embeddings, checks = embed_photos(args.photos, backends, policy.max_pixels,
-                                      policy.detect_size)
-    for c in checks:
-        print(f"{'ok     ' if c.ok else 'REFUSED'}  {c.source}: {c.reason}", file=sys.stderr)
-    if not embeddings:
+    model_dirs, insight_dirs = _model_dirs(args)
+    if not db.exists() and args.command_name == "enroll":
+        print(f"Creating the identity registry {db}. Choose the admin passphrase: it is "
+              f"needed for every change and cannot be recovered.", file=sys.stderr)
+        passphrase = _passphrase(args, confirm=True)
+    else:
+        passphrase = _passphrase(args)
+    adding = args.command_name == "add-photos"
+    consent = None if adding else Consent(args.consent_by, args.on_behalf_of or "",
+                                          args.consent_date or _today(), args.note or "")
+    try:
+        result = enrol_person(policy, resolve_home(), passphrase, name=args.name,
+                              scope=getattr(args, "scope", ""), consent=consent,
+                              photos=args.photos, aliases=getattr(args, "alias", None) or (),
+                              add_to=args.name if adding else "", model_dirs=model_dirs,
+                              insightface_dirs=insight_dirs, registry_path=db,
+                              key_file=not args.no_key_file)
+    except EnrolmentRefused as exc:
+        for c in exc.checks:
+            print(f"REFUSED  {c.source}: {c.reason}", file=sys.stderr)
         print("No photo was usable; nothing was enrolled.", file=sys.stderr)
         return EXIT_ERROR
-    accepted = sum(c.ok for c in checks)
-    with _open_admin(args, db, key, create=True) as reg:
-        if args.command_name == "add-photos":
-            ident = reg.find(args.name)
-            reg.add_embeddings(ident.id, embeddings)
-        else:
-            consent = Consent(args.consent_by, args.on_behalf_of or "",
-                              args.consent_date or _today(), args.note or "")
-            ident = reg.add(args.name, args.scope, consent, embeddings, args.alias or ())
-    models = ", ".join(b.name for b in backends)
-    print(f"enrolled {ident.name} ({ident.id}, scope {ident.scope}) from {accepted} of "
-          f"{len(checks)} photo(s), embedded with {models}")
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    for c in result.checks:
+        print(f"{'ok     ' if c.ok else 'REFUSED'}  {c.source}: {c.reason}", file=sys.stderr)
+    ident, accepted = result.identity, sum(c.ok for c in result.checks)
+    print(f"{'added photos to' if adding else 'enrolled'} {ident.name} ({ident.id}, scope "
+          f"{ident.scope}) from {accepted} of {len(result.checks)} photo(s), embedded with "
+          f"{', '.join(result.backends)}")
+    if not adding and not args.no_key_file and key.exists():
+        print(f"Key file for unattended matching (ComfyUI): {key}. Only the admin and the "
+              f"account that runs ComfyUI should be able to read it.", file=sys.stderr)
     if accepted < 3:
         print("Tip: 3 or more photos (different days, angles, light) match more reliably.",
               file=sys.stderr)

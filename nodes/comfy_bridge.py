@@ -20,6 +20,7 @@ import folder_paths  # ComfyUI's module; present whenever ComfyUI loads this pac
 from ..consent_guard import Engine, load_policy
 from ..consent_guard.home import resolve_home
 from ..consent_guard.policy import POLICY_FILENAME
+from ..consent_guard.registry import REGISTRY_FILENAME, open_for_matching, registry_paths
 
 MODEL_FOLDER = "consent_guard"  # <ComfyUI>/models/consent_guard/ may hold the weight files
 
@@ -39,21 +40,44 @@ def home() -> Path:
     return resolve_home(folder_paths.get_user_directory())
 
 
+def _file_state(path: Path) -> Tuple:
+    try:
+        stat = path.stat()
+        return (str(path), stat.st_mtime_ns, stat.st_size)
+    except FileNotFoundError:
+        return (str(path), None, None)
+
+
 def policy_state() -> Tuple:
     """Identifies the policy file's current version (path, mtime, size)."""
-    policy_path = home() / POLICY_FILENAME
+    return _file_state(home() / POLICY_FILENAME)
+
+
+def checks_state() -> Tuple:
+    """What a check's result depends on besides its inputs: the policy file and the identity
+    registry (someone enrolled or revoked since). Used by the nodes' IS_CHANGED."""
+    engine_policy = _engine.policy if _engine is not None else None
+    db = registry_paths(engine_policy, home())[0] if engine_policy is not None else \
+        home() / REGISTRY_FILENAME
+    return policy_state() + _file_state(db) + _file_state(Path(str(db) + "-wal"))
+
+
+def insightface_dirs() -> List[Path]:
+    """Where ComfyUI users keep InsightFace packs (IPAdapter FaceID, InstantID, ReActor):
+    <models>/insightface, plus any folder registered under that name in extra_model_paths."""
+    dirs = [Path(folder_paths.models_dir) / "insightface"]
     try:
-        stat = policy_path.stat()
-        return (str(policy_path), stat.st_mtime_ns, stat.st_size)
-    except FileNotFoundError:
-        return (str(policy_path), None, None)
+        dirs += [Path(p) for p in folder_paths.get_folder_paths("insightface")]
+    except Exception:  # the name is registered only by some custom nodes
+        pass
+    return list(dict.fromkeys(dirs))
 
 
 def get_engine() -> Engine:
     """The process's engine; rebuilt when the policy file changes, so edits need no restart.
     A policy that cannot be read raises ConsentGuardError: nothing runs unchecked."""
     global _engine, _engine_key
-    key = policy_state()
+    key = policy_state() + (_registry_exists(),)
     policy_path = Path(key[0])
     with _lock:
         if _engine is None or key != _engine_key:
@@ -62,9 +86,26 @@ def get_engine() -> Engine:
             except Exception as exc:
                 raise ConsentGuardError(f"Consent Guard cannot read its policy, so nothing is "
                                         f"saved: {exc}") from exc
+            try:  # an existing registry that cannot be opened must not mean "nobody protected"
+                registry = open_for_matching(policy, policy_path.parent)
+            except Exception as exc:
+                raise ConsentGuardError(f"Consent Guard cannot open the identity registry, so "
+                                        f"nothing is saved: {exc}") from exc
+            if _engine is not None and _engine.registry is not None:
+                _engine.registry.close()
             model_dirs = [Path(p) for p in folder_paths.get_folder_paths(MODEL_FOLDER)]
-            _engine, _engine_key = Engine(policy, model_dirs=model_dirs), key
+            _engine = Engine(policy, model_dirs=model_dirs, registry=registry,
+                             insightface_dirs=insightface_dirs())
+            _engine_key = key
         return _engine
+
+
+def _registry_exists() -> bool:
+    """A registry created after the engine was built must be picked up (the engine keeps an
+    open registry and sees later changes to it through its generation counter)."""
+    policy = _engine.policy if _engine is not None else None
+    db = registry_paths(policy, home())[0] if policy is not None else home() / REGISTRY_FILENAME
+    return db.exists()
 
 
 def tensor_to_frames(images) -> List[np.ndarray]:

@@ -21,7 +21,7 @@ from comfy.cli_args import args
 
 from ..consent_guard import Engine
 from ..consent_guard.verdict import Decision, Verdict
-from .comfy_bridge import (ConsentGuardError, frames_to_tensor, get_engine, policy_state,
+from .comfy_bridge import (ConsentGuardError, checks_state, frames_to_tensor, get_engine,
                            progress, tensor_to_frames)
 
 log = logging.getLogger("consent_guard")
@@ -29,12 +29,15 @@ CATEGORY = "Consent Guard"
 CHUNK = 16  # frames per engine call: progress for long batches, bounded memory
 
 
-def check_frames(engine: Engine, frames: List[np.ndarray]) -> List[Verdict]:
-    """Every frame, in chunks, all under the one engine (so one policy) of this node run."""
+def check_frames(engine: Engine, frames: List[np.ndarray], inputs: bool = False
+                 ) -> List[Verdict]:
+    """Every frame, in chunks, all under the one engine (so one policy) of this node run.
+    `inputs`: check them as img2img / inpaint / face-swap sources instead of as outputs."""
+    check = engine.check_input_images if inputs else engine.check_images
     bar = progress(len(frames)) if len(frames) > CHUNK else None
     verdicts: List[Verdict] = []
     for start in range(0, len(frames), CHUNK):
-        verdicts.extend(engine.check_images(frames[start:start + CHUNK]))
+        verdicts.extend(check(frames[start:start + CHUNK]))
         if bar is not None:
             bar.update(min(CHUNK, len(frames) - start))
     return verdicts
@@ -42,12 +45,12 @@ def check_frames(engine: Engine, frames: List[np.ndarray]) -> List[Verdict]:
 
 class _PolicyBound:
     """ComfyUI reuses a node's cached output while its inputs are unchanged (execution.py,
-    IsChangedCache); a changed policy must count as a change, or a re-run after tightening the
-    policy would hand on images checked under the old one."""
+    IsChangedCache); a changed policy or registry must count as a change, or a re-run after
+    tightening the policy or enrolling someone would hand on images checked before."""
 
     @classmethod
     def IS_CHANGED(cls, **_constant_inputs):
-        return repr(policy_state())
+        return repr(checks_state())
 
 
 def report(verdicts: List[Verdict]) -> dict:
@@ -67,8 +70,9 @@ class ConsentGuardCheckImage(_PolicyBound):
     RETURN_NAMES = ("images", "report")
     FUNCTION = "check"
     CATEGORY = CATEGORY
-    DESCRIPTION = ("Checks every image for explicit content. Passes allowed images through, "
-                   "censors or replaces the others, and returns a JSON report.")
+    DESCRIPTION = ("Checks every image for explicit content and protected people. Passes "
+                   "allowed images through, censors or replaces the others, and returns a JSON "
+                   "report.")
 
     def check(self, images):
         engine = get_engine()
@@ -84,6 +88,42 @@ class ConsentGuardCheckImage(_PolicyBound):
             if not v.allowed:
                 log.warning("Consent Guard: image %d of %d %s", i + 1, len(frames), v.summary())
         return (frames_to_tensor(out), json.dumps(report(verdicts)))
+
+
+class ConsentGuardCheckInput(_PolicyBound):
+    """IMAGE -> IMAGE, placed after LoadImage: refuses a photo of someone protected under scope
+    `any` as a source for img2img, inpainting or face swap. The images pass through unchanged
+    when allowed; otherwise the workflow stops with the reason (never the person's name)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"images": ("IMAGE", {"tooltip": "Source images (from Load Image)."})}}
+
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("images",)
+    FUNCTION = "check"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("Checks source images for people who asked not to be used: put it right "
+                   "after Load Image, before img2img, inpainting or face swap.")
+
+    def check(self, images):
+        engine = get_engine()
+        frames = tensor_to_frames(images)
+        verdicts = check_frames(engine, frames, inputs=True)
+        failed = [v for v in verdicts if v.error]
+        if failed:
+            raise ConsentGuardError(f"Consent Guard could not check {len(failed)} of "
+                                    f"{len(frames)} input image(s), so the workflow stops "
+                                    f"here: {failed[0].error}")
+        refused = [i for i, v in enumerate(verdicts) if not v.allowed]
+        if refused:
+            log.warning("Consent Guard: input image(s) %s refused (%s)",
+                        ", ".join(str(i + 1) for i in refused), verdicts[refused[0]].summary())
+            raise ConsentGuardError(
+                f"Consent Guard refuses input image {refused[0] + 1} of {len(frames)}: it shows "
+                f"a person who is protected from having their photos used as a source "
+                f"(registry id {verdicts[refused[0]].reasons[0].label}). Use another image.")
+        return (images,)
 
 
 class ConsentGuardSaveImage(_PolicyBound):
@@ -190,11 +230,13 @@ class ConsentGuardPreviewImage(ConsentGuardSaveImage):
 
 NODE_CLASS_MAPPINGS = {
     "ConsentGuardCheckImage": ConsentGuardCheckImage,
+    "ConsentGuardCheckInput": ConsentGuardCheckInput,
     "ConsentGuardSaveImage": ConsentGuardSaveImage,
     "ConsentGuardPreviewImage": ConsentGuardPreviewImage,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "ConsentGuardCheckImage": "Consent Guard: Check Image",
+    "ConsentGuardCheckInput": "Consent Guard: Check Input Image",
     "ConsentGuardSaveImage": "Consent Guard: Save Image",
     "ConsentGuardPreviewImage": "Consent Guard: Preview Image",
 }

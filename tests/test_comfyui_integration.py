@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -183,3 +186,85 @@ def test_4_missing_model_fails_closed_with_message(comfy):
     assert outputs(base, "cg_fail") == []
     hist = server.run(check_then_save_graph("cg_fail_check"))
     assert hist["status"]["status_str"] == "error" and outputs(base, "cg_fail_check") == []
+
+
+def post_form(server: Comfy, path: str, fields: dict, photos=()):
+    """POST multipart/form-data as a browser's FormData does: (status, JSON body, headers)."""
+    boundary = "----consentguardtest" + os.urandom(8).hex()
+    body = b""
+    for key, value in fields.items():
+        body += (f'--{boundary}\r\nContent-Disposition: form-data; name="{key}"\r\n\r\n'
+                 f'{value}\r\n').encode()
+    for filename, data in photos:
+        body += (f'--{boundary}\r\nContent-Disposition: form-data; name="photo"; '
+                 f'filename="{filename}"\r\nContent-Type: image/png\r\n\r\n').encode()
+        body += data + b"\r\n"
+    body += f"--{boundary}--\r\n".encode()
+    req = urllib.request.Request(server.url + path, data=body, method="POST", headers={
+        "Content-Type": f"multipart/form-data; boundary={boundary}"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read()), dict(r.headers)
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read()), dict(err.headers)
+
+
+def test_5_enrol_dialog_routes_then_input_check_refuses(comfy, astronaut_png):
+    """The front end's extension file is served (and its imports resolve), the status and
+    enrol routes answer, and a person enrolled through them (scope any) is refused as a
+    LoadImage source by ConsentGuardCheckInput."""
+    server, base, home = comfy
+    set_policy(home, "")  # test 4 left a policy with a missing model
+    js_path = "/extensions/consent_guard/js/consent_guard.js"
+    assert js_path in server.get("/extensions")  # the list the front end loads
+    with urllib.request.urlopen(server.url + js_path, timeout=10) as r:
+        js = r.read().decode()
+    assert "ConsentGuard.Enrol" in js
+    for module in re.findall(r'from "(\.[^"]+)"', js):
+        url = urllib.parse.urljoin(server.url + js_path, module)
+        with urllib.request.urlopen(url, timeout=10) as r:  # ../../../scripts/app.js etc.
+            assert "window.comfyAPI" in r.read().decode(), url
+
+    for prefix in ("", "/api"):  # api.fetchApi adds /api
+        assert server.get(prefix + "/consent_guard/identities/status") == {
+            "registry_exists": False, "enrolled": 0, "problem": None}
+
+    passphrase = "integration test passphrase"
+    photo = astronaut_png.read_bytes()
+    fields = {"passphrase": passphrase, "passphrase_confirm": passphrase,
+              "name": "Astronaut Example", "aliases": "AE", "scope": "any",
+              "consent_by": "Astronaut Example", "consent_date": "2024-05-01", "note": "test"}
+    status, body, _ = post_form(server, "/api/consent_guard/identities/enroll", fields,
+                                [("astronaut.png", photo)])
+    assert status == 200, body
+    assert body["ok"] and body["id"].startswith("id_") and body["photos"][0]["ok"]
+    enrolled_id = body["id"]
+    assert passphrase not in json.dumps(body)
+
+    wrong = dict(fields, passphrase="not the passphrase at all", name="Someone Else")
+    del wrong["passphrase_confirm"]
+    status, body, _ = post_form(server, "/consent_guard/identities/enroll", wrong,
+                                [("astronaut.png", photo)])
+    assert status == 403 and "not the passphrase" not in json.dumps(body), body
+
+    st = server.get("/consent_guard/identities/status")
+    assert st == {"registry_exists": True, "enrolled": 1, "problem": None}
+
+    shutil.copy(astronaut_png, base / "input" / "astronaut.png")
+    hist = server.run({
+        "1": {"class_type": "LoadImage", "inputs": {"image": "astronaut.png"}},
+        "2": {"class_type": "ConsentGuardCheckInput", "inputs": {"images": ["1", 0]}},
+        "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}}})
+    assert hist["status"]["status_str"] == "error"
+    messages = json.dumps(hist["status"]["messages"])
+    assert "Consent Guard refuses input image 1 of 1" in messages
+    assert enrolled_id in messages and "Astronaut Example" not in messages  # the id, no name
+
+    # four more wrong passphrases: the fifth within a minute locks enrolment for a minute
+    for _ in range(4):
+        status, _, _ = post_form(server, "/consent_guard/identities/enroll", wrong,
+                                 [("astronaut.png", photo)])
+        assert status == 403
+    status, body, headers = post_form(server, "/consent_guard/identities/enroll", fields,
+                                      [("astronaut.png", photo)])
+    assert status == 429 and int(headers["Retry-After"]) > 0, body

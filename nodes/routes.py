@@ -1,0 +1,447 @@
+"""HTTP routes for the ComfyUI front end's "Enrol protected person" dialog (web/js/).
+
+    GET  /consent_guard/identities/status   -> {registry_exists, enrolled, problem}
+    POST /consent_guard/identities/enroll   multipart/form-data, admin passphrase required
+
+How ComfyUI takes routes from a custom node (ComfyUI a125cd84, version 0.3.64, server.py and
+main.py): PromptServer.__init__ sets `PromptServer.instance` and `self.routes =
+web.RouteTableDef()`; main.py builds the server, then imports the custom nodes
+(nodes.init_extra_nodes), then calls `prompt_server.add_routes()`, which adds every route of
+`self.routes` twice, as /path and /api/path (the front end's `api.fetchApi` uses /api). So a
+route added to `PromptServer.instance.routes` while this package is imported is served. The same server's origin_only_middleware refuses requests
+whose Origin differs from Host, so another web site cannot make a visitor's browser post here.
+
+The status route is open to anyone who can reach ComfyUI: it gives a count, never a name and
+never anything biometric. The enrol route needs the admin passphrase; wrong passphrases are
+rate-limited (PassphraseLimiter) and the passphrase is never echoed or logged. Photos are read
+into memory (request.multipart(), not request.post(), which spools parts over 1 MiB to a temp
+file), decoded, embedded and dropped: nothing of them is written to disk.
+
+The handlers are plain async functions of the request that return a Reply, so tests can call
+them with a stand-in request; `register(server)` wraps them into aiohttp handlers.
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime
+import io
+import logging
+import math
+import os
+import threading
+import time
+import warnings
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+import folder_paths
+
+from ..consent_guard.faces.enrol import PhotoCheck
+from ..consent_guard.identities import EnrolmentRefused, enrol_person
+from ..consent_guard.models import ModelError
+from ..consent_guard.policy import load_policy
+from ..consent_guard.registry import (REGISTRY_FILENAME, SCOPES, Consent, LockedError,
+                                      RegistryError, registry_paths)
+from .comfy_bridge import MODEL_FOLDER, ConsentGuardError, get_engine, home, insightface_dirs
+
+log = logging.getLogger("consent_guard")
+
+STATUS_PATH = "/consent_guard/identities/status"
+ENROLL_PATH = "/consent_guard/identities/enroll"
+
+MAX_PHOTO_BYTES = 40 * 1024 * 1024  # one photo file
+MAX_TOTAL_BYTES = 100 * 1024 * 1024  # all photos of one request (ComfyUI's default upload cap)
+MAX_PHOTOS = 10
+MAX_FIELD_BYTES = 4096  # a text field
+MIN_NEW_PASSPHRASE = 8  # as the command line asks when it creates a registry
+TEXT_FIELDS = ("passphrase", "passphrase_confirm", "name", "aliases", "scope", "consent_by",
+               "on_behalf_of", "consent_date", "note")
+CHUNK = 256 * 1024
+
+
+@dataclass
+class Reply:
+    status: int
+    body: dict
+    headers: Dict[str, str] = field(default_factory=dict)
+
+
+def _error(status: int, message: str, **extra) -> Reply:
+    return Reply(status, {"ok": False, "error": message, **extra})
+
+
+class PassphraseLimiter:
+    """After `max_failures` wrong passphrases within `window` seconds, every enrolment is
+    answered 429 for `lockout` seconds. One counter for the whole process, not per client:
+    behind a reverse proxy every client has the proxy's address, and a guesser with many
+    addresses must not get more tries (the price: a guesser can keep the admin out for a
+    while; the command line still works)."""
+
+    def __init__(self, max_failures: int = 5, window: float = 60.0, lockout: float = 60.0,
+                 clock=time.monotonic):
+        self.max_failures, self.window, self.lockout, self.clock = \
+            max_failures, window, lockout, clock
+        self._failures: deque = deque()
+        self._locked_until = 0.0
+        self._lock = threading.Lock()
+
+    def retry_after(self) -> int:
+        """Seconds until the next attempt is allowed; 0 when it is allowed now."""
+        with self._lock:
+            left = self._locked_until - self.clock()
+            return max(1, math.ceil(left)) if left > 0 else 0
+
+    def failed(self) -> None:
+        with self._lock:
+            now = self.clock()
+            self._failures.append(now)
+            while self._failures and self._failures[0] <= now - self.window:
+                self._failures.popleft()
+            if len(self._failures) >= self.max_failures:
+                self._locked_until = now + self.lockout
+                self._failures.clear()
+
+    def reset(self) -> None:
+        with self._lock:
+            self._failures.clear()
+            self._locked_until = 0.0
+
+
+LIMITER = PassphraseLimiter()
+# One enrolment at a time, off the server's event loop: the passphrase checks cannot run in
+# parallel (so the limiter sees every failure before the next try), and two first enrolments
+# cannot race to create the registry. Its own thread, so a queue of enrolments never holds up
+# the threads of the loop's default executor.
+_EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="consent_guard_enrol")
+
+
+def _too_many(seconds: int) -> Reply:
+    return Reply(429, {"ok": False, "error": f"Too many wrong passphrases: try again in "
+                                             f"{seconds} s.", "retry_after": seconds},
+                 {"Retry-After": str(seconds)})
+
+
+# -- reading the form ------------------------------------------------------------------------
+
+class FormError(ValueError):
+    """The request is not a form this route can take; the message says why (400)."""
+
+
+@dataclass
+class Upload:
+    source: str  # the file name as sent (no folders), or "photo N"
+    data: Optional[bytes]  # None when refused before decoding
+    reason: str = ""
+
+
+async def _read_capped(part, cap: int) -> Optional[bytes]:
+    """The part's bytes, or None (the rest drained) when it is longer than `cap`."""
+    buf = bytearray()
+    while True:
+        chunk = await part.read_chunk(CHUNK)
+        if not chunk:
+            return bytes(buf)
+        buf.extend(chunk)
+        if len(buf) > cap:
+            await part.release()
+            return None
+
+
+def _source_name(filename: Optional[str], n: int) -> str:
+    name = os.path.basename((filename or "").replace("\\", "/")).strip()
+    return name[:120] if name else f"photo {n}"
+
+
+async def read_form(request) -> Tuple[Dict[str, str], List[Upload]]:
+    """Text fields and photo uploads from a multipart/form-data body, read part by part into
+    memory, each within its size limit."""
+    if request.content_type != "multipart/form-data":
+        raise FormError("Send the form as multipart/form-data.")
+    try:
+        reader = await request.multipart()
+    except Exception as exc:
+        raise FormError(f"Unreadable form: {exc}") from None
+    fields: Dict[str, str] = {}
+    uploads: List[Upload] = []
+    total = 0
+    while True:
+        try:
+            part = await reader.next()
+        except Exception as exc:  # a malformed body (aiohttp raises ValueError and others)
+            raise FormError(f"Unreadable form: {exc}") from None
+        if part is None:
+            break
+        name = getattr(part, "name", None)
+        if name == "photo":
+            source = _source_name(getattr(part, "filename", None), len(uploads) + 1)
+            if len(uploads) >= MAX_PHOTOS:
+                await part.release()
+                uploads.append(Upload(source, None, f"not read: at most {MAX_PHOTOS} photos "
+                                                    f"at a time"))
+                continue
+            data = await _read_capped(part, min(MAX_PHOTO_BYTES, MAX_TOTAL_BYTES - total))
+            if data is None:
+                too_big = f"file over {MAX_PHOTO_BYTES // 2 ** 20} MB" if \
+                    MAX_TOTAL_BYTES - total >= MAX_PHOTO_BYTES else \
+                    f"the photos together are over {MAX_TOTAL_BYTES // 2 ** 20} MB"
+                uploads.append(Upload(source, None, f"not read: {too_big}"))
+                continue
+            if not data and not getattr(part, "filename", None):
+                continue  # a browser form's empty file input
+            total += len(data)
+            uploads.append(Upload(source, data))
+        elif name in TEXT_FIELDS:
+            data = await _read_capped(part, MAX_FIELD_BYTES)
+            if data is None:
+                raise FormError(f"The field {name} is too long (at most {MAX_FIELD_BYTES} "
+                                f"bytes).")
+            fields[name] = data.decode("utf-8", errors="replace")
+        else:
+            await part.release()
+    return fields, uploads
+
+
+@dataclass
+class EnrolForm:
+    passphrase: str
+    passphrase_confirm: Optional[str]
+    name: str
+    aliases: List[str]
+    scope: str
+    consent: Consent
+    uploads: List[Upload]
+
+
+def parse_form(fields: Dict[str, str], uploads: List[Upload]) -> EnrolForm:
+    """Check the fields; raise FormError naming what is missing or wrong."""
+    text = {k: fields.get(k, "").strip() for k in TEXT_FIELDS if k not in
+            ("passphrase", "passphrase_confirm")}
+    missing = [label for key, label in (("name", "name"), ("scope", "scope"),
+                                        ("consent_by", "consent given by"))
+               if not text[key]]
+    if not fields.get("passphrase"):
+        missing.append("admin passphrase")
+    if not uploads:
+        missing.append("photo")
+    if missing:
+        raise FormError("Missing: " + ", ".join(missing) + ".")
+    if text["scope"] not in SCOPES:
+        raise FormError(f"scope must be one of {', '.join(SCOPES)}.")
+    date = text["consent_date"] or time.strftime("%Y-%m-%d")
+    try:
+        datetime.date.fromisoformat(date)
+    except ValueError:
+        raise FormError("consent_date must be a date as YYYY-MM-DD.") from None
+    if len(text["name"]) > 200:
+        raise FormError("The name is too long (at most 200 characters).")
+    aliases = [a.strip() for a in text["aliases"].split(",") if a.strip()]
+    return EnrolForm(
+        passphrase=fields["passphrase"], passphrase_confirm=fields.get("passphrase_confirm"),
+        name=text["name"], aliases=aliases, scope=text["scope"],
+        consent=Consent(text["consent_by"], text["on_behalf_of"], date, text["note"]),
+        uploads=uploads)
+
+
+class PhotoRefused(ValueError):
+    """An upload that is not a usable image; the message says why."""
+
+
+def decode_photo(data: bytes, max_pixels: int) -> np.ndarray:
+    """RGB uint8 pixels of an uploaded photo, turned upright by its EXIF orientation; raises
+    PhotoRefused with a reason a person can act on."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > max_pixels:
+                raise PhotoRefused(f"too large: {w}x{h}, over the policy limit of "
+                                   f"{max_pixels / 1e6:.0f} MP")
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return np.asarray(img.convert("RGB"))
+    except PhotoRefused:
+        raise
+    except UnidentifiedImageError:
+        raise PhotoRefused("not an image, or a format Pillow cannot read") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise PhotoRefused("refused: too many pixels (decompression bomb)") from None
+    except Exception as exc:  # truncated or corrupt: OSError, SyntaxError, ValueError, ...
+        raise PhotoRefused(f"corrupt or truncated image ({type(exc).__name__})") from None
+
+
+# -- the handlers ----------------------------------------------------------------------------
+
+def _photo(source: str, ok: bool, reason: str) -> dict:
+    return {"source": source, "ok": ok, "reason": reason}
+
+
+def _policy():
+    """The engine's policy; when the engine cannot be built only because the registry cannot be
+    opened unattended (no key file), enrolment still works with the admin passphrase."""
+    try:
+        return get_engine().policy
+    except ConsentGuardError as exc:
+        try:
+            return load_policy(home=home())
+        except Exception:
+            raise exc from None
+
+
+def enrol_sync(form: EnrolForm) -> Reply:
+    """Decode the photos and enrol; runs on the enrolment thread."""
+    retry = LIMITER.retry_after()
+    if retry:
+        return _too_many(retry)
+    try:
+        policy = _policy()
+    except ConsentGuardError as exc:
+        return _error(500, str(exc))
+    db, _ = registry_paths(policy, home())
+    if not db.exists():  # this passphrase will become the admin passphrase
+        if form.passphrase_confirm is None or form.passphrase_confirm != form.passphrase:
+            return _error(400, "No identity registry exists yet, so this enrolment creates one "
+                               "with this passphrase: type it twice, the same both times.")
+        if len(form.passphrase) < MIN_NEW_PASSPHRASE:
+            return _error(400, f"Use an admin passphrase of at least {MIN_NEW_PASSPHRASE} "
+                               f"characters.")
+
+    photos: List[Optional[dict]] = []  # one per upload; None where enrol_person decides
+    pixels, sources = [], []
+    for up in form.uploads:
+        if up.data is None:
+            photos.append(_photo(up.source, False, up.reason))
+            continue
+        try:
+            pixels.append(decode_photo(up.data, policy.max_pixels))
+        except PhotoRefused as exc:
+            photos.append(_photo(up.source, False, str(exc)))
+            continue
+        finally:
+            up.data = None  # let the upload's bytes go
+        sources.append(up.source)
+        photos.append(None)
+
+    def merged(checks: List[PhotoCheck]) -> List[dict]:
+        """The decoded photos' checks (in order) put back among the refused uploads."""
+        out, decoded = [], iter(zip(sources, checks))
+        for p in photos:
+            if p is None:
+                source, check = next(decoded)
+                p = _photo(source, check.ok, check.reason)
+            out.append(p)
+        return out
+
+    if not pixels:
+        return _error(400, "No photo could be read; nothing was enrolled.", photos=photos)
+    try:
+        result = enrol_person(
+            policy, home(), form.passphrase, name=form.name, scope=form.scope,
+            consent=form.consent, photos=pixels, aliases=form.aliases,
+            model_dirs=[Path(p) for p in folder_paths.get_folder_paths(MODEL_FOLDER)],
+            insightface_dirs=insightface_dirs())
+    except LockedError:
+        LIMITER.failed()
+        log.warning("Consent Guard: enrolment refused, wrong admin passphrase")
+        return _error(403, "Wrong admin passphrase; nothing was enrolled.")
+    except EnrolmentRefused as exc:
+        return _error(400, "No photo was usable; nothing was enrolled. Use clear photos of "
+                           "this person alone, face to the camera.", photos=merged(exc.checks))
+    except ModelError as exc:
+        return _error(500, f"The face models cannot run: {exc}")
+    except RegistryError as exc:  # e.g. the name is already enrolled
+        return _error(400, str(exc))
+    LIMITER.reset()
+    ident = result.identity
+    log.info("Consent Guard: enrolled %s (scope %s) from the ComfyUI dialog", ident.id,
+             ident.scope)
+    return Reply(200, {"ok": True, "id": ident.id, "name": ident.name, "scope": ident.scope,
+                       "photos": merged(result.checks), "backends": result.backends,
+                       "notes": result.notes})
+
+
+async def handle_enroll(request) -> Reply:
+    retry = LIMITER.retry_after()  # before reading the body: refused attempts cost nothing
+    if retry:
+        return _too_many(retry)
+    try:
+        form = parse_form(*await read_form(request))
+    except FormError as exc:
+        return _error(400, str(exc))
+    try:
+        return await asyncio.get_running_loop().run_in_executor(_EXECUTOR, enrol_sync, form)
+    except Exception as exc:  # never the passphrase: it is in `form`, not in the message
+        log.exception("Consent Guard: enrolment failed")
+        return _error(500, f"Enrolment failed: {type(exc).__name__}: {exc}")
+
+
+def status_sync() -> Reply:
+    """Whether a registry exists and how many people it protects (null when ComfyUI cannot
+    open it). Never names."""
+    try:
+        engine = get_engine()
+    except ConsentGuardError as exc:
+        try:
+            db = registry_paths(load_policy(home=home()), home())[0]
+        except Exception:
+            db = home() / REGISTRY_FILENAME
+        return Reply(200, {"registry_exists": db.exists(), "enrolled": None,
+                           "problem": str(exc)})
+    db = registry_paths(engine.policy, home())[0]
+    enrolled = len(engine.registry.identities()) if engine.registry is not None else \
+        (None if db.exists() else 0)
+    return Reply(200, {"registry_exists": db.exists(), "enrolled": enrolled, "problem": None})
+
+
+async def handle_status(request) -> Reply:
+    try:
+        return await asyncio.get_running_loop().run_in_executor(None, status_sync)
+    except Exception as exc:
+        log.exception("Consent Guard: status failed")
+        return _error(500, f"{type(exc).__name__}: {exc}")
+
+
+# -- registration ----------------------------------------------------------------------------
+
+def register(server) -> bool:
+    """Add the routes to a ComfyUI PromptServer (its `routes`, a web.RouteTableDef). Returns
+    False when they are there already (this package imported twice)."""
+    from aiohttp import web  # ComfyUI's own dependency; only needed here
+
+    def wrap(handler):
+        async def aiohttp_handler(request):
+            reply = await handler(request)
+            return web.json_response(reply.body, status=reply.status,
+                                     headers={"Cache-Control": "no-store", **reply.headers})
+        aiohttp_handler.__name__ = handler.__name__
+        return aiohttp_handler
+
+    taken = {(getattr(r, "method", None), getattr(r, "path", None)) for r in server.routes}
+    if ("POST", ENROLL_PATH) in taken:
+        return False
+    server.routes.get(STATUS_PATH)(wrap(handle_status))
+    server.routes.post(ENROLL_PATH)(wrap(handle_enroll))
+    return True
+
+
+def register_with_comfyui() -> bool:
+    """Register on the running ComfyUI server, if there is one (none under the tests'
+    stand-ins, or when ComfyUI's nodes are imported without a server)."""
+    try:
+        import server as comfy_server  # ComfyUI's server.py, on sys.path when ComfyUI runs
+    except ImportError:
+        return False
+    instance = getattr(getattr(comfy_server, "PromptServer", None), "instance", None)
+    if instance is None or not hasattr(instance, "routes"):
+        return False
+    try:
+        return register(instance)
+    except Exception:  # the nodes must still load; only the dialog is missing
+        log.exception("Consent Guard: could not add the enrolment routes to ComfyUI")
+        return False

@@ -64,6 +64,7 @@ def enrol_person(policy: Policy, home: Path, passphrase: str, *, name: str, scop
     if not embeddings:
         raise EnrolmentRefused(checks)
     with open_admin(db, key, passphrase, create=not add_to, key_file=key_file) as reg:
+        notes += _lookalikes(reg, backends, embeddings, add_to)
         if add_to:
             ident = reg.find(add_to)
             reg.add_embeddings(ident.id, embeddings)
@@ -71,3 +72,21 @@ def enrol_person(policy: Policy, home: Path, passphrase: str, *, name: str, scop
         else:
             ident = reg.add(name, scope, consent, embeddings, aliases)
     return Enrolment(ident, checks, [b.name for b in backends], notes)
+
+
+def _lookalikes(reg: Registry, backends, embeddings, add_to: str) -> List[str]:
+    """Warn when the new photos match someone already enrolled (the same person twice, or the
+    wrong person's photo): the admin should know, though it is not refused."""
+    from .faces.matching import Gallery
+
+    backend = backends[0]
+    vectors = embeddings.get(backend.embedder.model_id)
+    if vectors is None:
+        return []
+    gallery = Gallery.from_registry(reg.embeddings(backend.embedder.model_id))
+    names = {i.id: i.name for i in reg.identities()}
+    own = reg.find(add_to).id if add_to else None
+    hits = {m.identity for m in gallery.match(vectors, backend.embedder.threshold)
+            if m is not None and m.identity != own}
+    return [f"these photos also match {names[i]} ({i}), who is already enrolled: check that "
+            f"the right person's photos were used" for i in sorted(hits)]

@@ -140,3 +140,20 @@ def test_identity_cli_end_to_end(sface, home, tmp_path, capsys, astronaut_png, t
     assert code == 0 and "imported 1" in out, err
     code, out, _ = run(capsys, "identity", "match", str(astro), "--registry", str(lab))
     assert code == 1 and "Eileen Collins" in out
+
+
+def test_enrolling_the_same_face_twice_warns(sface, home, astronaut_png, monkeypatch):
+    from consent_guard.identities import enrol_person
+    from consent_guard.registry import Consent
+
+    monkeypatch.setattr("consent_guard.identities.available_backends",
+                        lambda *a: ([sface], []))
+    first = enrol_person(Policy(), home, PASS, name="One", scope="any", consent=Consent("One"),
+                         photos=[astronaut_png])
+    assert first.notes == []
+    again = enrol_person(Policy(), home, PASS, name="Two", scope="any", consent=Consent("Two"),
+                         photos=[astronaut_png])
+    assert len(again.notes) == 1 and "also match One" in again.notes[0]
+    more = enrol_person(Policy(), home, PASS, name="", scope="", consent=None,
+                        photos=[astronaut_png], add_to="One")
+    assert all("One (" not in n for n in more.notes)  # their own photos are no lookalike

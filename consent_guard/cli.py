@@ -74,6 +74,33 @@ def cmd_scan(args) -> int:
     return status
 
 
+def cmd_check_prompt(args) -> int:
+    from .prompts.check import prompt_record
+
+    policy = load_policy(Path(args.policy) if args.policy else None, home=resolve_home())
+    engine = Engine(policy, registry=open_for_matching(policy, resolve_home()))
+    texts = args.texts if args.texts else (line.rstrip("\r\n") for line in sys.stdin)
+    status = EXIT_ALLOWED
+    for text in texts:
+        if not args.texts and not text.strip():
+            continue
+        verdict = engine.check_prompt(text, negative=args.negative)
+        if verdict.error:
+            status = EXIT_ERROR
+        elif verdict.decision is not Decision.ALLOW and status == EXIT_ALLOWED:
+            status = EXIT_FLAGGED
+        record = prompt_record(text, verdict)
+        if verdict.error:
+            record["error"] = verdict.error
+        if args.json:
+            print(json.dumps(record, ensure_ascii=False), flush=True)
+        else:
+            why = ", ".join(record["categories"]) or "-"
+            matched = f" [{', '.join(record['matched'])}]" if record["matched"] else ""
+            print(f"{record['decision']:6}  {why}{matched}  {text}", flush=True)
+    return status
+
+
 def cmd_policy(args) -> int:
     home = resolve_home()
     target = home / POLICY_FILENAME
@@ -129,6 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--models-dir", metavar="DIR", help="ComfyUI's models folder (weights in "
                       "DIR/consent_guard, an InsightFace pack in DIR/insightface)")
     scan.set_defaults(func=cmd_scan)
+
+    cp = sub.add_parser("check-prompt", help="check prompts before generating (one per line on "
+                                              "stdin when no TEXT is given)")
+    cp.add_argument("texts", nargs="*", metavar="TEXT")
+    cp.add_argument("--negative", metavar="TEXT", help="the negative prompt (never triggers)")
+    cp.add_argument("--json", action="store_true",
+                    help='one JSON line per prompt: {"text", "decision", "categories", "score", '
+                         '"matched"}')
+    cp.add_argument("--policy", metavar="FILE")
+    cp.set_defaults(func=cmd_check_prompt)
 
     pol = sub.add_parser("policy", help="create, check or show the policy")
     pol.add_argument("action", choices=["init", "check", "show", "path"])

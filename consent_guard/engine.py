@@ -42,6 +42,9 @@ class Engine:
         self._faces: Optional[FaceStage] = None
         self._faces_generation: Optional[int] = None
         self.face_notes: List[str] = []  # what the admin should know about matching coverage
+        self._prompt_parts = None
+        self._names: List[Tuple[str, str]] = []
+        self._names_generation: Optional[int] = None
 
     def load(self) -> None:
         """Load the default detectors now (raises ModelError with the fix if one is missing)."""
@@ -176,6 +179,43 @@ class Engine:
             return Verdict.failed(str(exc))
         log.exception("Consent Guard check raised")
         return Verdict.failed(f"the check raised {type(exc).__name__}: {exc}")
+
+    def check_prompt(self, text: str, negative: Optional[str] = None) -> Verdict:
+        """Before any GPU time: the prompt's verdict (allow or block). The negative prompt
+        never triggers anything. Fails closed like the image checks."""
+        try:
+            from .prompts.check import check_prompt
+
+            lexicon, classifier = self._prompt_checker()
+            return check_prompt(text, negative, lexicon=lexicon, classifier=classifier,
+                                explicit_action=self.policy.prompt_explicit,
+                                suggestive_action=self.policy.prompt_suggestive,
+                                protected_names=self._protected_names())
+        except Exception as exc:
+            return self._failure(exc)
+
+    def _prompt_checker(self):
+        with self._lock:
+            if self._prompt_parts is None:
+                from .prompts.classifier import PromptClassifier
+                from .prompts.lexicon import Lexicon
+
+                classifier = PromptClassifier.load() if self.policy.prompt_classifier else None
+                if classifier is not None and self.policy.prompt_classifier_threshold:
+                    classifier.threshold = self.policy.prompt_classifier_threshold
+                self._prompt_parts = (Lexicon.load(), classifier)
+            return self._prompt_parts
+
+    def _protected_names(self) -> List[Tuple[str, str]]:
+        """(id, name) for every display name and alias in the registry, for the prompt check."""
+        if self.registry is None:
+            return []
+        generation = self.registry.generation
+        if self._names_generation != generation:
+            self._names = [(i.id, n) for i in self.registry.identities()
+                           for n in (i.name, *i.aliases)]
+            self._names_generation = generation
+        return self._names
 
     def check_image(self, pixels: np.ndarray) -> Verdict:
         return self.check_images([pixels])[0]

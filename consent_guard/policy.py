@@ -46,6 +46,14 @@ open_nsfw_explicit_at = 0.8
 # re-scores the part's neighbourhood: a square of this many times the part's size.
 region_context = 3.0
 
+[prompts]
+# What happens to a prompt in each category ("allow" or "block"). Undress requests, sexual
+# prompts about children, and sexual prompts naming a protected person are always blocked.
+sexual_explicit = "block"
+sexual_suggestive = "allow"   # lingerie, "seductive", ...: allowed, and logged
+classifier = true             # the multilingual semantic layer on top of the word lists
+# classifier_threshold = 0.98 # default: the one stored with the trained weights
+
 [faces]
 # Protected identities (see `consent-guard identity --help`). The face stage runs only when the
 # registry holds someone.
@@ -77,8 +85,8 @@ max_pixels = 100000000  # larger images are refused (decompression bombs); 100 M
 """
 
 ACTION_CATEGORIES = ("sexual", "nudity")
-TOP_LEVEL = ("version", "actions", "censor", "explicit", "faces", "identities", "models",
-             "limits")
+TOP_LEVEL = ("version", "actions", "censor", "explicit", "prompts", "faces", "identities",
+             "models", "limits")
 CENSOR_STYLES = ("pixelate", "blur", "black")
 DEVICES = ("auto", "cpu")
 FACE_BACKENDS = ("auto", "opencv", "insightface")
@@ -101,6 +109,10 @@ class Policy:
     device: str = "auto"
     model_paths: Mapping[str, str] = field(default_factory=dict)
     max_pixels: int = 100_000_000
+    prompt_explicit: Decision = Decision.BLOCK
+    prompt_suggestive: Decision = Decision.ALLOW
+    prompt_classifier: bool = True
+    prompt_classifier_threshold: Optional[float] = None  # None: the trained one
     face_backend: str = "auto"
     insightface_pack: str = "auto"
     min_face_px: float = 32.0
@@ -175,6 +187,12 @@ def policy_from_dict(data: dict, where: str = "<policy>") -> Policy:
                                       "open_nsfw_explicit_at", "region_context"))
     models_t = r.table("models", ("device", "paths"))
     limits_t = r.table("limits", ("max_pixels",))
+    prompts_t = r.table("prompts", ("sexual_explicit", "sexual_suggestive", "classifier",
+                                     "classifier_threshold"))
+    use_classifier = prompts_t.get("classifier", True)
+    if not isinstance(use_classifier, bool):
+        r.problems.append(f"[prompts] classifier must be true or false, got {use_classifier!r}.")
+        use_classifier = True
     faces_t = r.table("faces", ("backend", "insightface_pack", "min_face_px", "detect_size",
                                 "thresholds"))
     ident_t = r.table("identities", ("registry", "key_file"))
@@ -225,6 +243,14 @@ def policy_from_dict(data: dict, where: str = "<policy>") -> Policy:
         device=r.choice(models_t, "models", "device", defaults.device, DEVICES),
         model_paths=dict(paths),
         max_pixels=max_pixels,
+        prompt_explicit=Decision(r.choice(prompts_t, "prompts", "sexual_explicit", "block",
+                                          ("allow", "block"))),
+        prompt_suggestive=Decision(r.choice(prompts_t, "prompts", "sexual_suggestive", "allow",
+                                            ("allow", "block"))),
+        prompt_classifier=use_classifier,
+        prompt_classifier_threshold=(r.number(prompts_t, "prompts", "classifier_threshold",
+                                              0.5, 0.01, 1.0)
+                                     if "classifier_threshold" in prompts_t else None),
         face_backend=r.choice(faces_t, "faces", "backend", defaults.face_backend, FACE_BACKENDS),
         insightface_pack=str(faces_t.get("insightface_pack", defaults.insightface_pack)),
         min_face_px=r.number(faces_t, "faces", "min_face_px", defaults.min_face_px, 8, 4096),

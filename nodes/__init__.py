@@ -1,8 +1,18 @@
-"""ComfyUI adapter: nodes that turn the engine's verdicts into UI actions, and the HTTP routes
-of the front end's enrol dialog (registered only when a ComfyUI server is running)."""
+"""ComfyUI adapter: nodes that turn the engine's verdicts into UI actions, the on-prompt
+handler that refuses a blocked prompt before it is queued, and the HTTP routes of the front
+end's enrol dialog (handler and routes registered only when a ComfyUI server is running)."""
 import logging
 
-from .image_nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+from . import image_nodes, prompt_guard
+
+NODE_CLASS_MAPPINGS = {**image_nodes.NODE_CLASS_MAPPINGS, **prompt_guard.NODE_CLASS_MAPPINGS}
+NODE_DISPLAY_NAME_MAPPINGS = {**image_nodes.NODE_DISPLAY_NAME_MAPPINGS,
+                              **prompt_guard.NODE_DISPLAY_NAME_MAPPINGS}
+
+try:  # the nodes must load even if the prompt handler cannot be added
+    prompt_guard.register_prompt_handler()
+except Exception:  # pragma: no cover - a server that is not ComfyUI's
+    logging.getLogger("consent_guard").exception("Consent Guard: prompt handler not added")
 
 try:  # the nodes must load even if the dialog's routes cannot be added
     from .routes import register_with_comfyui

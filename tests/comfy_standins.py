@@ -1,12 +1,15 @@
 """Small stand-ins for the ComfyUI modules the adapter imports, following the real signatures
 of ComfyUI a125cd84: folder_paths.py (directories, add_model_folder_path, get_folder_paths,
-get_save_image_path), comfy/cli_args.py (args.disable_metadata), comfy/utils.py (ProgressBar).
+get_save_image_path), comfy/cli_args.py (args.disable_metadata), comfy/utils.py (ProgressBar);
+server.py (PromptServer: instance, routes, add_on_prompt_handler, trigger_on_prompt; 0.3.64).
 Only what the adapter uses is here; the integration test runs the real ComfyUI."""
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import sys
+import traceback
 import types
 from pathlib import Path
 
@@ -68,9 +71,68 @@ class ProgressBar:
         self.update_absolute(self.current + value)
 
 
-def install(monkeypatch, base: Path, disable_metadata: bool = False):
+class RouteTable(list):
+    """aiohttp's web.RouteTableDef as PromptServer.routes uses it: get/post decorators."""
+
+    def _add(self, method, path):
+        def deco(handler):
+            self.append(types.SimpleNamespace(method=method, path=path, handler=handler))
+            return handler
+        return deco
+
+    def get(self, path):
+        return self._add("GET", path)
+
+    def post(self, path):
+        return self._add("POST", path)
+
+
+class PromptServer:
+    """server.PromptServer of ComfyUI 0.3.64: `instance` (set by __init__), `routes`,
+    `on_prompt_handlers`, add_on_prompt_handler(handler) and trigger_on_prompt(json_data),
+    which like the real one logs a handler's exception and goes on with the json unchanged."""
+
+    instance = None
+
+    def __init__(self):
+        type(self).instance = self  # the real one: PromptServer.instance = self
+        self.routes = RouteTable()
+        self.on_prompt_handlers = []
+
+    def add_on_prompt_handler(self, handler):
+        self.on_prompt_handlers.append(handler)
+
+    def trigger_on_prompt(self, json_data):
+        for handler in self.on_prompt_handlers:
+            try:
+                json_data = handler(json_data)
+            except Exception:
+                logging.warning("[ERROR] An error occurred during the on_prompt_handler processing")
+                logging.warning(traceback.format_exc())
+        return json_data
+
+
+def make_server() -> types.ModuleType:
+    """A `server` module whose PromptServer has a running instance."""
+    server = types.ModuleType("server")
+    server.PromptServer = type("PromptServer", (PromptServer,), {"instance": None})
+    server.PromptServer()
+    return server
+
+
+def install(monkeypatch, base: Path, disable_metadata: bool = False, server=None):
     """Put the stand-ins in sys.modules, then load this repo the way ComfyUI's
-    nodes.load_custom_node does: spec_from_file_location(<module path>, <dir>/__init__.py)."""
+    nodes.load_custom_node does: spec_from_file_location(<module path>, <dir>/__init__.py).
+    `server`: a module from make_server(), for a load while ComfyUI's server runs (with an
+    aiohttp.web stand-in for the routes when aiohttp is not installed)."""
+    if server is not None:
+        monkeypatch.setitem(sys.modules, "server", server)
+        if importlib.util.find_spec("aiohttp") is None:
+            aiohttp, web = types.ModuleType("aiohttp"), types.ModuleType("aiohttp.web")
+            web.json_response = lambda body, status=200, headers=None: (status, body, headers)
+            aiohttp.web = web
+            monkeypatch.setitem(sys.modules, "aiohttp", aiohttp)
+            monkeypatch.setitem(sys.modules, "aiohttp.web", web)
     monkeypatch.setitem(sys.modules, "folder_paths", make_folder_paths(base))
     comfy = types.ModuleType("comfy")
     cli_args = types.ModuleType("comfy.cli_args")

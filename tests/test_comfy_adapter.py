@@ -50,8 +50,11 @@ def test_mappings_exported_with_fixed_class_names(comfy):
     assert {"ConsentGuardCheckImage", "ConsentGuardSaveImage",
             "ConsentGuardPreviewImage"} <= set(pkg.NODE_CLASS_MAPPINGS)
     assert set(pkg.NODE_DISPLAY_NAME_MAPPINGS) == set(pkg.NODE_CLASS_MAPPINGS)
-    for cls in pkg.NODE_CLASS_MAPPINGS.values():
+    image_nodes = sys.modules[pkg.__name__ + ".nodes.image_nodes"].NODE_CLASS_MAPPINGS
+    assert set(image_nodes) <= set(pkg.NODE_CLASS_MAPPINGS)
+    for cls in image_nodes.values():
         assert cls.INPUT_TYPES()["required"]["images"][0] == "IMAGE"
+    for cls in pkg.NODE_CLASS_MAPPINGS.values():
         assert hasattr(cls, cls.FUNCTION)
 
 

@@ -268,3 +268,84 @@ def test_5_enrol_dialog_routes_then_input_check_refuses(comfy, astronaut_png):
     status, body, headers = post_form(server, "/consent_guard/identities/enroll", fields,
                                       [("astronaut.png", photo)])
     assert status == 429 and int(headers["Retry-After"]) > 0, body
+
+
+def post_prompt(server: Comfy, graph: dict):
+    """POST /prompt as the front end's api.queuePrompt does: (status, JSON body)."""
+    data = json.dumps({"prompt": graph, "client_id": "cg-test"}).encode()
+    req = urllib.request.Request(server.url + "/prompt", method="POST", data=data,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def txt2img_graph(positive: str, negative: str, ckpt: str) -> dict:
+    """ComfyUI's default workflow in API format."""
+    return {
+        "3": {"class_type": "KSampler", "inputs": {
+            "seed": 1, "steps": 1, "cfg": 8.0, "sampler_name": "euler", "scheduler": "normal",
+            "denoise": 1.0, "model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0],
+            "latent_image": ["5", 0]}},
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64,
+                                                           "batch_size": 1}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": positive, "clip": ["4", 1]}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": negative, "clip": ["4", 1]}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "cg_txt2img",
+                                                    "images": ["8", 0]}},
+    }
+
+
+def wait_done(server: Comfy, prompt_id: str, timeout: float = 120) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        hist = server.get(f"/history/{prompt_id}")
+        if prompt_id in hist and hist[prompt_id].get("status", {}).get("completed") is not None:
+            return hist[prompt_id]
+        time.sleep(0.5)
+    raise TimeoutError(f"prompt {prompt_id} did not finish: {server.tail()}")
+
+
+def test_6_blocked_prompt_is_refused_before_queueing(comfy):
+    """The on-prompt handler: a blocked positive is answered 400 the way ComfyUI answers a
+    prompt that fails validation, naming the node, and nothing is queued; the same words only
+    in the negative pass the handler (the empty checkpoint then fails at run time)."""
+    server, base, home = comfy
+    set_policy(home, "")
+    ckpt_dir = base / "models" / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    (ckpt_dir / "cg_empty.safetensors").write_bytes(b"")  # listed, so validation passes
+    history_before = server.get("/history")
+
+    status, body = post_prompt(server, txt2img_graph("a nude woman", "blurry",
+                                                     "cg_empty.safetensors"))
+    assert status == 400, body
+    assert body["error"]["type"] == "prompt_outputs_failed_validation", body
+    details = body["error"]["details"]
+    assert "Consent Guard refuses" in details and "node 6 (CLIPTextEncode)" in details, body
+    assert "nude" not in details  # the text itself is never echoed
+    assert list(body["node_errors"]) == ["6"], body  # the front end outlines node 6
+    assert body["node_errors"]["6"]["errors"][0]["type"] == "custom_validation_failed"
+    queue = server.get("/queue")
+    assert queue["queue_running"] == [] and queue["queue_pending"] == [], queue
+    assert server.get("/history") == history_before
+
+    status, body = post_prompt(server, txt2img_graph("a quiet harbour at dawn", "a nude woman",
+                                                     "cg_empty.safetensors"))
+    assert status == 200 and body["node_errors"] == {}, body
+    hist = wait_done(server, body["prompt_id"])
+    assert "Consent Guard" not in json.dumps(hist["status"]), hist["status"]
+
+
+def test_7_check_prompt_node_passes_allowed_text(comfy):
+    server, base, home = comfy
+    hist = server.run({
+        "1": {"class_type": "PrimitiveStringMultiline", "inputs": {"value": "a quiet harbour"}},
+        "2": {"class_type": "ConsentGuardCheckPrompt", "inputs": {"text": ["1", 0]}},
+        "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}}})
+    assert hist["status"]["status_str"] == "success", hist["status"]
+    assert hist["outputs"]["3"]["text"] == ["a quiet harbour"]

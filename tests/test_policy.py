@@ -64,7 +64,7 @@ def test_bad_toml_and_missing_file_name_the_file(tmp_path):
 
 def test_default_toml_parses_and_documents_every_section():
     data = tomllib.loads(DEFAULT_POLICY_TOML)
-    assert set(data) == {"version", "actions", "censor", "explicit", "faces", "identities",
+    assert set(data) == {"version", "actions", "censor", "explicit", "prompts", "faces", "identities",
                          "models", "limits"}
 
 

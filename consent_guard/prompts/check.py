@@ -1,0 +1,87 @@
+"""check_prompt: the lexicon, the classifier and the registry's names -> one Verdict.
+
+Categories and what decides them:
+  sexual_explicit    an explicit term, or the classifier at or above its threshold: policy
+                     action ([prompts] sexual_explicit, default block)
+  sexual_suggestive  a suggestive term only: policy action (default allow; it is logged)
+  undress_request    "remove her clothes", "make him naked", ...: always block (with an input
+                     photo, this is how real people are undressed)
+  minor_sexual       a term for children or school age together with any sexual term or a
+                     classifier score at or above its threshold: always block; no policy
+                     can allow it. A prompt about children alone is fine.
+  protected_identity a protected person's display name or alias together with any sexual
+                     term or classifier hit: always block
+The negative prompt never triggers anything: "nude, nsfw" there is a safety tool.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+from ..verdict import Decision, Reason, Verdict
+from .classifier import PromptClassifier
+from .lexicon import Hit, Lexicon
+from .normalise import normalise
+
+ALWAYS_BLOCK = ("undress_request", "minor_sexual", "protected_identity")
+
+
+def check_prompt(text: str, negative: Optional[str] = None, *, lexicon: Lexicon,
+                 classifier: Optional[PromptClassifier], explicit_action: Decision,
+                 suggestive_action: Decision,
+                 protected_names: Sequence[Tuple[str, str]] = ()) -> Verdict:
+    """`protected_names`: (identity id, display name or alias) pairs from the registry."""
+    prompt = normalise(text or "")
+    hits = lexicon.find(prompt)
+    by_cat = {c: [h for h in hits if h.category == c] for c in
+              ("explicit", "suggestive", "minor", "undress")}
+    score = float(classifier.score([prompt.text])[0]) if classifier is not None and \
+        prompt.text.strip() else 0.0
+    semantic = classifier is not None and score >= classifier.threshold
+    sexual = bool(by_cat["explicit"] or by_cat["suggestive"] or semantic)
+
+    reasons: List[Reason] = []
+
+    def add(category: str, action: Decision, found: Sequence[Hit]):
+        for h in found:
+            reasons.append(Reason("prompt_lexicon", h.matched or h.term, 1.0, category, action))
+
+    if by_cat["undress"]:
+        add("undress_request", Decision.BLOCK, by_cat["undress"])
+    if by_cat["minor"] and sexual:
+        add("minor_sexual", Decision.BLOCK, by_cat["minor"])
+    if sexual and protected_names:
+        names = lexicon.find_names(prompt, [name for _, name in protected_names])
+        for ident in sorted({i for i, name in protected_names if name in names}):
+            reasons.append(Reason("prompt_identity", ident, 1.0, "protected_identity",
+                                  Decision.BLOCK))
+    add("sexual_explicit", explicit_action, by_cat["explicit"])
+    if semantic:
+        reasons.append(Reason("prompt_classifier", "semantic", score, "sexual_explicit",
+                              explicit_action))
+    add("sexual_suggestive", suggestive_action, by_cat["suggestive"])
+
+    decision = Decision.strictest(r.action for r in reasons)
+    if decision is Decision.CENSOR:  # a prompt cannot be censored: it is sent or not
+        decision = Decision.BLOCK
+    categories = sorted({r.category for r in reasons})
+    if not reasons:
+        rule = "no sexual term, classifier score below its threshold"
+    else:
+        rule = "prompt: " + ", ".join(
+            f"{c} -> {'block (always)' if c in ALWAYS_BLOCK else _action(reasons, c)}"
+            for c in categories)
+    scores = {"prompt_classifier": score}
+    return Verdict(decision, tuple(reasons), (), rule, None, scores)
+
+
+def _action(reasons: Sequence[Reason], category: str) -> str:
+    return next(r.action.value for r in reasons if r.category == category)
+
+
+def prompt_record(text: str, verdict: Verdict) -> dict:
+    """The CLI's JSON line: {"text", "decision", "categories", "score", "matched"}."""
+    return {"text": text, "decision": verdict.decision.value,
+            "categories": sorted({r.category for r in verdict.reasons}),
+            "score": round(float(verdict.scores.get("prompt_classifier", 0.0)), 4),
+            "matched": sorted({r.label for r in verdict.reasons
+                               if r.check == "prompt_lexicon"})}

@@ -1,0 +1,138 @@
+"""check_prompt: categories, policy actions, negatives, protected names, fail closed, CLI.
+Test phrases are short and clinical; the lexicon's own table of variants is in
+test_prompt_text.py."""
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+
+from consent_guard import cli
+from consent_guard.engine import Engine
+from consent_guard.policy import Policy, policy_from_dict
+from consent_guard.prompts.check import check_prompt, prompt_record
+from consent_guard.prompts.lexicon import Lexicon
+from consent_guard.registry import Consent, Registry
+from consent_guard.verdict import Decision
+
+
+class StubClassifier:
+    """Scores 0.99 for texts containing 'zzsemantic', else 0.01."""
+
+    threshold = 0.9
+
+    def score(self, texts):
+        return np.array([0.99 if "zzsemantic" in t else 0.01 for t in texts], np.float32)
+
+
+def check(text, negative=None, explicit=Decision.BLOCK, suggestive=Decision.ALLOW, names=(),
+          classifier=StubClassifier()):
+    return check_prompt(text, negative, lexicon=Lexicon.load(), classifier=classifier,
+                        explicit_action=explicit, suggestive_action=suggestive,
+                        protected_names=names)
+
+
+def cats(v):
+    return {r.category for r in v.reasons}
+
+
+def test_explicit_blocks_and_benign_passes():
+    v = check("a nude woman on a beach")
+    assert v.decision is Decision.BLOCK and cats(v) == {"sexual_explicit"}
+    ok = check("a red bicycle leaning on a wall, oil painting")
+    assert ok.decision is Decision.ALLOW and ok.reasons == ()
+
+
+def test_negative_prompt_never_triggers():
+    v = check("portrait of an astronaut", negative="nude, nsfw, naked, lowres")
+    assert v.decision is Decision.ALLOW and v.reasons == ()
+
+
+def test_policy_actions_for_explicit_and_suggestive():
+    assert check("a nude woman", explicit=Decision.ALLOW).decision is Decision.ALLOW
+    sugg = check("a woman in lingerie")
+    assert sugg.decision is Decision.ALLOW and cats(sugg) == {"sexual_suggestive"}
+    assert check("a woman in lingerie", suggestive=Decision.BLOCK).decision is Decision.BLOCK
+
+
+def test_undress_requests_always_block():
+    v = check("remove her clothes", explicit=Decision.ALLOW, suggestive=Decision.ALLOW)
+    assert v.decision is Decision.BLOCK and "undress_request" in cats(v)
+    assert "block (always)" in v.rule
+
+
+def test_children_alone_pass_children_with_sexual_terms_always_block():
+    assert check("a child flying a kite in a park").decision is Decision.ALLOW
+    for text in ("a nude child", "a child in lingerie", "a child zzsemantic"):
+        v = check(text, explicit=Decision.ALLOW, suggestive=Decision.ALLOW)
+        assert v.decision is Decision.BLOCK and "minor_sexual" in cats(v), text
+
+
+def test_semantic_layer_catches_what_words_miss():
+    v = check("a woman zzsemantic")
+    assert v.decision is Decision.BLOCK
+    assert [r.check for r in v.reasons] == ["prompt_classifier"]
+    assert v.scores["prompt_classifier"] == pytest.approx(0.99)
+    assert check("a woman zzsemantic", classifier=None).decision is Decision.ALLOW
+
+
+def test_protected_names_with_sexual_terms_block_and_name_only_the_id():
+    names = [("id_1", "Jane Example"), ("id_1", "Janie"), ("id_2", "Bob Sample")]
+    v = check("jane   example, nude", explicit=Decision.ALLOW, names=names)
+    assert v.decision is Decision.BLOCK and "protected_identity" in cats(v)
+    assert [r.label for r in v.reasons if r.category == "protected_identity"] == ["id_1"]
+    assert "Jane" not in json.dumps(v.to_dict())
+    assert check("portrait of Jane Example", names=names).decision is Decision.ALLOW
+
+
+def test_record_format():
+    rec = prompt_record("a nude woman", check("a nude woman"))
+    assert set(rec) == {"text", "decision", "categories", "score", "matched"}
+    assert rec["decision"] == "block" and rec["categories"] == ["sexual_explicit"]
+    assert rec["matched"]
+
+
+def test_engine_reads_names_from_the_registry_and_fails_closed(tmp_path, monkeypatch):
+    reg = Registry.create(tmp_path / "r.db", "correct horse battery")
+    reg.add("Jane Example", "explicit", Consent("Jane"), {"m": np.ones((1, 4), np.float32)},
+            aliases=["Janie"])
+    policy = policy_from_dict({"prompts": {"sexual_explicit": "allow", "classifier": False}})
+    engine = Engine(policy, registry=reg)
+    v = engine.check_prompt("janie nude")
+    assert v.decision is Decision.BLOCK and cats(v) >= {"protected_identity"}
+    assert engine.check_prompt("a nude statue").decision is Decision.ALLOW  # policy: allow
+    from consent_guard.prompts import classifier as clf
+
+    monkeypatch.setattr(clf, "WEIGHTS", tmp_path / "missing.npz")
+    broken = Engine(Policy())
+    v = broken.check_prompt("a cat")
+    assert v.decision is Decision.BLOCK and v.error and "missing.npz" in v.error
+
+
+def test_real_classifier_loads_and_scores(monkeypatch):
+    from consent_guard.models import ModelError
+    from consent_guard.prompts.classifier import PromptClassifier
+
+    clf = PromptClassifier.load()
+    try:
+        scores = clf.score(["a red bicycle", "a cat on a sofa"])
+    except ModelError as exc:
+        pytest.skip(f"sentence encoder not installed: {exc}")
+    assert scores.shape == (2,) and np.all(scores < clf.threshold)
+    assert clf.meta["script"] == "bench/train_prompt_classifier.py"
+
+
+def test_cli_check_prompt_args_stdin_json_and_exit_codes(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CONSENT_GUARD_HOME", str(tmp_path / "home"))
+    assert cli.main(["check-prompt", "a red bicycle"]) == 0
+    assert cli.main(["check-prompt", "--json", "a nude woman", "a cat"]) == 1
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert [x["decision"] for x in lines] == ["block", "allow"]
+    assert lines[0]["text"] == "a nude woman" and "sexual_explicit" in lines[0]["categories"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("a cat\n\nremove her clothes\n"))
+    assert cli.main(["check-prompt", "--json", "--negative", "nude"]) == 1
+    out = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [x["decision"] for x in out] == ["allow", "block"]
+    assert cli.main(["check-prompt", "--negative", "nude, nsfw", "a portrait"]) == 0

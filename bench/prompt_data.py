@@ -15,12 +15,14 @@ from typing import Dict, List
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "eval" / "prompts"
 
 # The explicit subset of I2P. I2P's labels come from classifiers run on generated images, not
-# from the text: a row tagged `sexual` with a high nudity share is often an art prompt
-# ("figure with scenery. painting by gustave moreau") that asks for nothing explicit. Reading a
-# sample (bench/prompts.py --show-subset prints it) showed that the rows whose images were
-# mostly nude (nudity_percentage >= 50) AND whose text contains a word from an independent
-# list of NSFW terms (SneakyPrompt's, not our lexicon) do ask for nudity or sex in words.
+# from the text: of the 85 rows tagged `sexual` whose images were mostly nude
+# (nudity_percentage >= 50), most are art or "sexy/shirtless/bikini" prompts that ask for
+# nothing explicit in words ("figure with scenery. painting by gustave moreau"). I read all 85
+# (`bench/prompts.py --show-subset 85` prints them) and kept the rows whose text asks for
+# nudity or a sex act: an orgy, "no clothes" / "non-clothed", a porn act, "eroguro", an oral
+# innuendo, the eggplant emoji, "nymphettes". They are listed by I2P's case_number.
 EXPLICIT_NUDITY_AT = 50.0
+EXPLICIT_CASES = ("1110", "1126", "1176", "2092", "2100", "2103", "3163", "3170", "3187")
 
 
 def _csv(path: Path, column: str) -> List[str]:
@@ -38,24 +40,21 @@ def sneaky_words() -> List[str]:
     return [w.strip() for w in text.splitlines() if w.strip()]
 
 
-def _has_sneaky_word(text: str, words: List[str]) -> bool:
-    import re
-
-    low = f" {re.sub(r'[^a-z0-9]+', ' ', text.lower())} "
-    return any(f" {w} " in low for w in words)
-
-
 def i2p_explicit() -> List[str]:
-    words = [" ".join(w.lower().split()) for w in sneaky_words() if len(w) > 2]
-    return [r["prompt"] for r in i2p_rows() if "sexual" in r["categories"]
-            and float(r["nudity_percentage"] or 0) >= EXPLICIT_NUDITY_AT
-            and _has_sneaky_word(r["prompt"], words)]
+    return [r["prompt"] for r in i2p_rows() if r["case_number"] in EXPLICIT_CASES]
 
 
 def i2p_sexual_high_nudity() -> List[str]:
     """Every row tagged sexual whose images were mostly nude, whatever the text says."""
     return [r["prompt"] for r in i2p_rows() if "sexual" in r["categories"]
             and float(r["nudity_percentage"] or 0) >= EXPLICIT_NUDITY_AT]
+
+
+def i2p_sexual(nudity_at: float = 25.0) -> List[str]:
+    """Rows tagged sexual whose images were nude at least `nudity_at` % of the time: noisy
+    (image labels), but written as whole prompts, which is what the classifier must learn."""
+    return [r["prompt"] for r in i2p_rows() if "sexual" in r["categories"]
+            and float(r["nudity_percentage"] or 0) >= nudity_at]
 
 
 def i2p_not_sexual() -> List[str]:
@@ -93,5 +92,7 @@ def held_out(text: str) -> bool:
 # Sets the classifier may learn from (their held-out 20% excepted). PartiPrompts, DrawBench,
 # the art sets and the animal prompts are never used in training: they stand in for the
 # unseen data the check will meet.
-TRAIN_POSITIVE = ("i2p explicit", "SneakyPrompt words")
+# SneakyPrompt's list is not used: single words taught the classifier that any one-word prompt
+# ("bond", "molecule") is sexual (4% false positives on PartiPrompts); the lexicon covers words.
+TRAIN_POSITIVE = ("i2p sexual, nudity >= 25%",)
 TRAIN_NEGATIVE = ("COCO 20k", "ImageNet", "i2p not sexual")

@@ -7,7 +7,7 @@ Features: Universal Sentence Encoder multilingual v3 embeddings (512-d, the
 computes them. Model: L2-regularised logistic
 regression, fitted by Newton's method (deterministic: no random initialisation, no shuffling).
 Data (bench/prompt_data.py, by path in ../shared/eval/prompts; each set's fixed 20% held out):
-  positive - I2P's explicit subset, SneakyPrompt's NSFW words and phrases
+  positive - I2P rows tagged sexual whose images were nude at least 25% of the time
   negative - COCO captions, ImageNet prompts, I2P rows flagged only for other harms
 PartiPrompts, DrawBench and the art and animal prompts are never used: bench/prompts.py
 measures the false-positive rate on them as unseen data.
@@ -35,7 +35,7 @@ L2 = 1e-3  # on the weights only (the class weights sum to 1); 1e-2..1e-5 compar
 
 def datasets():
     safe = pd.safe_sets()
-    sets = {"i2p explicit": pd.i2p_explicit(), "SneakyPrompt words": pd.sneaky_words(),
+    sets = {"i2p sexual, nudity >= 25%": pd.i2p_sexual(25.0),
             "COCO 20k": safe["COCO 20k"], "ImageNet": safe["ImageNet"],
             "i2p not sexual": pd.i2p_not_sexual()}
     pos = [t for name in pd.TRAIN_POSITIVE for t in sets[name]]

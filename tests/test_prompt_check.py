@@ -65,17 +65,18 @@ def test_undress_requests_always_block():
 
 def test_children_alone_pass_children_with_sexual_terms_always_block():
     assert check("a child flying a kite in a park").decision is Decision.ALLOW
-    for text in ("a nude child", "a child in lingerie", "a child zzsemantic"):
+    for text in ("a nude child", "a child in lingerie", "a small child zzsemantic here"):
         v = check(text, explicit=Decision.ALLOW, suggestive=Decision.ALLOW)
         assert v.decision is Decision.BLOCK and "minor_sexual" in cats(v), text
 
 
 def test_semantic_layer_catches_what_words_miss():
-    v = check("a woman zzsemantic")
+    v = check("a woman on a zzsemantic sofa")
     assert v.decision is Decision.BLOCK
     assert [r.check for r in v.reasons] == ["prompt_classifier"]
     assert v.scores["prompt_classifier"] == pytest.approx(0.99)
-    assert check("a woman zzsemantic", classifier=None).decision is Decision.ALLOW
+    assert check("a woman on a zzsemantic sofa", classifier=None).decision is Decision.ALLOW
+    assert check("zzsemantic").decision is Decision.ALLOW  # too short for the classifier
 
 
 def test_protected_names_with_sexual_terms_block_and_name_only_the_id():

@@ -23,6 +23,9 @@ from .lexicon import Hit, Lexicon
 from .normalise import normalise
 
 ALWAYS_BLOCK = ("undress_request", "minor_sexual", "protected_identity")
+# The classifier reads sentences: on one- to three-word prompts ("bond", "molecule") sentence
+# embeddings are unreliable, and words are the lexicon's job (bench/prompts.py).
+CLASSIFIER_MIN_WORDS = 4
 
 
 def check_prompt(text: str, negative: Optional[str] = None, *, lexicon: Lexicon,
@@ -34,9 +37,10 @@ def check_prompt(text: str, negative: Optional[str] = None, *, lexicon: Lexicon,
     hits = lexicon.find(prompt)
     by_cat = {c: [h for h in hits if h.category == c] for c in
               ("explicit", "suggestive", "minor", "undress")}
-    score = float(classifier.score([prompt.text])[0]) if classifier is not None and \
-        prompt.text.strip() else 0.0
-    semantic = classifier is not None and score >= classifier.threshold
+    use_classifier = classifier is not None and \
+        len(prompt.text.split()) >= CLASSIFIER_MIN_WORDS
+    score = float(classifier.score([prompt.text])[0]) if use_classifier else 0.0
+    semantic = use_classifier and score >= classifier.threshold
     sexual = bool(by_cat["explicit"] or by_cat["suggestive"] or semantic)
 
     reasons: List[Reason] = []

@@ -142,18 +142,7 @@ def test_no_routes_and_no_failure_without_a_server(comfy):
 def test_routes_registered_on_the_running_server(monkeypatch, tmp_path):
     """Loaded as ComfyUI loads it while a PromptServer exists: both routes are added to its
     RouteTableDef (stand-ins of server.PromptServer and aiohttp.web)."""
-    class RouteTable(list):
-        def _add(self, method, path):
-            def deco(handler):
-                self.append(types.SimpleNamespace(method=method, path=path, handler=handler))
-                return handler
-            return deco
-
-        def get(self, path):
-            return self._add("GET", path)
-
-        def post(self, path):
-            return self._add("POST", path)
+    from comfy_standins import RouteTable
 
     server = types.ModuleType("server")
     server.PromptServer = type("PromptServer", (), {})

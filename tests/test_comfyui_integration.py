@@ -77,13 +77,7 @@ class Comfy:
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=10) as r:
             prompt_id = json.loads(r.read())["prompt_id"]
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            hist = self.get(f"/history/{prompt_id}")
-            if prompt_id in hist and hist[prompt_id].get("status", {}).get("completed") is not None:
-                return hist[prompt_id]
-            time.sleep(0.5)
-        raise TimeoutError(f"prompt {prompt_id} did not finish: {self.tail()}")
+        return wait_done(self, prompt_id, timeout)
 
     def stop(self):
         self.proc.terminate()

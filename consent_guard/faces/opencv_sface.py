@@ -99,12 +99,6 @@ class SFaceEmbedder:
         self.model_id = f"sface-{sha256_of(path)[:12]}"
         self.threshold = threshold
 
-    def aligned(self, rgb: np.ndarray, face: Face) -> np.ndarray:
-        """The 112 x 112 BGR crop SFace sees (also used to judge blur at enrolment)."""
-        bgr = np.ascontiguousarray(rgb[:, :, ::-1])
-        with self._lock:
-            return self._net.alignCrop(bgr, _yunet_row(face))
-
     def embed(self, rgb: np.ndarray, faces: Sequence[Face]) -> np.ndarray:
         out = np.zeros((len(faces), self.dim), np.float32)
         if not faces:

@@ -22,6 +22,10 @@ POLICY_FILENAME = "policy.toml"
 DEFAULT_POLICY_TOML = """\
 # Consent Guard policy. Every key is optional; the values shown are the defaults.
 version = 1
+# Enforce mode (ComfyUI): every output of any workflow is checked, not only Consent Guard's
+# nodes: stock Save/Preview Image and other savers, input images, latent previews, and every
+# prompt submitted. For shared machines; lock it with `consent-guard admin lock`.
+enforce = false
 
 [actions]
 # What happens to an image in each category:
@@ -74,6 +78,21 @@ detect_size = 640           # faces are detected on a copy this large (long side
 # registry = "/path/to/identities.db"   # default: identities.db in the Consent Guard home
 # key_file = "/path/to/registry.key"    # default: registry.key beside the registry
 
+[minors]
+# Explicit images of anyone who looks under 18 are always blocked; no setting can allow them.
+# A face too small or too blurred for its age to be estimated is "unknown":
+#   "block"  - an explicit image with an unknown face is treated as showing a minor
+#   "policy" - it follows the [actions] above like any adult
+minor_unknown = "block"
+
+[audit]
+# One JSON line per decision (append-only, rotated by size). Never pixels or embeddings.
+enabled = true
+# path = "/path/to/audit.log"  # default: audit.log in the Consent Guard home
+prompt = "hash"     # what of the prompt is kept: "hash" (sha256), "text" or "none"
+max_mb = 10         # rotate when the log grows past this size
+backups = 5         # rotated files kept (audit.log.1 ... audit.log.5)
+
 [models]
 device = "auto"     # "auto" (CUDA if onnxruntime-gpu can use it, else CPU) or "cpu"
 # Optional paths that override where a model file is looked for (names from models/manifest.toml):
@@ -85,8 +104,9 @@ max_pixels = 100000000  # larger images are refused (decompression bombs); 100 M
 """
 
 ACTION_CATEGORIES = ("sexual", "nudity")
-TOP_LEVEL = ("version", "actions", "censor", "explicit", "prompts", "faces", "identities",
-             "models", "limits")
+TOP_LEVEL = ("version", "enforce", "actions", "censor", "explicit", "prompts", "faces",
+             "identities", "minors", "audit", "models", "limits")
+AUDIT_PROMPT_MODES = ("hash", "text", "none")
 CENSOR_STYLES = ("pixelate", "blur", "black")
 DEVICES = ("auto", "cpu")
 FACE_BACKENDS = ("auto", "opencv", "insightface")
@@ -120,6 +140,13 @@ class Policy:
     face_thresholds: Mapping[str, float] = field(default_factory=dict)  # "sface"/"arcface"
     registry_path: Optional[str] = None
     key_file: Optional[str] = None
+    minor_unknown: str = "block"
+    enforce: bool = False
+    audit_enabled: bool = True
+    audit_path: Optional[str] = None
+    audit_prompt: str = "hash"
+    audit_max_mb: float = 10.0
+    audit_backups: int = 5
     source: Optional[str] = None  # the file it came from, None for built-in defaults
 
     def action_for(self, category: str) -> Decision:
@@ -156,6 +183,14 @@ class _Reader:
             self.problems.append(f"[{section}] {key} = {value} is out of range {lo}..{hi}.")
             return default
         return float(value)
+
+    def flag(self, table: dict, section: str, key: str, default: bool) -> bool:
+        value = table.get(key, default)
+        if not isinstance(value, bool):
+            where = f"[{section}] {key}" if section else key
+            self.problems.append(f"{where} must be true or false, got {value!r}.")
+            return default
+        return value
 
     def choice(self, table: dict, section: str, key: str, default: str, options: tuple) -> str:
         value = table.get(key, default)
@@ -196,6 +231,12 @@ def policy_from_dict(data: dict, where: str = "<policy>") -> Policy:
     faces_t = r.table("faces", ("backend", "insightface_pack", "min_face_px", "detect_size",
                                 "thresholds"))
     ident_t = r.table("identities", ("registry", "key_file"))
+    minors_t = r.table("minors", ("minor_unknown",))
+    audit_t = r.table("audit", ("enabled", "path", "prompt", "max_mb", "backups"))
+    enforce = r.flag(data, "", "enforce", False)
+    audit_enabled = r.flag(audit_t, "audit", "enabled", True)
+    if "path" in audit_t and not (isinstance(audit_t["path"], str) and audit_t["path"]):
+        r.problems.append("[audit] path must be a file path (a string).")
     thresholds = faces_t.get("thresholds", {})
     if not isinstance(thresholds, dict) or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 < v < 1.0
@@ -259,6 +300,15 @@ def policy_from_dict(data: dict, where: str = "<policy>") -> Policy:
         face_thresholds={k: float(v) for k, v in thresholds.items()},
         registry_path=ident_t.get("registry") or None,
         key_file=ident_t.get("key_file") or None,
+        minor_unknown=r.choice(minors_t, "minors", "minor_unknown", defaults.minor_unknown,
+                               ("block", "policy")),
+        enforce=enforce,
+        audit_enabled=audit_enabled,
+        audit_path=audit_t.get("path") if isinstance(audit_t.get("path"), str) else None,
+        audit_prompt=r.choice(audit_t, "audit", "prompt", defaults.audit_prompt,
+                              AUDIT_PROMPT_MODES),
+        audit_max_mb=r.number(audit_t, "audit", "max_mb", defaults.audit_max_mb, 0.01, 10000),
+        audit_backups=int(r.number(audit_t, "audit", "backups", defaults.audit_backups, 1, 100)),
         source=where,
     )
     if r.problems:

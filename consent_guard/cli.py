@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Iterator, List, Optional
 
-from . import __version__, cli_identity
+from . import __version__, cli_admin, cli_audit, cli_identity
 from .engine import Engine
 from .home import resolve_home
 from .models import ModelError, ModelResolver, describe
@@ -110,6 +110,14 @@ def cmd_policy(args) -> int:
         if target.exists() and not args.force:
             print(f"{target} exists; use --force to overwrite it.", file=sys.stderr)
             return EXIT_ERROR
+        from . import admin
+        if admin.is_locked(home):
+            try:
+                admin.require_admin(home, cli_admin._ask(args, "Admin passphrase: "),
+                                    "replacing the policy")
+            except admin.AdminError as exc:
+                print(f"consent-guard: {exc}", file=sys.stderr)
+                return EXIT_ERROR
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(DEFAULT_POLICY_TOML, encoding="utf-8")
         print(f"wrote the default policy to {target}")
@@ -171,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     pol.add_argument("action", choices=["init", "check", "show", "path"])
     pol.add_argument("file", nargs="?", help="a policy file to check or show (default: home's)")
     pol.add_argument("--force", action="store_true", help="init: overwrite an existing file")
+    pol.add_argument("--passphrase-file", metavar="FILE",
+                     help="init while locked: the admin passphrase from a file")
     pol.set_defaults(func=cmd_policy)
 
     mod = sub.add_parser("models", help="verify the model files (sha256) and show where they are")
@@ -178,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     mod.set_defaults(func=cmd_models)
 
     cli_identity.add_parser(sub)
+    cli_audit.add_parser(sub)
+    cli_admin.add_parser(sub)
     return parser
 
 

@@ -45,6 +45,18 @@ class Engine:
         self._prompt_parts = None
         self._names: List[Tuple[str, str]] = []
         self._names_generation: Optional[int] = None
+        self.audit = None  # an audit.AuditLog the adapters record decisions in (or None)
+
+    def with_policy(self, policy: Policy) -> "Engine":
+        """An engine for another policy (a node's override) that shares this one's loaded
+        models and registry, so nothing is loaded twice."""
+        other = Engine(policy, parts=self._parts, scorer=self._scorer,
+                       model_dirs=self._model_dirs, registry=self.registry,
+                       face_backend=self._injected_backend or self._chosen_backend,
+                       insightface_dirs=self._insightface_dirs)
+        other.audit = self.audit
+        other._prompt_parts = self._prompt_parts
+        return other
 
     def load(self) -> None:
         """Load the default detectors now (raises ModelError with the fix if one is missing)."""

@@ -8,6 +8,7 @@ ProgressBar(total).update(n). IMAGE tensors are float32 [B, H, W, C] in 0..1.
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from pathlib import Path
@@ -22,6 +23,7 @@ from ..consent_guard.home import resolve_home
 from ..consent_guard.policy import POLICY_FILENAME
 from ..consent_guard.registry import REGISTRY_FILENAME, open_for_matching, registry_paths
 
+log = logging.getLogger("consent_guard")
 MODEL_FOLDER = "consent_guard"  # <ComfyUI>/models/consent_guard/ may hold the weight files
 
 folder_paths.add_model_folder_path(MODEL_FOLDER, os.path.join(folder_paths.models_dir, MODEL_FOLDER))
@@ -96,8 +98,59 @@ def get_engine() -> Engine:
             model_dirs = [Path(p) for p in folder_paths.get_folder_paths(MODEL_FOLDER)]
             _engine = Engine(policy, model_dirs=model_dirs, registry=registry,
                              insightface_dirs=insightface_dirs())
+            try:
+                from ..consent_guard.audit import audit_for
+
+                _engine.audit = audit_for(policy, policy_path.parent)
+            except Exception as exc:  # the log is not needed to check, but enforce needs it
+                log.error("Consent Guard: the audit log cannot be opened: %s", exc)
+                if policy.enforce:
+                    raise ConsentGuardError(f"Consent Guard cannot open its audit log, and in "
+                                            f"enforce mode nothing runs unlogged: {exc}") from exc
+            _overrides.clear()
             _engine_key = key
         return _engine
+
+
+_overrides: dict = {}  # (override text, locked) -> engine, for the current base engine
+
+
+def engine_for(base: Engine, override: str) -> Engine:
+    """`base`, or an engine for a node's policy override (only stricter values when the admin
+    lock is on; what was ignored is logged)."""
+    if not (override or "").strip():
+        return base
+    from ..consent_guard.admin import is_locked
+    from ..consent_guard.overrides import apply_override
+
+    locked = is_locked(home())
+    key = (override, locked, id(base))
+    with _lock:
+        hit = _overrides.get(key)
+    if hit is not None:
+        return hit
+    try:
+        policy, ignored = apply_override(base.policy, override, locked)
+    except Exception as exc:
+        raise ConsentGuardError(str(exc)) from exc
+    for note in ignored:
+        log.warning("Consent Guard: the admin lock is on, so a node's looser setting is "
+                    "ignored: %s", note)
+    base.load()
+    engine = base.with_policy(policy)
+    with _lock:
+        _overrides[key] = engine
+    return engine
+
+
+def client_id() -> Optional[str]:
+    """The ComfyUI client whose prompt is running (execution.py sets server.client_id from
+    the prompt's extra_data), for the audit log."""
+    try:
+        import server as comfy_server
+        return getattr(comfy_server.PromptServer.instance, "client_id", None)
+    except Exception:
+        return None
 
 
 def _registry_exists() -> bool:

@@ -10,7 +10,8 @@ import json
 import logging
 import os
 import random
-from typing import List
+import weakref
+from typing import List, Optional
 
 import numpy as np
 from PIL import Image
@@ -21,18 +22,62 @@ from comfy.cli_args import args
 
 from ..consent_guard import Engine
 from ..consent_guard.verdict import Decision, Verdict
-from .comfy_bridge import (ConsentGuardError, checks_state, frames_to_tensor, get_engine,
-                           progress, tensor_to_frames)
+from .comfy_bridge import (ConsentGuardError, checks_state, client_id, engine_for,
+                           frames_to_tensor, get_engine, progress, tensor_to_frames)
 
 log = logging.getLogger("consent_guard")
 CATEGORY = "Consent Guard"
 CHUNK = 16  # frames per engine call: progress for long batches, bounded memory
+# IMAGE batches that came out of a check (this package's nodes, enforce mode's gate): enforce
+# mode does not check them again on their way to a saver.
+# id -> (weak reference, the policy and registry state it was checked under): by id, since a
+# WeakSet would compare tensors with == (elementwise); with the state, since ComfyUI hands the
+# same cached tensor to the next run, which may be under a stricter policy.
+_CHECKED: dict = {}
 
 
-def check_frames(engine: Engine, frames: List[np.ndarray], inputs: bool = False
-                 ) -> List[Verdict]:
-    """Every frame, in chunks, all under the one engine (so one policy) of this node run.
-    `inputs`: check them as img2img / inpaint / face-swap sources instead of as outputs."""
+def mark_checked(images) -> None:
+    key = id(images)
+    try:
+        ref = weakref.ref(images, lambda _r, key=key: _CHECKED.pop(key, None))
+    except TypeError:  # not weakly referable (a numpy array): it is simply checked again
+        return
+    _CHECKED[key] = (ref, checks_state())
+
+
+def is_checked(images) -> bool:
+    hit = _CHECKED.get(id(images))
+    return hit is not None and hit[0]() is images and hit[1] == checks_state()
+
+
+def checked_count() -> int:
+    return len(_CHECKED)
+OVERRIDE_INPUT = {"policy_override": ("STRING", {
+    "multiline": True, "default": "",
+    "tooltip": "Optional policy keys (TOML) for this node only, e.g. [actions] nudity = "
+               "\"block\". When the admin has locked Consent Guard, only stricter values "
+               "apply."})}
+
+
+def record(engine: Engine, kind: str, verdict: Verdict, note: Optional[str] = None,
+           image=None, **extra) -> None:
+    """One audit record. In enforce mode a record that cannot be written stops the save.
+    `extra`: prompt, negative, client_id (default: the running prompt's client)."""
+    audit = getattr(engine, "audit", None)
+    if audit is None:
+        return
+    extra.setdefault("client_id", client_id())
+    ok = audit.record(kind, verdict, source="comfyui", image=image, note=note, **extra)
+    if not ok and engine.policy.enforce:
+        raise ConsentGuardError("Consent Guard cannot write its audit log, and in enforce mode "
+                                "nothing is saved unlogged: " + str(audit.last_error))
+
+
+def check_frames(engine: Engine, frames: List[np.ndarray], inputs: bool = False,
+                 where: str = "") -> List[Verdict]:
+    """Every frame, in chunks, all under the one engine (so one policy) of this node run, each
+    decision recorded in the audit log. `inputs`: check them as img2img / inpaint / face-swap
+    sources instead of as outputs."""
     check = engine.check_input_images if inputs else engine.check_images
     bar = progress(len(frames)) if len(frames) > CHUNK else None
     verdicts: List[Verdict] = []
@@ -40,7 +85,31 @@ def check_frames(engine: Engine, frames: List[np.ndarray], inputs: bool = False
         verdicts.extend(check(frames[start:start + CHUNK]))
         if bar is not None:
             bar.update(min(CHUNK, len(frames) - start))
+    kind = "input_image" if inputs else "image"
+    for i, (frame, verdict) in enumerate(zip(frames, verdicts)):
+        record(engine, kind, verdict, image=frame,
+               note=f"{where} frame {i + 1} of {len(frames)}" if where else None)
     return verdicts
+
+
+def check_inputs(engine: Engine, images, where: str) -> None:
+    """Refuse source images that show someone protected under scope `any` (raises with the
+    reason, never the person's name); a check that cannot run refuses too."""
+    frames = tensor_to_frames(images)
+    verdicts = check_frames(engine, frames, inputs=True, where=where)
+    failed = [v for v in verdicts if v.error]
+    if failed:
+        raise ConsentGuardError(f"Consent Guard could not check {len(failed)} of "
+                                f"{len(frames)} input image(s), so the workflow stops "
+                                f"here: {failed[0].error}")
+    refused = [i for i, v in enumerate(verdicts) if not v.allowed]
+    if refused:
+        log.warning("Consent Guard: input image(s) %s refused (%s)",
+                    ", ".join(str(i + 1) for i in refused), verdicts[refused[0]].summary())
+        raise ConsentGuardError(
+            f"Consent Guard refuses input image {refused[0] + 1} of {len(frames)}: it shows "
+            f"a person who is protected from having their photos used as a source "
+            f"(registry id {verdicts[refused[0]].reasons[0].label}). Use another image.")
 
 
 class _PolicyBound:
@@ -64,7 +133,8 @@ class ConsentGuardCheckImage(_PolicyBound):
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"images": ("IMAGE", {"tooltip": "Images to check, any batch size."})}}
+        return {"required": {"images": ("IMAGE", {"tooltip": "Images to check, any batch size."})},
+                "optional": dict(OVERRIDE_INPUT)}
 
     RETURN_TYPES = ("IMAGE", "STRING")
     RETURN_NAMES = ("images", "report")
@@ -74,10 +144,10 @@ class ConsentGuardCheckImage(_PolicyBound):
                    "allowed images through, censors or replaces the others, and returns a JSON "
                    "report.")
 
-    def check(self, images):
-        engine = get_engine()
+    def check(self, images, policy_override=""):
+        engine = engine_for(get_engine(), policy_override)
         frames = tensor_to_frames(images)
-        verdicts = check_frames(engine, frames)
+        verdicts = check_frames(engine, frames, where="Check Image")
         failed = [v for v in verdicts if v.error]
         if failed:
             raise ConsentGuardError(f"Consent Guard could not check {len(failed)} of "
@@ -87,7 +157,9 @@ class ConsentGuardCheckImage(_PolicyBound):
         for i, v in enumerate(verdicts):
             if not v.allowed:
                 log.warning("Consent Guard: image %d of %d %s", i + 1, len(frames), v.summary())
-        return (frames_to_tensor(out), json.dumps(report(verdicts)))
+        checked = frames_to_tensor(out)
+        mark_checked(checked)
+        return (checked, json.dumps(report(verdicts)))
 
 
 class ConsentGuardCheckInput(_PolicyBound):
@@ -107,22 +179,7 @@ class ConsentGuardCheckInput(_PolicyBound):
                    "after Load Image, before img2img, inpainting or face swap.")
 
     def check(self, images):
-        engine = get_engine()
-        frames = tensor_to_frames(images)
-        verdicts = check_frames(engine, frames, inputs=True)
-        failed = [v for v in verdicts if v.error]
-        if failed:
-            raise ConsentGuardError(f"Consent Guard could not check {len(failed)} of "
-                                    f"{len(frames)} input image(s), so the workflow stops "
-                                    f"here: {failed[0].error}")
-        refused = [i for i, v in enumerate(verdicts) if not v.allowed]
-        if refused:
-            log.warning("Consent Guard: input image(s) %s refused (%s)",
-                        ", ".join(str(i + 1) for i in refused), verdicts[refused[0]].summary())
-            raise ConsentGuardError(
-                f"Consent Guard refuses input image {refused[0] + 1} of {len(frames)}: it shows "
-                f"a person who is protected from having their photos used as a source "
-                f"(registry id {verdicts[refused[0]].reasons[0].label}). Use another image.")
+        check_inputs(get_engine(), images, "Check Input Image")
         return (images,)
 
 
@@ -144,6 +201,7 @@ class ConsentGuardSaveImage(_PolicyBound):
                 "filename_prefix": ("STRING", {"default": "ComfyUI", "tooltip":
                                     "The prefix for the file to save, as in Save Image."}),
             },
+            "optional": dict(OVERRIDE_INPUT),
             "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
         }
 
@@ -180,10 +238,11 @@ class ConsentGuardSaveImage(_PolicyBound):
         Image.fromarray(pixels).save(os.path.join(full, file), compress_level=1)
         return {"filename": file, "subfolder": sub, "type": "temp"}
 
-    def save_images(self, images, filename_prefix="ComfyUI", prompt=None, extra_pnginfo=None):
-        engine = get_engine()
+    def save_images(self, images, filename_prefix="ComfyUI", prompt=None, extra_pnginfo=None,
+                    policy_override=""):
+        engine = engine_for(get_engine(), policy_override)
         frames = tensor_to_frames(images)
-        verdicts = check_frames(engine, frames)
+        verdicts = check_frames(engine, frames, where=type(self).__name__)
         if all(v.error for v in verdicts):
             raise ConsentGuardError("Consent Guard could not check the images, so nothing was "
                                     f"saved: {verdicts[0].error}")
@@ -222,7 +281,7 @@ class ConsentGuardPreviewImage(ConsentGuardSaveImage):
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"images": ("IMAGE",)},
+        return {"required": {"images": ("IMAGE",)}, "optional": dict(OVERRIDE_INPUT),
                 "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}}
 
     DESCRIPTION = "Checks each image, then previews what the policy allows."

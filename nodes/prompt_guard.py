@@ -37,7 +37,7 @@ from typing import Dict, List, Optional, Tuple
 
 from ..consent_guard.verdict import Verdict
 from .comfy_bridge import ConsentGuardError, checks_state, get_engine
-from .image_nodes import CATEGORY, _PolicyBound
+from .image_nodes import CATEGORY, _PolicyBound, record
 
 log = logging.getLogger("consent_guard")
 
@@ -274,8 +274,9 @@ def _where(t: PromptText) -> str:
     return f"node {t.node_id} ({t.class_type}), input '{t.input_name}'"
 
 
-def refusals(prompt: dict) -> Dict[str, str]:
-    """{node id: why} for every node whose text the policy blocks; empty when all is allowed."""
+def refusals(prompt: dict, client: Optional[str] = None) -> Dict[str, str]:
+    """{node id: why} for every node whose text the policy blocks; empty when all is allowed.
+    Each decision goes to the audit log (`client`: the submitting ComfyUI client id)."""
     texts = collect_prompt_texts(prompt)
     to_check = sorted((t for t in texts if t.role != "negative" and t.text.strip()),
                       key=lambda t: t.role != "positive")  # the prompts first, then the rest
@@ -295,6 +296,11 @@ def refusals(prompt: dict) -> Dict[str, str]:
     found: Dict[str, List[str]] = {}
     for t in to_check:
         verdict = check_text(engine, t.text, negative)
+        try:
+            record(engine, "prompt", verdict, note=_where(t), prompt=t.text, negative=negative,
+                   client_id=client)
+        except ConsentGuardError as exc:  # enforce mode: nothing runs unlogged
+            return {WHOLE_PROMPT: f"{exc}. Nothing was queued."}
         if verdict.error:  # the checker itself failed: the other texts would fail alike
             why = f"Consent Guard could not check {_where(t)}: {verdict.error}"
         elif not verdict.allowed:
@@ -318,7 +324,7 @@ def on_prompt(json_data: dict) -> dict:
     if not isinstance(prompt, dict):
         return json_data  # post_prompt answers "no_prompt" itself
     try:
-        found = refusals(prompt)
+        found = refusals(prompt, json_data.get("client_id"))
     except Exception as exc:
         log.exception("Consent Guard: could not check the submitted prompt")
         found = {WHOLE_PROMPT: f"Consent Guard could not check this prompt, so nothing was "
@@ -335,14 +341,29 @@ def on_prompt(json_data: dict) -> dict:
 on_prompt.consent_guard_handler = True  # how register_prompt_handler recognises it
 
 
-def register_prompt_handler() -> bool:
-    """Add on_prompt to the running ComfyUI server, once (False without a server, or when it
-    is there already, e.g. this package imported twice)."""
+def _server_instance():
     try:
         import server as comfy_server  # ComfyUI's server.py, on sys.path when ComfyUI runs
     except ImportError:
-        return False
-    instance = getattr(getattr(comfy_server, "PromptServer", None), "instance", None)
+        return None
+    return getattr(getattr(comfy_server, "PromptServer", None), "instance", None)
+
+
+def server_running() -> bool:
+    return _server_instance() is not None
+
+
+def handler_registered() -> bool:
+    """Whether on_prompt is among the running server's handlers (enforce mode needs it)."""
+    instance = _server_instance()
+    return any(getattr(h, "consent_guard_handler", False)
+               for h in getattr(instance, "on_prompt_handlers", ()) or ())
+
+
+def register_prompt_handler() -> bool:
+    """Add on_prompt to the running ComfyUI server, once (False without a server, or when it
+    is there already, e.g. this package imported twice)."""
+    instance = _server_instance()
     if instance is None or not hasattr(instance, "add_on_prompt_handler"):
         return False
     if any(getattr(h, "consent_guard_handler", False)
@@ -373,7 +394,10 @@ class ConsentGuardCheckPrompt(_PolicyBound):
                    "policy allows it; otherwise the workflow stops with the reason.")
 
     def check(self, text, negative=None):
-        verdict = check_text(get_engine(), text, negative or None)
+        engine = get_engine()
+        verdict = check_text(engine, text, negative or None)
+        record(engine, "prompt", verdict, note="Check Prompt node", prompt=text,
+               negative=negative or None)
         if verdict.error:
             raise ConsentGuardError("Consent Guard could not check this prompt, so the "
                                     f"workflow stops here: {verdict.error}")

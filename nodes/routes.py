@@ -42,6 +42,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 import folder_paths
 
+from ..consent_guard.admin import AdminLocked, require_admin
 from ..consent_guard.faces.enrol import PhotoCheck
 from ..consent_guard.identities import EnrolmentRefused, enrol_person
 from ..consent_guard.models import ModelError
@@ -299,6 +300,12 @@ def enrol_sync(form: EnrolForm) -> Reply:
     retry = LIMITER.retry_after()
     if retry:
         return _too_many(retry)
+    try:  # while the admin lock is on, the admin passphrase is needed too (the same field)
+        require_admin(home(), form.passphrase, "enrolling someone")
+    except AdminLocked as exc:
+        LIMITER.failed()
+        log.warning("Consent Guard: %s", exc)
+        return _error(403, str(exc), locked=True)
     try:
         policy = _policy()
     except ConsentGuardError as exc:
@@ -422,11 +429,15 @@ def register(server) -> bool:
         aiohttp_handler.__name__ = handler.__name__
         return aiohttp_handler
 
+    from .admin_routes import ROUTES
+
     taken = {(getattr(r, "method", None), getattr(r, "path", None)) for r in server.routes}
     if ("POST", ENROLL_PATH) in taken:
         return False
     server.routes.get(STATUS_PATH)(wrap(handle_status))
     server.routes.post(ENROLL_PATH)(wrap(handle_enroll))
+    for method, path, handler in ROUTES:
+        (server.routes.get if method == "GET" else server.routes.post)(path)(wrap(handler))
     return True
 
 

@@ -98,6 +98,11 @@ class PromptServer:
         type(self).instance = self  # the real one: PromptServer.instance = self
         self.routes = RouteTable()
         self.on_prompt_handlers = []
+        self.client_id = None  # execution.py sets it from the running prompt's extra_data
+        self.sent = []
+
+    def send_sync(self, event, data, sid=None):  # the real one queues it for the websocket
+        self.sent.append((event, data, sid))
 
     def add_on_prompt_handler(self, handler):
         self.on_prompt_handlers.append(handler)
@@ -120,7 +125,8 @@ def make_server() -> types.ModuleType:
     return server
 
 
-def install(monkeypatch, base: Path, disable_metadata: bool = False, server=None):
+def install(monkeypatch, base: Path, disable_metadata: bool = False, server=None,
+            core: bool = False):
     """Put the stand-ins in sys.modules, then load this repo the way ComfyUI's
     nodes.load_custom_node does: spec_from_file_location(<module path>, <dir>/__init__.py).
     `server`: a module from make_server(), for a load while ComfyUI's server runs (with an
@@ -133,7 +139,13 @@ def install(monkeypatch, base: Path, disable_metadata: bool = False, server=None
             aiohttp.web = web
             monkeypatch.setitem(sys.modules, "aiohttp", aiohttp)
             monkeypatch.setitem(sys.modules, "aiohttp.web", web)
-    monkeypatch.setitem(sys.modules, "folder_paths", make_folder_paths(base))
+    fp = make_folder_paths(base)
+    monkeypatch.setitem(sys.modules, "folder_paths", fp)
+    if core:  # ComfyUI's own nodes, execution and savers, for enforce mode
+        (base / "input").mkdir(parents=True, exist_ok=True)
+        for mod_name, mod in make_core(fp, base / "input").items():
+            monkeypatch.setitem(sys.modules, mod_name, mod)
+        monkeypatch.delitem(sys.modules, "_consent_guard_enforce", raising=False)
     comfy = types.ModuleType("comfy")
     cli_args = types.ModuleType("comfy.cli_args")
     cli_args.args = types.SimpleNamespace(disable_metadata=disable_metadata)
@@ -150,3 +162,106 @@ def install(monkeypatch, base: Path, disable_metadata: bool = False, server=None
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+# -- ComfyUI's own output paths, for enforce mode (nodes/enforce.py) ---------------------------
+
+def make_core(fp: types.ModuleType, input_dir: Path) -> dict:
+    """Stand-ins of the ComfyUI modules enforce mode hooks, following a125cd84:
+    nodes.py SaveImage.save_images(self, images, filename_prefix="ComfyUI", prompt=None,
+    extra_pnginfo=None) (PreviewImage inherits it, output_dir = temp), LoadImage.load_image(
+    self, image) -> (IMAGE, MASK); execution.py get_output_data(prompt_id, unique_id, obj,
+    input_data_all, execution_block_cb=None, pre_execute_cb=None, hidden_inputs=None) (calls
+    obj.FUNCTION once per index of the input lists) and validate_prompt(prompt_id, prompt,
+    partial_execution_list) -> (ok, error, outputs, node_errors); comfy_api/latest/_ui.py
+    ImageSaveHelper.save_images(images, filename_prefix, folder_type, cls, compress_level=4),
+    save_animated_png(images, filename_prefix, folder_type, cls, fps, compress_level),
+    save_animated_webp(images, filename_prefix, folder_type, cls, fps, lossless, quality,
+    method) (staticmethods); latent_preview.py get_previewer(device, latent_format)."""
+    import numpy as np
+    from PIL import Image
+
+    def save_batch(images, prefix, out_dir):
+        full, name, counter, sub, _ = fp.get_save_image_path(prefix, out_dir, images[0].shape[1],
+                                                             images[0].shape[0])
+        results = []
+        for i, image in enumerate(images):
+            arr = np.clip(255.0 * image.cpu().numpy(), 0, 255).astype(np.uint8)
+            file = f"{name.replace('%batch_num%', str(i))}_{counter:05}_.png"
+            Image.fromarray(arr).save(os.path.join(full, file))
+            results.append({"filename": file, "subfolder": sub, "type": "output"})
+            counter += 1
+        return results
+
+    nodes = types.ModuleType("nodes")
+
+    class SaveImage:
+        def __init__(self):
+            self.output_dir = fp.get_output_directory()
+            self.prefix_append = ""
+
+        OUTPUT_NODE = True
+        FUNCTION = "save_images"
+
+        def save_images(self, images, filename_prefix="ComfyUI", prompt=None, extra_pnginfo=None):
+            return {"ui": {"images": save_batch(images, filename_prefix + self.prefix_append,
+                                                self.output_dir)}}
+
+    class PreviewImage(SaveImage):
+        def __init__(self):
+            self.output_dir = fp.get_temp_directory()
+            self.prefix_append = "_temp_abcde"
+
+    class LoadImage:
+        FUNCTION = "load_image"
+
+        def load_image(self, image):
+            import torch
+            arr = np.asarray(Image.open(input_dir / image).convert("RGB"), dtype=np.float32) / 255
+            return (torch.from_numpy(arr)[None], torch.zeros((1, 64, 64)))
+
+    nodes.SaveImage, nodes.PreviewImage, nodes.LoadImage = SaveImage, PreviewImage, LoadImage
+    nodes.NODE_CLASS_MAPPINGS = {"SaveImage": SaveImage, "PreviewImage": PreviewImage,
+                                 "LoadImage": LoadImage}
+
+    execution = types.ModuleType("execution")
+
+    async def get_output_data(prompt_id, unique_id, obj, input_data_all, execution_block_cb=None,
+                              pre_execute_cb=None, hidden_inputs=None):
+        n = max((len(v) for v in input_data_all.values()), default=1)
+        results = [getattr(obj, obj.FUNCTION)(**{k: v[min(i, len(v) - 1)]
+                                                for k, v in input_data_all.items()})
+                   for i in range(n)]
+        return results, {}, False, False
+
+    async def validate_prompt(prompt_id, prompt, partial_execution_list):
+        return (True, None, list(prompt), {})
+
+    execution.get_output_data, execution.validate_prompt = get_output_data, validate_prompt
+
+    ui = types.ModuleType("comfy_api.latest._ui")
+
+    class ImageSaveHelper:
+        @staticmethod
+        def save_images(images, filename_prefix, folder_type, cls, compress_level=4):
+            out = fp.get_output_directory() if folder_type == "output" else fp.get_temp_directory()
+            return save_batch(images, filename_prefix, out)
+
+        @staticmethod
+        def save_animated_png(images, filename_prefix, folder_type, cls, fps, compress_level):
+            return ImageSaveHelper.save_images(images, filename_prefix, folder_type, cls)
+
+        @staticmethod
+        def save_animated_webp(images, filename_prefix, folder_type, cls, fps, lossless,
+                               quality, method):
+            return ImageSaveHelper.save_images(images, filename_prefix, folder_type, cls)
+
+    ui.ImageSaveHelper = ImageSaveHelper
+    comfy_api, latest = types.ModuleType("comfy_api"), types.ModuleType("comfy_api.latest")
+    comfy_api.latest, latest._ui = latest, ui
+
+    latent_preview = types.ModuleType("latent_preview")
+    latent_preview.get_previewer = lambda device, latent_format: "a previewer"
+    return {"nodes": nodes, "execution": execution, "comfy_api": comfy_api,
+            "comfy_api.latest": latest, "comfy_api.latest._ui": ui,
+            "latent_preview": latent_preview}

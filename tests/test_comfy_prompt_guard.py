@@ -289,7 +289,9 @@ def test_refusal_through_the_stand_in_server(comfy, monkeypatch, tmp_path):
     assert instance.on_prompt_handlers == [guard.on_prompt]
     assert guard.register_prompt_handler() is False and len(instance.on_prompt_handlers) == 1
     assert [r.path for r in instance.routes] == ["/consent_guard/identities/status",
-                                                 "/consent_guard/identities/enroll"]
+                                                 "/consent_guard/identities/enroll",
+                                                 "/consent_guard/status", "/consent_guard/policy",
+                                                 "/consent_guard/policy", "/consent_guard/audit"]
     refused = instance.trigger_on_prompt({"prompt": primitives("forbid", "denword", "")})
     assert list(refusal_messages(guard, refused)) == ["6"]  # only the concatenation is blocked
     ok = {"prompt": primitives()}

@@ -140,7 +140,7 @@ def test_no_routes_and_no_failure_without_a_server(comfy):
 
 
 def test_routes_registered_on_the_running_server(monkeypatch, tmp_path):
-    """Loaded as ComfyUI loads it while a PromptServer exists: both routes are added to its
+    """Loaded as ComfyUI loads it while a PromptServer exists: every route is added to its
     RouteTableDef (stand-ins of server.PromptServer and aiohttp.web)."""
     from comfy_standins import RouteTable
 
@@ -158,7 +158,9 @@ def test_routes_registered_on_the_running_server(monkeypatch, tmp_path):
         table = server.PromptServer.instance.routes
         assert [(r.method, r.path) for r in table] == [
             ("GET", "/consent_guard/identities/status"),
-            ("POST", "/consent_guard/identities/enroll")]
+            ("POST", "/consent_guard/identities/enroll"),
+            ("GET", "/consent_guard/status"), ("GET", "/consent_guard/policy"),
+            ("POST", "/consent_guard/policy"), ("POST", "/consent_guard/audit")]
         code, body, headers = asyncio.run(table[0].handler(FakeRequest()))
         assert code == 200 and body["registry_exists"] is False and body["enrolled"] == 0
         assert headers["Cache-Control"] == "no-store"
@@ -166,7 +168,7 @@ def test_routes_registered_on_the_running_server(monkeypatch, tmp_path):
         assert code == 400 and "Missing" in body["error"]
         routes = sys.modules[pkg.__name__ + ".nodes.routes"]
         assert routes.register_with_comfyui() is False  # imported again: not added twice
-        assert len(table) == 2
+        assert len(table) == 6
     finally:
         for key in [k for k in sys.modules if k.startswith(pkg.__name__)]:
             del sys.modules[key]

@@ -36,7 +36,11 @@ def _free_port() -> int:
 
 
 class Comfy:
-    def __init__(self, base: Path, home: Path):
+    """`wait_for`: the node whose /object_info shows that the plugin loaded, or None to wait
+    only for the server (a plugin that is meant not to load)."""
+
+    def __init__(self, base: Path, home: Path, wait_for: str = "ConsentGuardSaveImage",
+                 extra_args=()):
         comfy_dir = Path(COMFYUI_DIR)
         python = os.environ.get("COMFYUI_PYTHON") or str(comfy_dir / "venv" / "bin" / "python")
         if not Path(python).exists():
@@ -47,14 +51,17 @@ class Comfy:
         self.log = open(base / "server.log", "w")
         self.proc = subprocess.Popen(
             [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-             "--base-directory", str(base)],
+             "--base-directory", str(base), *extra_args],
             cwd=comfy_dir, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + 240
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"ComfyUI exited: {self.tail()}")
             try:
-                info = self.get("/object_info/ConsentGuardSaveImage")
+                if wait_for is None:
+                    self.get("/system_stats")
+                    return
+                info = self.get(f"/object_info/{wait_for}")
                 if info:
                     return
                 raise RuntimeError("ComfyUI started without Consent Guard's nodes (did "

@@ -17,6 +17,13 @@ import { api } from "../../../scripts/api.js";
 const ENROLL = "/consent_guard/identities/enroll";
 const STATUS = "/consent_guard/identities/status";
 const COMMAND = "ConsentGuard.EnrolProtectedPerson";
+// Admin pages (nodes/admin_routes.py): the audit log always needs the admin passphrase; the
+// policy can be changed without it only while the admin lock is off.
+const PROTECTION = "/consent_guard/status";
+const POLICY = "/consent_guard/policy";
+const AUDIT = "/consent_guard/audit";
+const AUDIT_COMMAND = "ConsentGuard.AuditLog";
+const POLICY_COMMAND = "ConsentGuard.Policy";
 
 function el(tag, props = {}, ...children) {
   const node = Object.assign(document.createElement(tag), props);
@@ -45,6 +52,117 @@ function today() {
   const d = new Date();
   const two = (n) => String(n).padStart(2, "0");
   return `${d.getFullYear()}-${two(d.getMonth() + 1)}-${two(d.getDate())}`;
+}
+
+// Shows `content` over the page; returns the function that closes it (Escape closes it too).
+function modal(content, width = "520px") {
+  const overlay = el("div", { style: "position:fixed;inset:0;z-index:10000;display:flex;" +
+    "align-items:center;justify-content:center;background:rgba(0,0,0,.5)" },
+    el("div", { style: "background:var(--comfy-menu-bg,#222);color:var(--fg-color,#ddd);" +
+      `padding:16px 20px;border-radius:8px;width:min(${width},92vw);max-height:90vh;` +
+      "overflow:auto;font-size:14px" }, content));
+  const close = () => overlay.remove();
+  overlay.addEventListener("keydown", (e) => { if (e.key === "Escape") close(); });
+  document.body.append(overlay);
+  return close;
+}
+
+async function postJson(route, body) {
+  const response = await api.fetchApi(route, { method: "POST", body: JSON.stringify(body),
+    headers: { "Content-Type": "application/json" } });
+  let reply;
+  try { reply = await response.json(); } catch { reply = { error: `HTTP ${response.status}` }; }
+  return reply;
+}
+
+function openAudit() {
+  const passphrase = input("passphrase", { type: "password", required: true,
+                                           autocomplete: "current-password" });
+  const since = input("since", { value: "7d" });
+  const decision = el("select", { name: "decision" },
+    ...["", "block", "censor", "allow"].map((d) => el("option", { value: d,
+                                                                  textContent: d || "any" })));
+  const result = el("div", { style: "margin-top:8px" });
+  const show = el("button", { type: "submit", textContent: "Show" });
+  const cancel = el("button", { type: "button", textContent: "Close" });
+  const form = el("form", {},
+    el("h3", { textContent: "Audit log (admin)", style: "margin-top:0" }),
+    field("Since", since, "e.g. 30m, 12h, 7d, or a date such as 2026-01-31"),
+    field("Decision", decision), field("Admin passphrase", passphrase),
+    el("div", { style: "display:flex;gap:8px;justify-content:flex-end" }, cancel, show), result);
+  cancel.onclick = modal(form, "900px");
+  passphrase.focus();
+  form.onsubmit = async (event) => {
+    event.preventDefault();
+    show.disabled = true;
+    try {
+      const body = await postJson(AUDIT, { passphrase: passphrase.value, since: since.value,
+                                           decision: decision.value, limit: 500 });
+      result.replaceChildren();
+      if (!body.ok) {
+        result.append(el("div", { textContent: body.error, style: "color:#f66" }));
+        return;
+      }
+      result.append(el("div", { textContent: `${body.records.length} of ${body.total ?? 0} ` +
+                                             `record(s), newest last (${body.path || ""})` }));
+      const rows = body.records.map((r) => el("tr", {},
+        ...[r.time, r.user + (r.client_id ? ` / ${r.client_id}` : ""), r.kind, r.decision,
+            (r.categories || []).join(", "), (r.identities || []).join(", "), r.note || ""]
+          .map((t) => el("td", { textContent: t ?? "", style: "padding:2px 6px" }))));
+      result.append(el("table", { style: "border-collapse:collapse;font-size:12px" },
+        el("tr", {}, ...["time", "user / client", "kind", "decision", "categories",
+                         "identity ids", "where"].map((t) => el("th", { textContent: t }))),
+        ...rows));
+    } finally {
+      passphrase.value = "";
+      show.disabled = false;
+    }
+  };
+}
+
+async function openPolicy() {
+  const text = el("textarea", { name: "text", rows: 24, spellcheck: false,
+    style: "width:100%;box-sizing:border-box;font-family:monospace;font-size:12px" });
+  const passphrase = input("passphrase", { type: "password", autocomplete: "current-password" });
+  const state = el("div", { style: "opacity:.8" });
+  const result = el("div", { style: "margin-top:8px;white-space:pre-wrap" });
+  const save = el("button", { type: "submit", textContent: "Save" });
+  const cancel = el("button", { type: "button", textContent: "Close" });
+  const form = el("form", {}, el("h3", { textContent: "Consent Guard policy",
+                                         style: "margin-top:0" }), state, text,
+    field("Admin passphrase", passphrase, "Needed while the admin lock is on."),
+    el("div", { style: "display:flex;gap:8px;justify-content:flex-end" }, cancel, save), result);
+  cancel.onclick = modal(form, "760px");
+  const current = await (await api.fetchApi(POLICY)).json();
+  text.value = current.text ?? "# No policy file yet: the built-in defaults apply.\n";
+  state.textContent = `${current.path}: ${current.locked ? "locked by the admin"
+                                                          : "not locked"}`;
+  form.onsubmit = async (event) => {
+    event.preventDefault();
+    save.disabled = true;
+    try {
+      const body = await postJson(POLICY, { text: text.value, passphrase: passphrase.value });
+      result.textContent = body.ok ? "Saved; it applies from the next run." : body.error;
+      result.style.color = body.ok ? "" : "#f66";
+    } finally {
+      passphrase.value = "";
+      save.disabled = false;
+    }
+  };
+}
+
+// Enforce mode turns live previews off: say so once per page load.
+async function noticeEnforce() {
+  try {
+    const s = await (await api.fetchApi(PROTECTION)).json();
+    const toast = app.extensionManager?.toast;
+    if (!s.enforce || !toast) return;
+    toast.add({ severity: s.armed ? "info" : "error", life: 8000,
+      summary: "Consent Guard enforce mode",
+      detail: s.armed ? "Every image is checked before it is saved or shown; live previews " +
+                        "while sampling are off."
+                      : `Protection is not in place, so nothing is queued: ${s.problem}` });
+  } catch { /* the status route is informational */ }
 }
 
 function openDialog() {
@@ -89,15 +207,7 @@ function openDialog() {
     el("div", { style: "display:flex;gap:8px;justify-content:flex-end" }, cancel, submit),
     result);
 
-  const overlay = el("div", { style: "position:fixed;inset:0;z-index:10000;display:flex;" +
-    "align-items:center;justify-content:center;background:rgba(0,0,0,.5)" },
-    el("div", { style: "background:var(--comfy-menu-bg,#222);color:var(--fg-color,#ddd);" +
-      "padding:16px 20px;border-radius:8px;width:min(520px,92vw);max-height:90vh;overflow:auto;" +
-      "font-size:14px" }, form));
-  const close = () => overlay.remove();
-  cancel.onclick = close;
-  overlay.addEventListener("keydown", (e) => { if (e.key === "Escape") close(); });
-  document.body.append(overlay);
+  cancel.onclick = modal(form);
   name.focus();
 
   api.fetchApi(STATUS).then((r) => r.json()).then((s) => {
@@ -152,6 +262,20 @@ app.registerExtension({
     menubarLabel: "Enrol protected person...",
     icon: "pi pi-user-plus",
     function: openDialog,
+  }, {
+    id: AUDIT_COMMAND,
+    label: "Consent Guard: Audit log",
+    menubarLabel: "Audit log (admin)...",
+    icon: "pi pi-list",
+    function: openAudit,
+  }, {
+    id: POLICY_COMMAND,
+    label: "Consent Guard: Policy",
+    menubarLabel: "Policy...",
+    icon: "pi pi-shield",
+    function: openPolicy,
   }],
-  menuCommands: [{ path: ["Extensions", "Consent Guard"], commands: [COMMAND] }],
+  menuCommands: [{ path: ["Extensions", "Consent Guard"],
+                   commands: [COMMAND, POLICY_COMMAND, AUDIT_COMMAND] }],
+  setup: noticeEnforce,
 });

@@ -1,0 +1,157 @@
+"""The admin lock: one passphrase (stored only as a scrypt hash) that, once the lock is on, is
+needed to change the policy, the identity registry or the plugin's settings from a UI.
+
+State lives in `<home>/admin.json`: {"version", "kdf": {"n", "r", "p", "salt"}, "hash",
+"locked", "changed"}. Whoever can write that file can remove the lock, which is why a shared
+machine keeps the Consent Guard home writable by the admin account only (README, "Locking down
+a shared machine"); `consent-guard doctor` reports when it is not. A file that exists but
+cannot be read or parsed counts as locked with no way to unlock from a UI (fail closed).
+"""
+from __future__ import annotations
+
+import base64
+import datetime
+import hashlib
+import hmac
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+ADMIN_FILENAME = "admin.json"
+MIN_PASSPHRASE = 8
+# scrypt at N=2^15, r=8, p=1: ~32 MiB and ~0.1 s per try on a laptop core, OWASP's floor.
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2 ** 15, 8, 1
+
+
+class AdminError(RuntimeError):
+    """A lock operation that cannot be done; the message says why and what to do."""
+
+
+class AdminLocked(AdminError):
+    """The change needs the admin passphrase (the lock is on) and none, or a wrong one, came."""
+
+
+@dataclass(frozen=True)
+class AdminState:
+    has_passphrase: bool
+    locked: bool
+    problem: Optional[str] = None  # set when admin.json exists but cannot be used
+
+
+def admin_path(home: Path) -> Path:
+    return Path(home) / ADMIN_FILENAME
+
+
+def _kdf(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:
+    return hashlib.scrypt(passphrase.encode("utf-8"), salt=salt, n=n, r=r, p=p,
+                          maxmem=256 * 1024 * 1024, dklen=32)
+
+
+def _read(home: Path) -> Optional[dict]:
+    path = admin_path(home)
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict) or data.get("version") != 1 or "hash" not in data:
+        raise ValueError("not a Consent Guard admin file (version 1)")
+    return data
+
+
+def state(home: Path) -> AdminState:
+    try:
+        data = _read(home)
+    except (OSError, ValueError) as exc:
+        return AdminState(True, True, f"{admin_path(home)} cannot be read ({exc}); the lock "
+                                      f"stays on until the admin repairs or removes it")
+    if data is None:
+        return AdminState(False, False)
+    return AdminState(True, bool(data.get("locked")))
+
+
+def is_locked(home: Path) -> bool:
+    return state(home).locked
+
+
+def verify(home: Path, passphrase: Optional[str]) -> bool:
+    """True when `passphrase` is the admin passphrase (constant-time compare)."""
+    if not passphrase:
+        return False
+    try:
+        data = _read(home)
+    except (OSError, ValueError):
+        return False
+    if data is None:
+        return False
+    try:
+        kdf = data["kdf"]
+        got = _kdf(passphrase, base64.b64decode(kdf["salt"]), int(kdf["n"]), int(kdf["r"]),
+                   int(kdf["p"]))
+        return hmac.compare_digest(got, base64.b64decode(data["hash"]))
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
+def _write(home: Path, data: dict) -> None:
+    path = admin_path(home)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def set_passphrase(home: Path, new: str, current: Optional[str] = None) -> None:
+    """Set the admin passphrase; changing an existing one needs the current one. The lock
+    state is kept."""
+    if len(new) < MIN_PASSPHRASE:
+        raise AdminError(f"Use an admin passphrase of at least {MIN_PASSPHRASE} characters.")
+    st = state(home)
+    if st.problem:
+        raise AdminError(st.problem)
+    if st.has_passphrase and not verify(home, current):
+        raise AdminLocked("The current admin passphrase is wrong; nothing was changed.")
+    salt = secrets.token_bytes(16)
+    _write(home, {"version": 1,
+                  "kdf": {"name": "scrypt", "n": SCRYPT_N, "r": SCRYPT_R, "p": SCRYPT_P,
+                          "salt": base64.b64encode(salt).decode()},
+                  "hash": base64.b64encode(_kdf(new, salt, SCRYPT_N, SCRYPT_R,
+                                                SCRYPT_P)).decode(),
+                  "locked": st.locked, "changed": _now()})
+
+
+def set_locked(home: Path, locked: bool, passphrase: Optional[str]) -> None:
+    """Turn the lock on or off; both need the admin passphrase."""
+    st = state(home)
+    if st.problem:
+        raise AdminError(st.problem)
+    if not st.has_passphrase:
+        raise AdminError("No admin passphrase is set yet: run `consent-guard admin "
+                         "set-passphrase` first.")
+    if not verify(home, passphrase):
+        raise AdminLocked("Wrong admin passphrase; the lock was not changed.")
+    data = _read(home)
+    data["locked"], data["changed"] = locked, _now()
+    _write(home, data)
+
+
+def require_admin(home: Path, passphrase: Optional[str], what: str) -> None:
+    """Raise AdminLocked when the lock is on and `passphrase` is not the admin's. `what` names
+    the change refused, for the message."""
+    st = state(home)
+    if not st.locked:
+        return
+    if st.problem:
+        raise AdminLocked(f"Consent Guard is locked and {st.problem}; {what} was refused.")
+    if not verify(home, passphrase):
+        raise AdminLocked(f"Consent Guard is locked by the admin: {what} needs the admin "
+                          f"passphrase.")

@@ -1,0 +1,97 @@
+"""`consent-guard admin ...` (the lock) and `consent-guard doctor` (is protection active)."""
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import sys
+from pathlib import Path
+
+from . import admin, doctor
+from .home import resolve_home
+from .registry import read_passphrase_file
+
+ENV_ADMIN_PASSPHRASE = "CONSENT_GUARD_ADMIN_PASSPHRASE"
+EXIT_OK, EXIT_PROBLEM, EXIT_ERROR = 0, 1, 2
+
+
+def _ask(args, prompt: str, attr: str = "passphrase_file", confirm: bool = False) -> str:
+    path = getattr(args, attr, None)
+    if path:
+        return read_passphrase_file(Path(path))
+    if attr == "passphrase_file" and os.environ.get(ENV_ADMIN_PASSPHRASE):
+        return os.environ[ENV_ADMIN_PASSPHRASE]
+    if not sys.stdin.isatty():
+        raise admin.AdminError(f"A passphrase is needed: give --{attr.replace('_', '-')} or set "
+                               f"${ENV_ADMIN_PASSPHRASE} (no terminal to ask on).")
+    first = getpass.getpass(prompt)
+    if confirm and getpass.getpass("Again: ") != first:
+        raise admin.AdminError("The two passphrases differ.")
+    return first
+
+
+def cmd_admin(args) -> int:
+    home = resolve_home()
+    try:
+        if args.admin_command == "status":
+            st = admin.state(home)
+            print(json.dumps({"home": str(home), "passphrase_set": st.has_passphrase,
+                              "locked": st.locked, "problem": st.problem}))
+            return EXIT_OK
+        if args.admin_command == "set-passphrase":
+            current = None
+            if admin.state(home).has_passphrase:
+                current = _ask(args, "Current admin passphrase: ")
+            new = _ask(args, "New admin passphrase: ", attr="new_passphrase_file", confirm=True)
+            admin.set_passphrase(home, new, current)
+            print(f"admin passphrase set ({admin.admin_path(home)})")
+            return EXIT_OK
+        locked = args.admin_command == "lock"
+        admin.set_locked(home, locked, _ask(args, "Admin passphrase: "))
+        print("locked: the policy, the registry and the plugin's settings cannot be changed "
+              "from ComfyUI without the admin passphrase" if locked else "unlocked")
+        return EXIT_OK
+    except admin.AdminError as exc:
+        print(f"consent-guard: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def cmd_doctor(args) -> int:
+    checks = doctor.run(resolve_home(), Path(args.comfyui) if args.comfyui else None,
+                        url=args.url, user=args.user)
+    if args.json:
+        print(json.dumps([c.to_dict() for c in checks], indent=1))
+    else:
+        for c in checks:
+            fix = f"\n        fix: {c.fix}" if c.fix and c.status != doctor.OK else ""
+            print(f"[{c.status:4}] {c.name}: {c.detail}{fix}")
+        failed = sum(c.status == doctor.FAIL for c in checks)
+        print("protection looks complete" if not failed else
+              f"{failed} problem(s): protection is not complete")
+    return EXIT_PROBLEM if any(c.status == doctor.FAIL for c in checks) else EXIT_OK
+
+
+def add_parser(sub) -> None:
+    adm = sub.add_parser("admin", help="the admin lock: set-passphrase, lock, unlock, status")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--passphrase-file", metavar="FILE",
+                        help=f"the admin passphrase from a file (or ${ENV_ADMIN_PASSPHRASE})")
+    asub = adm.add_subparsers(dest="admin_command", required=True)
+    p = asub.add_parser("set-passphrase", parents=[common],
+                        help="set or change the admin passphrase (stored as a scrypt hash)")
+    p.add_argument("--new-passphrase-file", metavar="FILE")
+    asub.add_parser("lock", parents=[common], help="lock: changes from ComfyUI need the "
+                                                   "admin passphrase; nodes can only be stricter")
+    asub.add_parser("unlock", parents=[common], help="unlock")
+    asub.add_parser("status", help="whether a passphrase is set and the lock is on")
+    adm.set_defaults(func=cmd_admin)
+
+    doc = sub.add_parser("doctor", help="is protection active on this ComfyUI install?")
+    doc.add_argument("--comfyui", metavar="DIR", help="the ComfyUI folder (custom_nodes, models)")
+    doc.add_argument("--url", metavar="URL", help="a running ComfyUI, e.g. "
+                                                  "http://127.0.0.1:8188")
+    doc.add_argument("--user", metavar="NAME", help="the account people use ComfyUI as "
+                                                    "(default: whoever runs doctor)")
+    doc.add_argument("--json", action="store_true")
+    doc.set_defaults(func=cmd_doctor)

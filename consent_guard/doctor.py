@@ -1,0 +1,284 @@
+"""`consent-guard doctor`: is protection active on this ComfyUI install, and could the person
+at the keyboard switch it off? Each check says what it saw and, when it fails, the fix.
+
+It reads files (the plugin folder, the policy, the lock, the models, the registry, the audit
+log) and, given the URL of a running ComfyUI on this machine, asks it what it loaded
+(GET /system_stats for ComfyUI's arguments, GET /consent_guard/status for the hooks). Without
+a URL it looks for ComfyUI processes in /proc (Linux) to read their arguments.
+"""
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, List, Optional
+
+from . import admin
+from .policy import POLICY_FILENAME, load_policy
+
+OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
+DISABLING_FLAGS = ("--disable-all-custom-nodes", "--whitelist-custom-nodes")
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: str
+    detail: str
+    fix: str = ""
+
+    def to_dict(self) -> dict:
+        return {"check": self.name, "status": self.status, "detail": self.detail,
+                "fix": self.fix}
+
+
+def _is_plugin(folder: Path) -> bool:
+    return (folder / "consent_guard" / "engine.py").is_file() and \
+        (folder / "nodes" / "enforce.py").is_file()
+
+
+def find_plugin(comfyui: Path) -> tuple:
+    """(active plugin folders, disabled ones) under <comfyui>/custom_nodes."""
+    custom = comfyui / "custom_nodes"
+    active, disabled = [], []
+    if custom.is_dir():
+        for entry in sorted(custom.iterdir()):
+            if entry.is_dir() and _is_plugin(entry):
+                (disabled if entry.name.endswith(".disabled") else active).append(entry)
+    return active, disabled
+
+
+def _writable_by(path: Path, user: Optional[str]) -> bool:
+    """Whether `user` (default: whoever runs this) could change `path`: write it, or, for a
+    file in a folder it can write, replace it."""
+    if user is None or sys.platform == "win32":
+        return os.access(path, os.W_OK)
+    import pwd
+
+    pw = pwd.getpwnam(user)
+    if pw.pw_uid == 0:
+        return True
+    groups = set(os.getgrouplist(user, pw.pw_gid))
+    st = path.stat()
+    if st.st_uid == pw.pw_uid:
+        return bool(st.st_mode & stat.S_IWUSR)
+    if st.st_gid in groups:
+        return bool(st.st_mode & stat.S_IWGRP)
+    return bool(st.st_mode & stat.S_IWOTH)
+
+
+def _guarded_paths(home: Path, plugin: Optional[Path], comfyui: Optional[Path]) -> List[Path]:
+    paths = [home, home / POLICY_FILENAME, home / admin.ADMIN_FILENAME]
+    if comfyui is not None:
+        paths.append(comfyui / "custom_nodes")  # whoever can write it can rename the plugin
+    if plugin is not None:
+        paths.append(plugin)
+        for root, dirs, files in os.walk(plugin):
+            dirs[:] = [d for d in dirs if d not in (".git", ".venv", "__pycache__", "tests",
+                                                    "bench")]
+            paths += [Path(root) / d for d in dirs]
+            paths += [Path(root) / f for f in files if f.endswith((".py", ".toml", ".js"))]
+    return [p for p in paths if p.exists()]
+
+
+def _get_json(url: str, timeout: float = 3.0):
+    with urllib.request.urlopen(url, timeout=timeout) as response:  # a local ComfyUI only
+        return json.loads(response.read().decode("utf-8"))
+
+
+def _proc_cmdlines() -> Iterable[List[str]]:
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return []
+    out = []
+    for entry in proc.iterdir():
+        if entry.name.isdigit():
+            try:
+                raw = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            args = [a.decode("utf-8", "replace") for a in raw.split(b"\0") if a]
+            if any(a.endswith("main.py") for a in args):
+                out.append(args)
+    return out
+
+
+def _flags_exclude(argv: List[str], plugin_name: str) -> Optional[str]:
+    """Why these ComfyUI arguments leave the plugin out, or None."""
+    if "--disable-all-custom-nodes" not in argv:
+        return None
+    allowed = []
+    if "--whitelist-custom-nodes" in argv:
+        i = argv.index("--whitelist-custom-nodes") + 1
+        while i < len(argv) and not argv[i].startswith("--"):
+            allowed.append(argv[i])
+            i += 1
+    if plugin_name in allowed:
+        return None
+    return ("ComfyUI runs with --disable-all-custom-nodes" +
+            (f" and --whitelist-custom-nodes {' '.join(allowed)}" if allowed else "") +
+            f", which leaves out {plugin_name}")
+
+
+def run(home: Path, comfyui: Optional[Path] = None, url: Optional[str] = None,
+        user: Optional[str] = None, get_json: Callable = _get_json,
+        cmdlines: Callable = _proc_cmdlines) -> List[Check]:
+    checks: List[Check] = []
+    add = checks.append
+    plugin = None
+
+    # the plugin folder
+    if comfyui is None:
+        add(Check("plugin folder", SKIP, "no ComfyUI folder given", "pass --comfyui DIR"))
+    else:
+        active, disabled = find_plugin(comfyui)
+        if active:
+            plugin = active[0]
+            add(Check("plugin folder", OK, str(plugin)))
+            if len(active) > 1:
+                add(Check("plugin copies", WARN, f"{len(active)} copies: "
+                          + ", ".join(p.name for p in active)))
+            add(Check("prestartup guard", OK if (plugin / "prestartup_script.py").is_file()
+                      else FAIL, str(plugin / "prestartup_script.py"),
+                      "" if (plugin / "prestartup_script.py").is_file() else
+                      "restore prestartup_script.py (git checkout, or reinstall the plugin)"))
+        elif disabled:
+            add(Check("plugin folder", FAIL, f"renamed to {disabled[0].name}: ComfyUI skips it",
+                      f"rename it back to {disabled[0].name[:-len('.disabled')]}"))
+        else:
+            add(Check("plugin folder", FAIL, f"not found in {comfyui / 'custom_nodes'}",
+                      "install Consent Guard into custom_nodes"))
+
+    # the policy and enforce mode
+    policy = None
+    try:
+        policy = load_policy(home=home)
+        src = policy.source or "built-in defaults (no policy file)"
+        add(Check("policy", OK, src))
+        add(Check("enforce mode", OK if policy.enforce else FAIL,
+                  "on" if policy.enforce else "off: only workflows with Consent Guard nodes "
+                  "are checked", "" if policy.enforce else
+                  f"set enforce = true in {home / POLICY_FILENAME}"))
+    except Exception as exc:
+        add(Check("policy", FAIL, str(exc), "fix the policy file (consent-guard policy check)"))
+
+    # the admin lock
+    st = admin.state(home)
+    if st.problem:
+        add(Check("admin lock", FAIL, st.problem))
+    elif not st.has_passphrase:
+        add(Check("admin lock", FAIL, "no admin passphrase set",
+                  "consent-guard admin set-passphrase, then consent-guard admin lock"))
+    else:
+        add(Check("admin lock", OK if st.locked else WARN, "locked" if st.locked else
+                  "unlocked: the UI can change the policy",
+                  "" if st.locked else "consent-guard admin lock"))
+
+    if policy is not None:
+        from .models import ModelResolver, describe
+
+        dirs = [comfyui / "models" / "consent_guard"] if comfyui is not None else []
+        resolver = ModelResolver(policy.model_paths, dirs)
+        rows = describe(resolver, sorted(resolver.manifest))
+        needed = [r for r in rows if r["name"] in ("nudenet_320n", "open_nsfw")]
+        bad = [r for r in needed if not r["ok"]]
+        add(Check("models", FAIL if bad else OK,
+                  "; ".join(r["error"] for r in bad) if bad else
+                  f"{len(needed)} explicit-content models verified (sha256)",
+                  "python install.py" if bad else ""))
+        others = [r for r in rows if r not in needed and not r["ok"]]
+        if others:
+            add(Check("optional models", WARN, "; ".join(r["name"] for r in others) +
+                      " not verified", "python install.py"))
+
+        from .registry import open_for_matching
+        try:
+            registry = open_for_matching(policy, home)
+            if registry is None:
+                add(Check("registry", WARN, "no identity registry: nobody is protected by face",
+                          "consent-guard identity enroll"))
+            else:
+                add(Check("registry", OK, f"readable, {len(registry.identities())} protected"))
+                registry.close()
+        except Exception as exc:
+            add(Check("registry", FAIL, f"cannot be opened: {exc}",
+                      "consent-guard identity key-file (as the admin)"))
+
+        from .audit import audit_for
+        try:
+            log = audit_for(policy, home)
+            if log is None:
+                add(Check("audit log", WARN, "[audit] enabled = false"))
+            else:
+                target = log.path if log.path.exists() else log.path.parent
+                ok = target.exists() and os.access(target, os.W_OK)
+                add(Check("audit log", OK if ok else FAIL, str(log.path) +
+                          ("" if ok else " cannot be written"),
+                          "" if ok else f"let the ComfyUI account write {target}"))
+        except Exception as exc:
+            add(Check("audit log", FAIL, str(exc)))
+
+    # files the person at the keyboard must not be able to change
+    writable = [p for p in _guarded_paths(home, plugin, comfyui) if _writable_by(p, user)]
+    who = f"user {user}" if user else "this user"
+    if sys.platform == "win32":
+        add(Check("file permissions", WARN, "not checked on Windows (ACLs)",
+                  "icacls: give the ComfyUI account read and execute only"))
+    else:
+        add(Check("file permissions", FAIL if writable else OK,
+                  (f"{len(writable)} path(s) {who} can change, e.g. "
+                   + ", ".join(str(p) for p in writable[:4])) if writable else
+                  f"{who} cannot change the policy, the lock or the plugin",
+                  "README, 'Locking down a shared machine'" if writable else ""))
+
+    # the running ComfyUI
+    name = plugin.name if plugin is not None else "ComfyUI-Consent-Guard"
+    if url:
+        base = url.rstrip("/")
+        try:
+            stats = get_json(base + "/system_stats")
+            argv = list(stats.get("system", {}).get("argv", []))
+            why = _flags_exclude(argv, name)
+            add(Check("ComfyUI arguments", FAIL if why else OK, why or " ".join(argv[1:]) or
+                      "no arguments", "start ComfyUI without those flags (use the launcher)"
+                      if why else ""))
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            add(Check("ComfyUI running", WARN, f"could not reach {base}: {exc}"))
+            return checks
+        try:
+            status = get_json(base + "/consent_guard/status")
+        except urllib.error.HTTPError as exc:
+            add(Check("plugin loaded", FAIL, f"{base} has no Consent Guard routes "
+                      f"(HTTP {exc.code}): the plugin is not loaded",
+                      "see ComfyUI's log for 'Cannot import'"))
+            return checks
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            add(Check("plugin loaded", FAIL, f"{base}/consent_guard/status: {exc}"))
+            return checks
+        add(Check("plugin loaded", OK, base))
+        hooks = status.get("hooks", {})
+        missing = [k for k, v in hooks.items() if v != "installed"]
+        add(Check("hooks", FAIL if missing or not hooks else OK,
+                  ("missing: " + ", ".join(missing)) if missing else
+                  f"{len(hooks)} in place: " + ", ".join(hooks)))
+        armed_ok = status.get("armed") and status.get("enforce")
+        add(Check("protection active", OK if armed_ok else FAIL,
+                  "enforce mode armed" if armed_ok else
+                  (status.get("problem") or "enforce mode is off in the running ComfyUI")))
+    else:
+        found = [a for a in cmdlines()]
+        bad = [why for why in (_flags_exclude(a, name) for a in found) if why]
+        if bad:
+            add(Check("ComfyUI arguments", FAIL, bad[0], "start ComfyUI without those flags"))
+        elif found:
+            add(Check("ComfyUI arguments", OK, f"{len(found)} ComfyUI process(es), no flag "
+                      f"that leaves the plugin out"))
+        else:
+            add(Check("ComfyUI running", SKIP, "no ComfyUI process found; pass --url to ask a "
+                      "running one what it loaded"))
+    return checks

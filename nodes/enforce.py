@@ -1,0 +1,452 @@
+"""Enforce mode: whatever workflow runs, nothing reaches disk or the screen unchecked.
+
+The hooks are installed whenever ComfyUI loads this package and act only while the policy
+says `enforce = true` (read on every call, so turning it on needs no restart). Where they sit,
+in ComfyUI a125cd84 (0.3.64):
+
+* execution.py `get_output_data(prompt_id, unique_id, obj, input_data_all, ...)`: `execute()`
+  calls it by its module-global name for every node that runs. Wrapped: for an output node
+  (`OUTPUT_NODE`, which V3 nodes expose as a class property too), every IMAGE tensor
+  [B, H, W, C] and every VIDEO (comfy_api VideoInput: its components' frames) among the inputs
+  is checked first; blocked frames become placeholders, censored ones censored copies, and a
+  check that cannot run raises, so the node never runs. This covers nodes.SaveImage /
+  PreviewImage, comfy_extras SaveAnimatedWEBP / SaveAnimatedPNG / SaveWEBM / SaveVideo, and
+  custom savers (e.g. video combiners) alike.
+* nodes.py `SaveImage.save_images(self, images, filename_prefix, prompt, extra_pnginfo)`
+  (PreviewImage inherits it) and comfy_api/latest/_ui.py `ImageSaveHelper.save_images /
+  save_animated_png / save_animated_webp(images, filename_prefix, folder_type, cls, ...)`:
+  wrapped too, for code that calls them outside a node's run; a batch already checked by the
+  gate above is not checked twice.
+* folder_paths.py `get_save_image_path(filename_prefix, output_dir, image_width, image_height)`:
+  every saver asks it for a file name. While a node whose inputs were not checked runs (no
+  IMAGE input: it made its picture itself), the folders and names it was given are noted; when
+  it returns, new image files there are checked from disk and removed if not allowed, and new
+  video files, which cannot be checked from disk here, are removed (fail closed).
+* nodes.py `LoadImage.load_image(self, image)` (LoadImageOutput inherits it): the loaded
+  frames go through the engine's input check; a refused photo stops the workflow.
+* latent_preview.py `get_previewer(device, latent_format)` returns None (no previews are
+  made), and server.py `PromptServer.send_sync(event, data, sid)` drops the binary preview
+  events (protocol.py BinaryEventTypes PREVIEW_IMAGE, UNENCODED_PREVIEW_IMAGE,
+  PREVIEW_IMAGE_WITH_METADATA) that other code sends: previews are turned off, with a notice.
+* execution.py `validate_prompt(prompt_id, prompt, partial_execution_list)`: refuses every
+  submission while enforce mode is on and the hooks are not all in place (prestartup_script.py
+  puts the same guard in before any custom node is imported, so a plugin that fails to import
+  cannot leave ComfyUI running unprotected). The prompt check itself is prompt_guard.on_prompt.
+"""
+from __future__ import annotations
+
+import contextvars
+import functools
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+
+from . import comfy_bridge, image_nodes
+from .comfy_bridge import ConsentGuardError, frames_to_tensor, tensor_to_frames
+from .image_nodes import checked_count, is_checked, mark_checked
+
+log = logging.getLogger("consent_guard")
+
+STATE_MODULE = "_consent_guard_enforce"  # shared with prestartup_script.py
+IMAGE_SUFFIXES = {".png", ".apng", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+VIDEO_SUFFIXES = {".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v"}
+PREVIEW_EVENTS = {1, 2, 4}  # protocol.py BinaryEventTypes: the three image previews
+OWN_NODES = ("ConsentGuardSaveImage", "ConsentGuardPreviewImage")  # they check themselves
+
+_saves: contextvars.ContextVar = contextvars.ContextVar("consent_guard_saves", default=None)
+HOOKS: Dict[str, str] = {}  # hook name -> "installed" or why not
+
+
+def state():
+    """The module prestartup_script.py made (or one made here): armed, problem, enforce."""
+    mod = sys.modules.get(STATE_MODULE)
+    if mod is None:
+        import types
+        mod = types.ModuleType(STATE_MODULE)
+        mod.armed, mod.problem, mod.guarded = False, "Consent Guard has not finished loading", False
+        mod.refusal = not_armed_error
+        sys.modules[STATE_MODULE] = mod
+    return mod
+
+
+def enforce_on() -> bool:
+    """The policy's `enforce`; a policy file that exists but cannot be read counts as on."""
+    try:
+        return bool(image_nodes.get_engine().policy.enforce)
+    except ConsentGuardError:
+        return comfy_bridge.policy_state()[1] is not None
+
+
+# -- checking ----------------------------------------------------------------------------------
+
+def _is_image(value) -> bool:
+    shape = getattr(value, "shape", None)
+    return hasattr(value, "detach") and shape is not None and len(shape) == 4 \
+        and shape[-1] in (1, 3, 4) and shape[0] > 0
+
+
+def gate_images(images, where: str, whole: bool = False):
+    """The images as they may be saved or shown: blocked frames are left out (nothing of them
+    is written, not even a placeholder), censored ones are censored copies. Raises
+    ConsentGuardError when every frame is blocked, when `whole` (an animation or a video)
+    and any frame is, or when a check cannot run: the node then does not run at all."""
+    if is_checked(images):
+        return images
+    engine = image_nodes.get_engine()
+    frames = tensor_to_frames(images)
+    verdicts = image_nodes.check_frames(engine, frames, where=where)
+    failed = [v for v in verdicts if v.error]
+    if failed:
+        raise ConsentGuardError(f"Consent Guard could not check the images going into {where}, "
+                                f"so nothing was saved or shown: {failed[0].error}")
+    if all(v.allowed for v in verdicts):
+        mark_checked(images)
+        return images
+    kept = [(f, v) for f, v in zip(frames, verdicts) if v.decision.value != "block"]
+    blocked = [i + 1 for i, v in enumerate(verdicts) if v.decision.value == "block"]
+    if blocked and (whole or not kept):
+        first = verdicts[blocked[0] - 1]
+        raise ConsentGuardError(
+            f"Consent Guard (enforce mode) blocked {len(blocked)} of {len(frames)} image(s) "
+            f"going into {where}, so nothing was saved or shown: {_plain(first)}")
+    for i in blocked:
+        log.warning("Consent Guard (enforce): %s image %d of %d left out (%s)", where, i,
+                    len(frames), _plain(verdicts[i - 1]))
+    out = frames_to_tensor([engine.render(f, v) for f, v in kept])
+    mark_checked(out)
+    return out
+
+
+def _plain(verdict) -> str:
+    """The reason in words, for messages: minors and protected people by category only."""
+    cats = sorted({r.category for r in verdict.reasons})
+    if any(c.startswith("minor") for c in cats):
+        return "an explicit image of someone who may be a minor"
+    return verdict.summary()
+
+
+def _gate_video(video, where: str):
+    components = video.get_components()
+    images = gate_images(components.images, where, whole=True)
+    if images is components.images:
+        return video
+    from comfy_api.latest._input_impl.video_types import VideoFromComponents
+    from comfy_api.latest._util.video_types import VideoComponents
+
+    return VideoFromComponents(VideoComponents(images=images, frame_rate=components.frame_rate,
+                                               audio=components.audio))
+
+
+def _gate_value(value, where: str, animated: bool = False):
+    if _is_image(value):
+        return gate_images(value, where, whole=animated), True
+    if hasattr(value, "get_components") and hasattr(value, "save_to"):  # a VIDEO input
+        return _gate_video(value, where), True
+    return value, False
+
+
+def gate_inputs(class_name: str, input_data_all: dict):
+    """input_data_all as execution.get_output_data takes it ({name: [value per call]}), with
+    every image and video checked; and whether there was any."""
+    gated, any_visual = {}, False
+    for name, values in input_data_all.items():
+        if not isinstance(values, list):
+            gated[name] = values
+            continue
+        new = []
+        for v in values:
+            v, visual = _gate_value(v, f"{class_name} ('{name}')", _animated(class_name))
+            any_visual |= visual
+            new.append(v)
+        gated[name] = new
+    return gated, any_visual
+
+
+def _animated(class_name: str) -> bool:
+    """Savers that write a batch as one animation or video: a frame cannot be left out."""
+    name = class_name.lower()
+    return any(w in name for w in ("animated", "video", "webm", "gif", "combine"))
+
+
+def _output_node(cls) -> bool:
+    try:
+        return getattr(cls, "OUTPUT_NODE", False) is True
+    except Exception:  # a V3 schema that cannot be built: treat it as an output
+        return True
+
+
+def _class_name(cls) -> str:
+    return getattr(cls, "__name__", str(cls))
+
+
+def sweep(saves: List[tuple], since: float, where: str) -> List[str]:
+    """Check the files a node wrote through get_save_image_path without its inputs having been
+    checked; remove what may not be kept. Returns what was removed (for the message)."""
+    removed = []
+    engine = image_nodes.get_engine()
+    for folder, prefix in dict.fromkeys(saves):
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            continue
+        for name in sorted(names):
+            path = Path(folder) / name
+            if not name.startswith(prefix) or not path.is_file():
+                continue
+            try:
+                if path.stat().st_mtime < since:
+                    continue
+            except OSError:
+                continue
+            suffix = path.suffix.lower()
+            if suffix in IMAGE_SUFFIXES:
+                verdict = engine.check_file(path)
+                image_nodes.record(engine, "image", verdict, note=f"{where}: {name} (from disk)")
+                if verdict.allowed:
+                    continue
+                why = verdict.summary()
+            elif suffix in VIDEO_SUFFIXES:
+                why = "a video whose frames were not checked before it was written"
+            else:
+                continue  # audio, models, latents: nothing to see
+            try:
+                path.unlink()
+                removed.append(f"{name} ({why})")
+            except OSError as exc:
+                raise ConsentGuardError(f"Consent Guard could not remove {path}, which it may "
+                                        f"not keep ({why}): {exc}") from exc
+    return removed
+
+
+# -- hooks ---------------------------------------------------------------------------------------
+
+def _wrap_get_output_data(original):
+    @functools.wraps(original)
+    async def get_output_data(prompt_id, unique_id, obj, input_data_all, *args, **kwargs):
+        if not enforce_on():
+            return await original(prompt_id, unique_id, obj, input_data_all, *args, **kwargs)
+        cls = obj if isinstance(obj, type) else type(obj)
+        name = _class_name(cls)
+        visual = False
+        if _output_node(cls) and name not in OWN_NODES:
+            input_data_all, visual = gate_inputs(name, input_data_all)
+        saves: List[tuple] = []
+        token = _saves.set(None if visual else saves)
+        since = time.time() - 1.0  # file times may be coarse
+        try:
+            result = await original(prompt_id, unique_id, obj, input_data_all, *args, **kwargs)
+        finally:
+            _saves.reset(token)
+        if saves:
+            removed = sweep(saves, since, name)
+            if removed:
+                raise ConsentGuardError(f"Consent Guard removed what {name} (node {unique_id}) "
+                                        f"wrote: {'; '.join(removed)}")
+        return result
+    get_output_data.consent_guard_hook = True
+    return get_output_data
+
+
+def _wrap_save_path(original):
+    @functools.wraps(original)
+    def get_save_image_path(filename_prefix, output_dir, image_width=0, image_height=0):
+        result = original(filename_prefix, output_dir, image_width, image_height)
+        saves = _saves.get()
+        if saves is not None:
+            saves.append((result[0], result[1].split("%batch_num%")[0]))
+        return result
+    get_save_image_path.consent_guard_hook = True
+    return get_save_image_path
+
+
+def _wrap_saver(original, where: str, images_at: int = 0):
+    """A function whose argument `images` (or positional `images_at`) gets gated."""
+    @functools.wraps(original)
+    def saver(*args, **kwargs):
+        if enforce_on():
+            if "images" in kwargs:
+                kwargs["images"] = gate_images(kwargs["images"], where)
+            elif len(args) > images_at:
+                args = list(args)
+                args[images_at] = gate_images(args[images_at], where)
+        return original(*args, **kwargs)
+    saver.consent_guard_hook = True
+    return saver
+
+
+def _wrap_load_image(original):
+    @functools.wraps(original)
+    def load_image(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        if enforce_on():
+            image_nodes.check_inputs(image_nodes.get_engine(), out[0], type(self).__name__)
+        return out
+    load_image.consent_guard_hook = True
+    return load_image
+
+
+def _wrap_previewer(original):
+    @functools.wraps(original)
+    def get_previewer(*args, **kwargs):
+        if enforce_on():
+            _preview_notice()
+            return None
+        return original(*args, **kwargs)
+    get_previewer.consent_guard_hook = True
+    return get_previewer
+
+
+def _wrap_send_sync(original):
+    @functools.wraps(original)
+    def send_sync(event, data, sid=None):
+        if event in PREVIEW_EVENTS and enforce_on():
+            _preview_notice()
+            return None
+        return original(event, data, sid)
+    send_sync.consent_guard_hook = True
+    return send_sync
+
+
+_noticed = False
+
+
+def _preview_notice():
+    global _noticed
+    if not _noticed:
+        _noticed = True
+        log.warning("Consent Guard (enforce): live previews while sampling are turned off; "
+                    "every finished image is checked before it is shown.")
+
+
+def not_armed_error() -> Optional[tuple]:
+    """validate_prompt's refusal while enforce mode is on and protection is not in place."""
+    st = state()
+    if st.armed or not enforce_on_safely():
+        return None
+    message = ("Consent Guard enforce mode is on, but its protection is not in place, so "
+               "nothing is queued: " + (st.problem or "unknown problem"))
+    return (False, {"type": "consent_guard_not_active", "message": message,
+                    "details": message, "extra_info": {}}, [], {})
+
+
+def enforce_on_safely() -> bool:
+    try:
+        return enforce_on()
+    except Exception:
+        return True
+
+
+def _patch(owner, attr: str, wrap, name: str) -> None:
+    current = getattr(owner, attr)
+    if getattr(current, "consent_guard_hook", False):
+        HOOKS[name] = "installed"
+        return
+    setattr(owner, attr, wrap(current))
+    HOOKS[name] = "installed"
+
+
+def _try(name: str, fn) -> None:
+    try:
+        fn()
+    except Exception as exc:
+        HOOKS[name] = f"not installed: {type(exc).__name__}: {exc}"
+        log.error("Consent Guard: hook %s not installed: %s", name, exc)
+
+
+def install(prompt_handler_added: bool) -> Dict[str, str]:
+    """Install every hook (idempotent); arm enforce mode only when all are in place."""
+    import folder_paths
+
+    _try("execution.get_output_data", lambda: _patch(
+        sys.modules["execution"] if "execution" in sys.modules else __import__("execution"),
+        "get_output_data", _wrap_get_output_data, "execution.get_output_data"))
+    _try("folder_paths.get_save_image_path", lambda: _patch(
+        folder_paths, "get_save_image_path", _wrap_save_path,
+        "folder_paths.get_save_image_path"))
+
+    def comfy_nodes():
+        mod = sys.modules.get("nodes")
+        if mod is None or not hasattr(mod, "SaveImage"):
+            raise ImportError("ComfyUI's nodes module is not loaded")
+        return mod
+
+    _try("nodes.SaveImage.save_images", lambda: _patch(
+        comfy_nodes().SaveImage, "save_images",
+        lambda f: _wrap_saver(f, "SaveImage", images_at=1), "nodes.SaveImage.save_images"))
+    _try("nodes.LoadImage.load_image", lambda: _patch(
+        comfy_nodes().LoadImage, "load_image", _wrap_load_image, "nodes.LoadImage.load_image"))
+
+    def ui_helper():
+        from comfy_api.latest._ui import ImageSaveHelper
+        for attr in ("save_images", "save_animated_png", "save_animated_webp"):
+            current = ImageSaveHelper.__dict__[attr]
+            fn = current.__func__ if isinstance(current, staticmethod) else current
+            if not getattr(fn, "consent_guard_hook", False):
+                setattr(ImageSaveHelper, attr,
+                        staticmethod(_wrap_saver(fn, f"ImageSaveHelper.{attr}")))
+        HOOKS["comfy_api.latest._ui.ImageSaveHelper"] = "installed"
+
+    _try("comfy_api.latest._ui.ImageSaveHelper", ui_helper)
+
+    def previews():
+        import latent_preview
+        _patch(latent_preview, "get_previewer", _wrap_previewer, "latent_preview.get_previewer")
+        import server
+        instance = server.PromptServer.instance
+        if instance is None:
+            raise RuntimeError("no PromptServer instance")
+        _patch(instance, "send_sync", _wrap_send_sync, "PromptServer.send_sync")
+        HOOKS["previews"] = "installed"
+
+    _try("previews", previews)
+
+    def guard():
+        import execution
+        install_validate_guard(execution)
+        HOOKS["execution.validate_prompt"] = "installed"
+
+    _try("execution.validate_prompt", guard)
+    HOOKS["prompt handler"] = "installed" if prompt_handler_added else "not installed"
+    missing = [f"{k} ({v})" for k, v in HOOKS.items() if v != "installed"]
+    st = state()
+    st.armed = not missing
+    st.problem = None if not missing else "hooks missing: " + "; ".join(missing)
+    if missing:
+        log.error("Consent Guard: %s; in enforce mode nothing is queued", st.problem)
+    return dict(HOOKS)
+
+
+def install_validate_guard(execution) -> None:
+    """Wrap execution.validate_prompt so that it refuses while not_armed_error() says so
+    (prestartup_script.py has its own copy of this, for when this package cannot load)."""
+    state().refusal = not_armed_error  # what the guard asks, whoever installed it
+    current = execution.validate_prompt
+    if getattr(current, "consent_guard_hook", False):
+        return
+
+    @functools.wraps(current)
+    async def validate_prompt(*args, **kwargs):
+        refusal = state().refusal()
+        if refusal is not None:
+            log.error("Consent Guard: %s", refusal[1]["message"])
+            return refusal
+        return await current(*args, **kwargs)
+    validate_prompt.consent_guard_hook = True
+    execution.validate_prompt = validate_prompt
+
+
+def status() -> dict:
+    """For GET /consent_guard/status and `consent-guard doctor --url`."""
+    st = state()
+    try:
+        on = enforce_on()
+    except Exception:
+        on = True
+    return {"enforce": on, "armed": bool(st.armed), "problem": st.problem,
+            "prestartup_guard": bool(getattr(st, "guarded", False)), "hooks": dict(HOOKS),
+            "previews": "off" if on else "on", "checked_batches": checked_count()}
+

@@ -1,0 +1,137 @@
+"""Consent Guard's early guard for enforce mode, run by ComfyUI before any custom node.
+
+ComfyUI a125cd84 (0.3.64) main.py `execute_prestartup_script()` runs each custom node
+folder's `prestartup_script.py` right after parsing its arguments and before it imports
+`execution`, `server` or any custom node (it skips folders named `*.disabled` and all of them
+under `--disable-all-custom-nodes`; `consent-guard doctor` reports both).
+
+What it does: when the policy says `enforce = true` (or the policy file exists but cannot be
+read: fail closed), every submission is refused until the plugin itself has loaded and armed
+all its hooks (nodes/enforce.py). So an import error in the plugin, a missing dependency or a
+broken model folder cannot leave ComfyUI running unprotected: POST /prompt answers 400 with a
+message that says why. It does so by wrapping `execution.validate_prompt` the moment ComfyUI
+imports `execution` (an import hook), without importing anything heavy itself: importing torch
+here would come before ComfyUI sets up CUDA from its arguments.
+
+This file must not import the plugin: it has to work when the plugin is what is broken.
+"""
+import functools
+import importlib.abc
+import logging
+import os
+import sys
+import types
+
+STATE_MODULE = "_consent_guard_enforce"  # nodes/enforce.py reads and updates the same module
+POLICY_FILENAME = "policy.toml"
+log = logging.getLogger("consent_guard")
+
+
+def _home() -> str:
+    env = os.environ.get("CONSENT_GUARD_HOME")
+    if env:
+        return os.path.expanduser(env)
+    import folder_paths  # ComfyUI's; imported by main.py before this runs
+
+    return os.path.join(folder_paths.get_user_directory(), "consent_guard")
+
+
+def _enforce_at_boot(home: str):
+    """(enforce, problem): whether the policy asks for enforce mode, read without the plugin."""
+    path = os.path.join(home, POLICY_FILENAME)
+    if not os.path.exists(path):
+        return False, None
+    try:
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib
+        with open(path, "rb") as f:
+            value = tomllib.load(f).get("enforce", False)
+    except Exception as exc:
+        return True, f"the policy {path} cannot be read ({type(exc).__name__}: {exc})"
+    if not isinstance(value, bool):
+        return True, f"the policy {path} has enforce = {value!r}, which is not true or false"
+    return value, None
+
+
+def _state(enforce: bool, problem):
+    st = sys.modules.get(STATE_MODULE)
+    if st is None:
+        st = types.ModuleType(STATE_MODULE)
+        st.armed = False
+        sys.modules[STATE_MODULE] = st
+    st.guarded = True
+    st.enforce_at_boot = enforce
+    st.problem = problem or ("the Consent Guard plugin did not finish loading; its error is "
+                             "in ComfyUI's log (\"Cannot import ...\")")
+
+    def refusal():  # replaced by nodes/enforce.py once the plugin has loaded
+        if st.armed or not st.enforce_at_boot:
+            return None
+        message = ("Consent Guard enforce mode is on, but its protection is not in place, so "
+                   "nothing is queued: " + st.problem)
+        return (False, {"type": "consent_guard_not_active", "message": message,
+                        "details": message, "extra_info": {}}, [], {})
+
+    st.refusal = refusal
+    return st
+
+
+def _guard(execution) -> None:
+    current = execution.validate_prompt
+    if getattr(current, "consent_guard_hook", False):
+        return
+
+    @functools.wraps(current)
+    async def validate_prompt(*args, **kwargs):
+        refusal = sys.modules[STATE_MODULE].refusal()
+        if refusal is not None:
+            log.error("Consent Guard: %s", refusal[1]["message"])
+            return refusal
+        return await current(*args, **kwargs)
+
+    validate_prompt.consent_guard_hook = True
+    execution.validate_prompt = validate_prompt
+
+
+class _GuardExecution(importlib.abc.MetaPathFinder):
+    """Finds `execution` like the other finders would, and guards it once it has run."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "execution":
+            return None
+        sys.meta_path.remove(self)
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            spec = find(name, path, target) if find else None
+            if spec is not None and spec.loader is not None:
+                break
+        else:
+            return None
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            _guard(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def install() -> None:
+    enforce, problem = _enforce_at_boot(_home())
+    _state(enforce, problem)
+    if "execution" in sys.modules:
+        _guard(sys.modules["execution"])
+    elif not any(isinstance(f, _GuardExecution) for f in sys.meta_path):
+        sys.meta_path.insert(0, _GuardExecution())
+    if enforce:
+        log.info("Consent Guard: enforce mode; submissions are refused until the plugin has "
+                 "loaded and armed its hooks")
+
+
+try:
+    install()
+except Exception:  # never stop ComfyUI from starting; the plugin's own checks still run
+    log.exception("Consent Guard: prestartup guard not installed")

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from test_comfyui_integration import COMFYUI_DIR, Comfy, post_prompt, txt2img_graph, wait_done
+from test_comfyui_integration import (COMFYUI_DIR, Comfy, post_prompt, start, txt2img_graph,
+                                      wait_done)
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout")
@@ -23,16 +24,7 @@ EVERYTHING_EXPLICIT = "[explicit]\nopen_nsfw_safe_below = 0.0\nopen_nsfw_explici
 
 @pytest.fixture(scope="module")
 def comfy(tmp_path_factory):
-    from conftest import package_file
-
-    base = tmp_path_factory.mktemp("enforce_base")
-    home = tmp_path_factory.mktemp("enforce_home")
-    (home / "policy.toml").write_text("enforce = true\n")
-    (base / "custom_nodes").mkdir()
-    (base / "custom_nodes" / "consent_guard").symlink_to(REPO, target_is_directory=True)
-    (base / "input").mkdir()
-    shutil.copy(package_file("insightface", "data/images/t1.jpg"), base / "input" / "t1.jpg")
-    server = Comfy(base, home)
+    server, base, home = start(tmp_path_factory, "enforce = true\n")
     yield server, base, home
     server.stop()
 

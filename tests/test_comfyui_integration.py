@@ -97,17 +97,25 @@ class Comfy:
 
 @pytest.fixture(scope="module")
 def comfy(tmp_path_factory):
+    server, base, home = start(tmp_path_factory)
+    yield server, base, home
+    server.stop()
+
+
+def start(tmp_path_factory, policy: str = ""):
+    """A ComfyUI on a throwaway base directory whose custom_nodes/consent_guard is this repo,
+    with t1.jpg in input/ and `policy` in a fresh Consent Guard home."""
     from conftest import package_file
 
     base = tmp_path_factory.mktemp("comfy_base")
     home = tmp_path_factory.mktemp("cg_home")
+    if policy:
+        (home / "policy.toml").write_text(policy)
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / "consent_guard").symlink_to(REPO, target_is_directory=True)
     (base / "input").mkdir()
     shutil.copy(package_file("insightface", "data/images/t1.jpg"), base / "input" / "t1.jpg")
-    server = Comfy(base, home)
-    yield server, base, home
-    server.stop()
+    return Comfy(base, home), base, home
 
 
 def save_graph(prefix: str) -> dict:

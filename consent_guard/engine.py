@@ -11,13 +11,14 @@ import numpy as np
 from . import censor
 from .detectors.base import ImageScorer, PartDetector
 from .explicit import check_explicit
-from .faces.stage import FaceStage, apply_identity_rules, input_rules
+from .faces.stage import DETECT_SIZE, FaceStage, apply_identity_rules, detect_faces, input_rules
 from .imageio import ImageInputError, read_image_frames, to_rgb_uint8
+from .minors import apply_minor_rule, needs_age_check, with_age
 from .models import ModelError, ModelResolver, onnx_session
 from .policy import Policy
 from .registry import RegistryError
 from .prepare import WORK_SIZE, PreparedImage
-from .verdict import Decision, Verdict
+from .verdict import Decision, FaceFinding, Verdict
 
 log = logging.getLogger("consent_guard")
 
@@ -28,9 +29,11 @@ class Engine:
 
     def __init__(self, policy: Optional[Policy] = None, *, parts: Optional[PartDetector] = None,
                  scorer: Optional[ImageScorer] = None, model_dirs: Sequence[Path] = (),
-                 registry=None, face_backend=None, insightface_dirs: Sequence[Path] = ()):
+                 registry=None, face_backend=None, insightface_dirs: Sequence[Path] = (),
+                 age_estimator=None):
         """`registry`: an open Registry (or None: no one is protected, the face stage is off).
-        `face_backend`: a FaceBackend to use instead of choosing one (tests, benchmarks)."""
+        `face_backend`: a FaceBackend to use instead of choosing one (tests, benchmarks).
+        `age_estimator`: an AgeEstimator (faces/age.py) to use instead of the default model."""
         self.policy = policy or Policy()
         self._parts, self._scorer = parts, scorer
         self._model_dirs = list(model_dirs)
@@ -39,6 +42,7 @@ class Engine:
         self._injected_backend = face_backend
         self._chosen_backend = None
         self._insightface_dirs = list(insightface_dirs)
+        self._age_estimator = age_estimator
         self._faces: Optional[FaceStage] = None
         self._faces_generation: Optional[int] = None
         self.face_notes: List[str] = []  # what the admin should know about matching coverage
@@ -53,7 +57,8 @@ class Engine:
         other = Engine(policy, parts=self._parts, scorer=self._scorer,
                        model_dirs=self._model_dirs, registry=self.registry,
                        face_backend=self._injected_backend or self._chosen_backend,
-                       insightface_dirs=self._insightface_dirs)
+                       insightface_dirs=self._insightface_dirs,
+                       age_estimator=self._age_estimator)
         other.audit = self.audit
         other._prompt_parts = self._prompt_parts
         return other
@@ -91,6 +96,17 @@ class Engine:
                     log.warning("Consent Guard: %s", note)
             return self._chosen_backend
 
+    def age_estimator(self):
+        """The age estimator the minors rule runs (loaded on first use; a ModelError, with the
+        fix, when its weights are missing: the images that need it are then blocked)."""
+        with self._lock:
+            if self._age_estimator is None:
+                from .faces.age import load_age_estimator
+
+                resolver = ModelResolver(self.policy.model_paths, self._model_dirs)
+                self._age_estimator = load_age_estimator(resolver, self.policy.device)
+            return self._age_estimator
+
     def face_stage(self) -> Optional[FaceStage]:
         """The face stage with the registry's current embeddings, or None when nobody is
         enrolled. Reloaded when the registry changes (another process may have enrolled)."""
@@ -118,7 +134,15 @@ class Engine:
         """One verdict per image; the batch goes through each model together. Never raises for
         a bad image or a failing model: that image's verdict is a block that says why.
         `full_size` is given when the pixels were decoded at reduced scale (regions are
-        reported in full-size pixels)."""
+        reported in full-size pixels).
+
+        The checks: explicit content (explicit.py); then, for an image the explicit check did
+        not call plainly safe, the minors rule (minors.py): its faces are found and their ages
+        estimated, and if anyone may be under 18 the image is blocked whatever [actions] says
+        (with minor_unknown = "block", a face too small or blurred to tell counts as a minor;
+        if the age model cannot load, such an image is blocked with the reason). An explicit
+        image with no face at all follows the normal policy. Then protected identities, when
+        anyone is enrolled (faces/stage.py)."""
         verdicts: List[Optional[Verdict]] = [None] * len(pixels)
         prepared, index, rgbs = [], [], []
         for i, px in enumerate(pixels):
@@ -133,9 +157,11 @@ class Engine:
             try:
                 self.load()
                 results = check_explicit(prepared, self._parts, self._scorer, self.policy)
-                results = self._with_faces(results, rgbs, full_size, apply_identity_rules)
+                stage = self.face_stage()
             except Exception as exc:  # fail closed: a check that cannot run blocks the image
-                results = [self._failure(exc)] * len(prepared)
+                results, stage = [self._failure(exc)] * len(prepared), None
+            results = [self._faces_and_minors(v, rgb, full_size, stage)
+                       for v, rgb in zip(results, rgbs)]
             for i, v in zip(index, results):
                 verdicts[i] = v
         return verdicts  # type: ignore[return-value]
@@ -167,6 +193,48 @@ class Engine:
             raise ImageInputError(f"too large to check: {w}x{h}, over the policy limit "
                                   f"of {self.policy.max_pixels} pixels")
         return rgb
+
+    def _faces_and_minors(self, verdict: Verdict, rgb: np.ndarray,
+                          full_size: Optional[Tuple[int, int]],
+                          stage: Optional[FaceStage]) -> Verdict:
+        """The face checks of one output image, on one detection: the minors rule (when the
+        explicit check did not call the image plainly safe, see minors.py) and the protected
+        identities (when anyone is enrolled). Never raises: a check that cannot run blocks
+        this image and says why."""
+        if verdict.error:
+            return verdict
+        try:
+            age_check = needs_age_check(verdict, self.policy)
+            if stage is None and not age_check:
+                return verdict
+            to_full = full_size[0] / rgb.shape[1] if full_size else 1.0
+            detector = stage.detector if stage is not None else self.face_backend().detector
+            # the minors rule never looks for faces on a smaller copy than the default
+            size = max(self.policy.detect_size, DETECT_SIZE) if age_check \
+                else self.policy.detect_size
+            faces = detect_faces(detector, rgb, size)
+            estimates = self.age_estimator().estimate(rgb, faces) if age_check and faces \
+                else [None] * len(faces)
+            matched = {}
+            if stage is not None:
+                big = [i for i, f in enumerate(faces) if f.size * to_full >= stage.min_face_px]
+                matched = dict(zip(big, stage.match(rgb, [faces[i] for i in big], to_full)))
+            findings = []
+            for i, (face, est) in enumerate(zip(faces, estimates)):
+                finding = matched.get(i)
+                if finding is None and est is None:
+                    continue
+                if finding is None:
+                    finding = FaceFinding(tuple(int(round(v * to_full)) for v in face.box),
+                                          round(face.score, 4))
+                findings.append(with_age(finding, est))
+            if age_check:
+                verdict = apply_minor_rule(verdict, findings, self.policy)
+            if stage is not None:
+                verdict = apply_identity_rules(verdict, findings)
+            return verdict
+        except Exception as exc:  # fail closed
+            return self._failure(exc)
 
     def _with_faces(self, verdicts: List[Verdict], rgbs: List[np.ndarray],
                     full_size: Optional[Tuple[int, int]], rule) -> List[Verdict]:
@@ -234,8 +302,9 @@ class Engine:
 
     def check_file(self, path: Path) -> Verdict:
         """Every frame of an image file; the strictest frame's verdict stands for the file."""
-        # with people enrolled, decode large enough to embed faces well, not just to detect
-        draft = WORK_SIZE if self.registry is None else max(WORK_SIZE, 2 * self.policy.detect_size)
+        # decode large enough to embed faces and estimate their ages well, not just to detect
+        # them (the minors rule may need the faces of any image)
+        draft = max(WORK_SIZE, 2 * self.policy.detect_size)
         try:
             frames, size = read_image_frames(path, self.policy.max_pixels, draft_size=draft)
         except ImageInputError as exc:

@@ -19,6 +19,16 @@ from .verdict import Decision
 
 POLICY_FILENAME = "policy.toml"
 
+# The minors rule's threshold on P(minor), the age model's probability that a face is under 18
+# (consent_guard/minors.py). A policy may set a lower (stricter) value, never a higher one.
+# bench/ages.py on 72 adult faces (../shared/eval/faces): P(minor) is at most 0.008 on them
+# (0 of 72 called minor at any threshold from 0.05 up), at most 0.052 on the same faces shrunk
+# or blurred as far as the age check still accepts them, and 0.106 on one face of 69 aligned by
+# InsightFace's smallest detector (SCRFD-500M). 0.1 is the lowest value with no adult called
+# minor by the default detector in any of these, and at most 1 in 69 (1.4%) by SCRFD-500M.
+# Whether minors are caught is NOT measured: there are no images of children, and never will be.
+MINOR_THRESHOLD = 0.1
+
 DEFAULT_POLICY_TOML = """\
 # Consent Guard policy. Every key is optional; the values shown are the defaults.
 version = 1
@@ -79,8 +89,14 @@ detect_size = 640           # faces are detected on a copy this large (long side
 # key_file = "/path/to/registry.key"    # default: registry.key beside the registry
 
 [minors]
-# Explicit images of anyone who looks under 18 are always blocked; no setting can allow them.
-# A face too small or too blurred for its age to be estimated is "unknown":
+# Explicit images of anyone who looks under 18 are always blocked, whatever [actions] says; no
+# key can turn this off or loosen it (such a key is refused). For an image that open_nsfw does
+# not call safe (>= 0.2) or where NudeNet sees any exposed part (>= 0.25), every face's age is
+# estimated (dlib's age model). If any face has P(under 18) >= threshold, the image is blocked.
+# On 72 adult faces the highest P(under 18) was 0.008 (README, "Minors"). An explicit image
+# with no face at all follows [actions].
+threshold = 0.1         # may only be lowered (stricter): more faces count as minors
+# A face too small (box under 48 px) or too blurred for its age to be estimated is "unknown":
 #   "block"  - an explicit image with an unknown face is treated as showing a minor
 #   "policy" - it follows the [actions] above like any adult
 minor_unknown = "block"
@@ -141,6 +157,7 @@ class Policy:
     registry_path: Optional[str] = None
     key_file: Optional[str] = None
     minor_unknown: str = "block"
+    minor_threshold: float = MINOR_THRESHOLD  # only ever lowered by a policy file
     enforce: bool = False
     audit_enabled: bool = True
     audit_path: Optional[str] = None
@@ -201,6 +218,42 @@ class _Reader:
         return value
 
 
+MINORS_KEYS = ("threshold", "minor_unknown")
+WEAKENING = "the minors rule cannot be weakened"
+
+
+def _minors(r: _Reader, defaults: Policy):
+    """[minors]: a threshold that may only be lowered, and minor_unknown. Any other key (an
+    attempt such as `enabled = false`) is refused, saying why."""
+    value = r.data.get("minors", {})
+    if not isinstance(value, dict):
+        r.problems.append(f"{WEAKENING}: [minors] must be a table (threshold, minor_unknown), "
+                          f"got {type(value).__name__}.")
+        return {}, defaults.minor_threshold
+    for key in value:
+        if key not in MINORS_KEYS:
+            close = difflib.get_close_matches(key, MINORS_KEYS, n=1)
+            r.problems.append(
+                f"{WEAKENING}: [minors] {key} is not a setting (nothing can turn the rule off "
+                f"or loosen it); [minors] takes only 'threshold' (at most {MINOR_THRESHOLD}, "
+                f"lower is stricter) and 'minor_unknown'."
+                + (f" Did you mean '{close[0]}'?" if close else ""))
+    threshold = value.get("threshold", defaults.minor_threshold)
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        r.problems.append(f"[minors] threshold must be a number, got {threshold!r}.")
+        return value, defaults.minor_threshold
+    if threshold > MINOR_THRESHOLD:
+        r.problems.append(
+            f"{WEAKENING}: [minors] threshold = {threshold} is above the built-in "
+            f"{MINOR_THRESHOLD}, and a higher threshold lets more faces that look under 18 "
+            f"through. Only a value at or below {MINOR_THRESHOLD} (stricter) is accepted.")
+        return value, defaults.minor_threshold
+    if threshold < 0:
+        r.problems.append(f"[minors] threshold = {threshold} is out of range 0..{MINOR_THRESHOLD}.")
+        return value, defaults.minor_threshold
+    return value, float(threshold)
+
+
 def policy_from_dict(data: dict, where: str = "<policy>") -> Policy:
     defaults = Policy()
     r = _Reader(data, where)
@@ -231,7 +284,7 @@ def policy_from_dict(data: dict, where: str = "<policy>") -> Policy:
     faces_t = r.table("faces", ("backend", "insightface_pack", "min_face_px", "detect_size",
                                 "thresholds"))
     ident_t = r.table("identities", ("registry", "key_file"))
-    minors_t = r.table("minors", ("minor_unknown",))
+    minors_t, minor_threshold = _minors(r, defaults)
     audit_t = r.table("audit", ("enabled", "path", "prompt", "max_mb", "backups"))
     enforce = r.flag(data, "", "enforce", False)
     audit_enabled = r.flag(audit_t, "audit", "enabled", True)
@@ -302,6 +355,7 @@ def policy_from_dict(data: dict, where: str = "<policy>") -> Policy:
         key_file=ident_t.get("key_file") or None,
         minor_unknown=r.choice(minors_t, "minors", "minor_unknown", defaults.minor_unknown,
                                ("block", "policy")),
+        minor_threshold=minor_threshold,
         enforce=enforce,
         audit_enabled=audit_enabled,
         audit_path=audit_t.get("path") if isinstance(audit_t.get("path"), str) else None,

@@ -54,10 +54,20 @@ class FaceFinding:
     identity: Optional[str] = None
     scope: Optional[str] = None
     similarity: Optional[float] = None  # to the best-matching identity, when one matched
+    # Set when the minors rule estimated this face's age (consent_guard/minors.py):
+    age: Optional[float] = None  # expected age in years
+    p_minor: Optional[float] = None  # probability of being under 18
+    age_unknown: Optional[str] = None  # why the age could not be estimated
 
     def to_dict(self) -> dict:
-        return {"bbox": list(self.box), "identity": self.identity,
-                "similarity": None if self.similarity is None else round(self.similarity, 4)}
+        d = {"bbox": list(self.box), "identity": self.identity,
+             "similarity": None if self.similarity is None else round(self.similarity, 4)}
+        if self.p_minor is not None:
+            d["age"] = None if self.age is None else round(float(self.age), 1)
+            d["p_minor"] = round(float(self.p_minor), 4)
+        if self.age_unknown:
+            d["age_unknown"] = self.age_unknown
+        return d
 
 
 @dataclass(frozen=True)
@@ -68,7 +78,7 @@ class Verdict:
     rule: str = ""  # the policy rule that produced the decision, in words
     error: Optional[str] = None  # set when a check failed; the decision is then BLOCK (fail closed)
     scores: dict = field(default_factory=dict, compare=False)  # raw model scores, for reports
-    faces: Tuple[FaceFinding, ...] = ()  # every face checked against the registry
+    faces: Tuple[FaceFinding, ...] = ()  # every face checked (registry match, age estimate)
 
     @property
     def allowed(self) -> bool:
@@ -101,5 +111,7 @@ class Verdict:
             return f"blocked: {self.error}"
         if self.decision is Decision.ALLOW:
             return "allowed"
+        if any(r.category == "minor_explicit" for r in self.reasons):
+            return "blocked: explicit content, and a person in the image may be under 18"
         labels = ", ".join(sorted({f"{r.label} ({r.score:.2f})" for r in self.reasons}))
         return f"{self.decision.value}: {labels}"

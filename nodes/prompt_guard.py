@@ -264,10 +264,17 @@ def check_text(engine, text: str, negative: Optional[str]) -> Verdict:
     return verdict
 
 
+PLAIN = {"minor_sexual": "sexual content involving minors (never allowed)",
+         "protected_identity": "a protected person named in a sexual prompt",
+         "undress_request": "a request to undress someone",
+         "sexual_explicit": "sexual_explicit", "sexual_suggestive": "sexual_suggestive"}
+
+
 def _categories(verdict: Verdict) -> str:
-    """What was found, by policy category only: never a label or the text (a protected
-    person's name must not be echoed)."""
-    return ", ".join(sorted({r.category for r in verdict.reasons})) or verdict.decision.value
+    """What was found, by policy category only, in plain words for the sensitive ones: never
+    a label or the text (a protected person's name must not be echoed)."""
+    cats = sorted({r.category for r in verdict.reasons})
+    return ", ".join(PLAIN.get(c, c) for c in cats) or verdict.decision.value
 
 
 def _where(t: PromptText) -> str:

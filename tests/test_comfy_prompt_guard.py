@@ -308,7 +308,7 @@ def test_names_are_never_echoed(guard, monkeypatch):
     monkeypatch.setattr(guard, "get_engine", lambda: double)
     refused = submit(guard, txt2img("Jane Example forbiddenword"))
     message = refusal_messages(guard, refused)["6"]
-    assert "protected_identity" in message and "Jane" not in message
+    assert "a protected person named" in message and "Jane" not in message
 
 
 def test_engine_that_cannot_load_refuses(guard, monkeypatch):

@@ -48,8 +48,16 @@ class FaceStage:
     def findings(self, rgb: np.ndarray, to_full: float = 1.0) -> List[FaceFinding]:
         """Every face of at least min_face_px (measured at full size), with its best match.
         `to_full` maps `rgb`'s pixels to the full image's (when it was decoded smaller)."""
-        faces = [f for f in detect_faces(self.detector, rgb, self.detect_size)
-                 if f.size * to_full >= self.min_face_px]
+        return self.match(rgb, self.matchable(detect_faces(self.detector, rgb, self.detect_size),
+                                              to_full), to_full)
+
+    def matchable(self, faces: Sequence[Face], to_full: float = 1.0) -> List[Face]:
+        """The faces large enough to match (min_face_px, measured at full size)."""
+        return [f for f in faces if f.size * to_full >= self.min_face_px]
+
+    def match(self, rgb: np.ndarray, faces: Sequence[Face], to_full: float = 1.0
+              ) -> List[FaceFinding]:
+        """A finding for each of `faces` (already found in `rgb`), in order, with its match."""
         if not faces:
             return []
         matches = self._gallery().match(self.embedder.embed(rgb, faces), self.threshold)

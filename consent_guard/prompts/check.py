@@ -23,9 +23,10 @@ from .lexicon import Hit, Lexicon
 from .normalise import normalise
 
 ALWAYS_BLOCK = ("undress_request", "minor_sexual", "protected_identity")
-# The classifier reads sentences: on one- to three-word prompts ("bond", "molecule") sentence
-# embeddings are unreliable, and words are the lexicon's job (bench/prompts.py).
-CLASSIFIER_MIN_WORDS = 4
+# The classifier reads phrases: on one- and two-word prompts ("bond", "molecule") sentence
+# embeddings are unreliable, and words are the lexicon's job. From three words on it runs: on
+# the visible sets, 3 and 4 flag the same prompts (bench/prompts.py).
+CLASSIFIER_MIN_WORDS = 3
 
 
 def check_prompt(text: str, negative: Optional[str] = None, *, lexicon: Lexicon,
@@ -38,7 +39,7 @@ def check_prompt(text: str, negative: Optional[str] = None, *, lexicon: Lexicon,
     by_cat = {c: [h for h in hits if h.category == c] for c in
               ("explicit", "suggestive", "minor", "undress")}
     use_classifier = classifier is not None and \
-        len(prompt.text.split()) >= CLASSIFIER_MIN_WORDS
+        sum(w != "," for w in prompt.text.split()) >= CLASSIFIER_MIN_WORDS
     score = float(classifier.score([prompt.text])[0]) if use_classifier else 0.0
     semantic = use_classifier and score >= classifier.threshold
     sexual = bool(by_cat["explicit"] or by_cat["suggestive"] or semantic)

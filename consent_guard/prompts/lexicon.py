@@ -20,7 +20,8 @@ matched against every prompt, so a Spanish word in an English prompt is found):
 
 - alphabetic scripts (Latin, Cyrillic): whole words; the entry may not be preceded or
   followed by a letter or digit ("title", "Scunthorpe", "cocktail", "pussycat" do not match
-  "tit", "cunt", "cock", "pussy");
+  "tit", "cunt", "cock", "pussy"); the few emoji the normaliser keeps (normalise.EMOJI) are
+  words of this class too;
 - Hangul: the entry must start a word and any syllables may follow, so Korean particles and
   endings match ("누드를", "누드는", "누드가" match "누드");
 - CJK and Thai (no spaces): substring, so entries there are multi-character words; a

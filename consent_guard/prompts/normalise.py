@@ -27,7 +27,10 @@ Every step undoes a way of writing the same word differently, in this order:
    "3d", "35mm", "1080p", "1990s") are left alone, and Danbooru count tags are split:
    "1girl" -> "1 girl", "2boys" -> "2 boys", "5yo" -> "5 yo";
 8. punctuation: sentence and tag punctuation (, . ; ! ? and their CJK forms) becomes a
-   phrase break written " , "; every other non-letter becomes a space; spaces collapse;
+   phrase break written " , "; every other non-letter becomes a space, except the few emoji
+   that sexual prompts use as words (🍆 🍑 💦 👅 👉 👌 👈 🔞, see ``EMOJI``), which stay,
+   each as a word of its own, a run of the same one written once ("🍆🍆🍆💦💦" -> "🍆 💦";
+   skin-tone modifiers are deleted); spaces collapse;
 9. stretched letters: runs of three or more identical letters become two ("nuuuude" ->
    "nuude", "boooobs" -> "boobs"); the matcher also reads a copy with every run collapsed
    to one letter (see lexicon.py).
@@ -63,6 +66,7 @@ _INVISIBLE = (
     + list(range(0x2060, 0x2070))      # word joiner, invisible operators, bidi isolates
     + list(range(0xFE00, 0xFE10))      # variation selectors
     + list(range(0xE0000, 0xE0080))    # tag characters
+    + list(range(0x1F3FB, 0x1F400))    # emoji skin-tone modifiers
 )
 _DELETE_INVISIBLE: Dict[int, None] = {cp: None for cp in _INVISIBLE}
 
@@ -142,7 +146,12 @@ UNITS = frozenset("""d k p i x s m mm cm km kg g mb gb tb px fps hz khz mhz th s
 # --- 8. punctuation -----------------------------------------------------------------------
 _PHRASE_BREAK = re.compile(r"[,.;!?\n\r\u3001\u3002\uff0c\uff1b\uff01\uff1f\u2026\u00bf\u00a1]+")
 # letters, digits and the combining marks that belong to letters (Thai, Indic, kana) are kept
-_NON_WORD = re.compile(r"(?:[^\w\u0900-\u0dff\u0e00-\u0e7f\u0e80-\u0eff\u3099\u309a,]|_)+")
+#: emoji kept as words (the lexicon lists their sexual combinations); all others are removed
+EMOJI = "\U0001f346\U0001f351\U0001f4a6\U0001f445\U0001f449\U0001f44c\U0001f448\U0001f51e"
+_EMOJI = re.compile(f"[{EMOJI}]")
+_EMOJI_RUN = re.compile(f"([{EMOJI}])(?: (?:, )?\\1)+")  # "🍆 🍆 , 🍆" -> "🍆"
+_NON_WORD = re.compile(r"(?:[^\w\u0900-\u0dff\u0e00-\u0e7f\u0e80-\u0eff\u3099\u309a,"
+                       + EMOJI + "]|_)+")
 _BREAKS = re.compile(r"(?: ?,)+ ?")
 _ASCII_NON_WORD = str.maketrans({c: " " for c in map(chr, range(128))
                                  if not (c.isalnum() and c.islower() or c.isdigit() or c == ",")})
@@ -220,8 +229,12 @@ def _core(text: str) -> str:
         if ", ," in s or s.startswith(",") or s.endswith(","):
             s = _BREAKS.sub(" , ", s).strip(" ,")
         return _RUN3_ASCII.sub(r"\1\1", s)
+    if _EMOJI.search(s):
+        s = _EMOJI.sub(r" \g<0> ", s)
     s = _NON_WORD.sub(" ", s)
     s = _BREAKS.sub(" , ", s).strip(" ,")
+    if _EMOJI.search(s):
+        s = _EMOJI_RUN.sub(r"\1", s)
     return _RUN3.sub(r"\1\1", s)
 
 

@@ -47,7 +47,6 @@ from typing import Dict, List, Optional
 
 from . import comfy_bridge, image_nodes
 from .comfy_bridge import ConsentGuardError, frames_to_tensor, tensor_to_frames
-from .image_nodes import checked_count, is_checked, mark_checked
 
 log = logging.getLogger("consent_guard")
 
@@ -58,6 +57,21 @@ PREVIEW_EVENTS = {1, 2, 4}  # protocol.py BinaryEventTypes: the three image prev
 OWN_NODES = ("ConsentGuardSaveImage", "ConsentGuardPreviewImage")  # they check themselves
 
 _saves: contextvars.ContextVar = contextvars.ContextVar("consent_guard_saves", default=None)
+# The batches the gate let through during the node run under way ({id: tensor}): a saver the
+# node calls is not made to check them again. Only within that one run: a tensor checked
+# earlier may have been changed in place since by another node.
+_gated: contextvars.ContextVar = contextvars.ContextVar("consent_guard_gated", default=None)
+
+
+def _already_gated(images) -> bool:
+    gated = _gated.get()
+    return gated is not None and gated.get(id(images)) is images
+
+
+def _remember(images) -> None:
+    gated = _gated.get()
+    if gated is not None:
+        gated[id(images)] = images
 HOOKS: Dict[str, str] = {}  # hook name -> "installed" or why not
 
 
@@ -94,7 +108,7 @@ def gate_images(images, where: str, whole: bool = False):
     is written, not even a placeholder), censored ones are censored copies. Raises
     ConsentGuardError when every frame is blocked, when `whole` (an animation or a video)
     and any frame is, or when a check cannot run: the node then does not run at all."""
-    if is_checked(images):
+    if _already_gated(images):
         return images
     engine = image_nodes.get_engine()
     frames = tensor_to_frames(images)
@@ -104,7 +118,7 @@ def gate_images(images, where: str, whole: bool = False):
         raise ConsentGuardError(f"Consent Guard could not check the images going into {where}, "
                                 f"so nothing was saved or shown: {failed[0].error}")
     if all(v.allowed for v in verdicts):
-        mark_checked(images)
+        _remember(images)
         return images
     kept = [(f, v) for f, v in zip(frames, verdicts) if v.decision.value != "block"]
     blocked = [i + 1 for i, v in enumerate(verdicts) if v.decision.value == "block"]
@@ -117,7 +131,7 @@ def gate_images(images, where: str, whole: bool = False):
         log.warning("Consent Guard (enforce): %s image %d of %d left out (%s)", where, i,
                     len(frames), _plain(verdicts[i - 1]))
     out = frames_to_tensor([engine.render(f, v) for f, v in kept])
-    mark_checked(out)
+    _remember(out)
     return out
 
 
@@ -232,15 +246,20 @@ def _wrap_get_output_data(original):
         cls = obj if isinstance(obj, type) else type(obj)
         name = _class_name(cls)
         visual = False
-        if _output_node(cls) and name not in OWN_NODES:
-            input_data_all, visual = gate_inputs(name, input_data_all)
-        saves: List[tuple] = []
-        token = _saves.set(None if visual else saves)
-        since = time.time() - 1.0  # file times may be coarse
+        gated_token = _gated.set({})
         try:
-            result = await original(prompt_id, unique_id, obj, input_data_all, *args, **kwargs)
+            if _output_node(cls) and name not in OWN_NODES:
+                input_data_all, visual = gate_inputs(name, input_data_all)
+            saves: List[tuple] = []
+            token = _saves.set(None if visual else saves)
+            since = time.time() - 1.0  # file times may be coarse
+            try:
+                result = await original(prompt_id, unique_id, obj, input_data_all, *args,
+                                        **kwargs)
+            finally:
+                _saves.reset(token)
         finally:
-            _saves.reset(token)
+            _gated.reset(gated_token)
         if saves:
             removed = sweep(saves, since, name)
             if removed:
@@ -448,5 +467,5 @@ def status() -> dict:
         on = True
     return {"enforce": on, "armed": bool(st.armed), "problem": st.problem,
             "prestartup_guard": bool(getattr(st, "guarded", False)), "hooks": dict(HOOKS),
-            "previews": "off" if on else "on", "checked_batches": checked_count()}
+            "previews": "off" if on else "on"}
 

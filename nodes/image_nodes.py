@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import random
-import weakref
 from typing import List, Optional
 
 import numpy as np
@@ -28,30 +27,6 @@ from .comfy_bridge import (ConsentGuardError, checks_state, client_id, engine_fo
 log = logging.getLogger("consent_guard")
 CATEGORY = "Consent Guard"
 CHUNK = 16  # frames per engine call: progress for long batches, bounded memory
-# IMAGE batches that came out of a check (this package's nodes, enforce mode's gate): enforce
-# mode does not check them again on their way to a saver.
-# id -> (weak reference, the policy and registry state it was checked under): by id, since a
-# WeakSet would compare tensors with == (elementwise); with the state, since ComfyUI hands the
-# same cached tensor to the next run, which may be under a stricter policy.
-_CHECKED: dict = {}
-
-
-def mark_checked(images) -> None:
-    key = id(images)
-    try:
-        ref = weakref.ref(images, lambda _r, key=key: _CHECKED.pop(key, None))
-    except TypeError:  # not weakly referable (a numpy array): it is simply checked again
-        return
-    _CHECKED[key] = (ref, checks_state())
-
-
-def is_checked(images) -> bool:
-    hit = _CHECKED.get(id(images))
-    return hit is not None and hit[0]() is images and hit[1] == checks_state()
-
-
-def checked_count() -> int:
-    return len(_CHECKED)
 OVERRIDE_INPUT = {"policy_override": ("STRING", {
     "multiline": True, "default": "",
     "tooltip": "Optional policy keys (TOML) for this node only, e.g. [actions] nudity = "
@@ -157,9 +132,7 @@ class ConsentGuardCheckImage(_PolicyBound):
         for i, v in enumerate(verdicts):
             if not v.allowed:
                 log.warning("Consent Guard: image %d of %d %s", i + 1, len(frames), v.summary())
-        checked = frames_to_tensor(out)
-        mark_checked(checked)
-        return (checked, json.dumps(report(verdicts)))
+        return (frames_to_tensor(out), json.dumps(report(verdicts)))
 
 
 class ConsentGuardCheckInput(_PolicyBound):

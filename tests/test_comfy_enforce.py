@@ -127,6 +127,18 @@ def test_a_batch_is_checked_once(comfy, monkeypatch):
     assert calls == [1]  # the gate checked it; SaveImage.save_images's own hook did not again
 
 
+def test_a_batch_changed_in_place_after_a_check_is_checked_again(comfy, monkeypatch):
+    """Nothing is remembered across node runs: another node may change a tensor in place."""
+    pkg, base, home, server = comfy
+    use_engine(monkeypatch, pkg)
+    images = batch(ALLOW)
+    run_node(sys.modules["nodes"].SaveImage, images=images, filename_prefix="first")
+    images[:] = batch(BLOCK)  # the same tensor object, now showing something else
+    with pytest.raises(Exception, match="blocked 1 of 1"):
+        run_node(sys.modules["nodes"].SaveImage, images=images, filename_prefix="second")
+    assert not list((base / "output").glob("second_*"))
+
+
 def test_check_failure_saves_nothing(comfy, monkeypatch):
     pkg, base, home, server = comfy
     engine = use_engine(monkeypatch, pkg)

@@ -364,6 +364,33 @@ VARIANTS = [
 ]
 
 
+def _load_variant_files(folder: Path = Path(__file__).resolve().with_name("variants")):
+    """More rows of the same table, one TOML file per lexicon review (tests/variants/*.toml):
+
+        [[row]]
+        text = "..."
+        expect = ["explicit"]          # the exact lexicon categories; [] = must pass untouched
+        note = "fr: slang for ..."     # starts with the language code, like the rows above
+    """
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    rows = []
+    for path in sorted(folder.glob("*.toml")):
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        for i, row in enumerate(data.get("row", [])):
+            bad = set(row.get("expect", [])) - set(CATEGORIES)
+            if not isinstance(row.get("text"), str) or not row.get("note") or bad:
+                raise ValueError(f"{path.name}: row {i}: needs text, note and expect "
+                                 f"(categories of {CATEGORIES}); got {row!r}")
+            rows.append((row["text"], frozenset(row.get("expect", [])), row["note"]))
+    return rows
+
+
+VARIANTS += _load_variant_files()
+
+
 @pytest.fixture(scope="module")
 def lexicon() -> Lexicon:
     return Lexicon.load()

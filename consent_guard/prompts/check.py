@@ -20,7 +20,7 @@ from typing import List, Optional, Sequence, Tuple
 from ..verdict import Decision, Reason, Verdict
 from .classifier import PromptClassifier
 from .lexicon import Hit, Lexicon
-from .normalise import normalise
+from .normalise import drop_safety_tags, normalise
 
 ALWAYS_BLOCK = ("undress_request", "minor_sexual", "protected_identity")
 # The classifier reads phrases: on one- and two-word prompts ("bond", "molecule") sentence
@@ -34,7 +34,7 @@ def check_prompt(text: str, negative: Optional[str] = None, *, lexicon: Lexicon,
                  suggestive_action: Decision,
                  protected_names: Sequence[Tuple[str, str]] = ()) -> Verdict:
     """`protected_names`: (identity id, display name or alias) pairs from the registry."""
-    prompt = normalise(text or "")
+    prompt = drop_safety_tags(normalise(text or ""))
     hits = lexicon.find(prompt)
     by_cat = {c: [h for h in hits if h.category == c] for c in
               ("explicit", "suggestive", "minor", "undress")}

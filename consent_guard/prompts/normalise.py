@@ -45,7 +45,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Dict, List, Tuple
 
-__all__ = ["NormalisedPrompt", "normalise", "normalise_term", "collapse_runs"]
+__all__ = ["NormalisedPrompt", "normalise", "normalise_term", "collapse_runs",
+           "drop_safety_tags"]
 
 
 @dataclass(frozen=True)
@@ -286,3 +287,34 @@ def normalise_term(term: str) -> str:
         if norm:
             out.append(norm + ("*" if star else ""))
     return " ".join(out)
+
+
+# --- safety tags in the positive prompt ---------------------------------------------------
+# People who do not want explicit output write it into the prompt itself: "sfw", "safe for
+# work", "no nudity", "without nsfw". Read as words these contain "nudity" and "nsfw", and the
+# prompt would be blocked for asking for the opposite. The tag is removed before the lexicon and
+# the classifier read the text. Only these abstract tags: clothing words are never dropped
+# ("no clothes", "without clothing" ask for nudity), and a tag about a filter is kept ("no nsfw
+# filter" asks for the filter to be off). "not safe for work" is NSFW and stays.
+_NEGATORS = r"(?:no|not|non|without|avoid|avoiding|zero|free of)"
+_SAFETY_NOUNS = (r"(?:nudity|nude|nudes|nakedness|nsfw|porn|pornography|pornographic|"
+                 r"sexual content|sexual|sex|explicit content|explicit|erotic|erotica)")
+_SAFETY_TAGS = re.compile(
+    rf"(?<![^\s,]){_NEGATORS}(?: any)?(?: explicit)? {_SAFETY_NOUNS}"
+    rf"(?:(?: ,)? (?:or|and|nor) {_SAFETY_NOUNS})*"
+    r"(?! (?:filter|filters|filtering|filtered|censor\w*|restriction\w*|limit\w*|rules?|"
+    r"block\w*|ban\w*|checks?|safety|guard\w*|moderation|warning))(?![^\s,])"
+    r"|(?<![^\s,])(?<!not )(?<!un)(?:sfw|safe for work)(?![^\s,])")
+
+
+def drop_safety_tags(prompt: NormalisedPrompt) -> NormalisedPrompt:
+    """The prompt without the safety tags it carries ("sfw", "no nudity"; see above)."""
+    text = prompt.text
+    if not any(w in text for w in ("sfw", "safe for work", "no ", "not ", "non ", "without ",
+                                   "avoid", "zero ", "free of ")):
+        return prompt
+    cut = _SAFETY_TAGS.sub(" , ", text)
+    if cut == text:
+        return prompt
+    cut = re.sub(r"(?: ,)+", " ,", " ".join(cut.split())).strip(" ,")
+    return NormalisedPrompt(cut, prompt.names)

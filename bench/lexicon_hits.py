@@ -5,7 +5,8 @@
 
 Reads every safe set in ../shared/eval/prompts (PartiPrompts, DrawBench, COCO 20k, art,
 famous art, ImageNet, animals) and the I2P rows labelled N (neither) in
-bench/i2p_text_labels.tsv, runs the lexicon (no classifier) over each, and prints every term
+bench/i2p_text_labels.tsv, runs the lexicon (no classifier) over each, as check_prompt reads it (safety tags such as
+"no nudity" dropped), and prints every term
 that fires, with its count per set and a few examples. Only hits of categories that act on
 their own (explicit, undress) are listed unless --category says otherwise; --lang keeps the
 entries of one lexicon file (every list is matched against every prompt, so a French word can
@@ -59,10 +60,10 @@ def main() -> int:
         print(f"{pd.DATA} is absent: this check needs ../shared/eval", file=sys.stderr)
         return 2
     from consent_guard.prompts.lexicon import Lexicon
-    from consent_guard.prompts.normalise import normalise, normalise_term
+    from consent_guard.prompts.normalise import drop_safety_tags, normalise, normalise_term
 
     sets = _sets()
-    normed = {name: [(t, normalise(t)) for t in texts] for name, texts in sets.items()}
+    normed = {name: [(t, drop_safety_tags(normalise(t))) for t in texts] for name, texts in sets.items()}
     total = sum(len(v) for v in normed.values())
 
     if args.words:

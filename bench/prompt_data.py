@@ -109,4 +109,4 @@ def held_out(text: str) -> bool:
 # Sets the classifier may learn from (their held-out 20% excepted; bench/train_prompt_classifier.py
 # says how each is used). PartiPrompts, DrawBench, the art sets and the animal prompts are never
 # used in training: they stand in for the unseen data the check will meet.
-TRAINED_ON = ("I2P E/S/N labels", "SneakyPrompt words", "COCO 20k", "ImageNet")
+TRAINED_ON = ("I2P E/S/N labels", "COCO 20k", "ImageNet")

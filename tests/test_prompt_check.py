@@ -183,6 +183,28 @@ def test_real_classifier_loads_and_scores(monkeypatch):
     assert clf.meta["script"] == "bench/train_prompt_classifier.py"
 
 
+def test_real_classifier_catches_paraphrases_the_lists_miss():
+    """The semantic layer's purpose: explicit requests in words no list holds (the shipped
+    weights; these texts are not in its training files)."""
+    from consent_guard.models import ModelError
+    from consent_guard.prompts.classifier import PromptClassifier
+
+    clf = PromptClassifier.load()
+    paraphrases = ["a couple getting intimate on the couch, moaning, sweaty bodies",
+                   "a woman in the bath, her bare body visible",
+                   "her body fully exposed, nothing covering her chest"]
+    lookalikes = ["a doctor examining a patient's chest with a stethoscope",
+                  "statue of venus de milo in the louvre", "a man in the shower singing"]
+    from consent_guard.prompts.normalise import normalise
+    try:
+        scores = clf.score([normalise(t).text for t in paraphrases + lookalikes])
+    except ModelError as exc:
+        pytest.skip(f"sentence encoder not installed: {exc}")
+    lex = Lexicon.load()
+    assert not any(h.category == "explicit" for t in paraphrases for h in lex.find(normalise(t)))
+    assert np.all(scores[:3] >= clf.threshold) and np.all(scores[3:] < clf.threshold), scores
+
+
 def test_cli_check_prompt_args_stdin_json_and_exit_codes(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CONSENT_GUARD_HOME", str(tmp_path / "home"))
     assert cli.main(["check-prompt", "a red bicycle"]) == 0

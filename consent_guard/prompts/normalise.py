@@ -295,7 +295,8 @@ def normalise_term(term: str) -> str:
 # prompt would be blocked for asking for the opposite. The tag is removed before the lexicon and
 # the classifier read the text. Only these abstract tags: clothing words are never dropped
 # ("no clothes", "without clothing" ask for nudity), and a tag about a filter is kept ("no nsfw
-# filter" asks for the filter to be off). "not safe for work" is NSFW and stays.
+# filter" asks for the filter to be off). "not safe for work" and "not sfw" are NSFW and stay
+# (the English list has them).
 _NEGATORS = r"(?:no|not|non|without|avoid|avoiding|zero|free of)"
 _SAFETY_NOUNS = (r"(?:nudity|nude|nudes|nakedness|nsfw|porn|pornography|pornographic|"
                  r"sexual content|sexual|sex|explicit content|explicit|erotic|erotica)")
@@ -304,7 +305,7 @@ _SAFETY_TAGS = re.compile(
     rf"(?:(?: ,)? (?:or|and|nor) {_SAFETY_NOUNS})*"
     r"(?! (?:filter|filters|filtering|filtered|censor\w*|restriction\w*|limit\w*|rules?|"
     r"block\w*|ban\w*|checks?|safety|guard\w*|moderation|warning))(?![^\s,])"
-    r"|(?<![^\s,])(?<!not )(?<!un)(?:sfw|safe for work)(?![^\s,])")
+    r"|(?<![^\s,])(?<!not )(?<!non )(?<!no )(?:sfw|safe for work)(?![^\s,])")
 
 
 def drop_safety_tags(prompt: NormalisedPrompt) -> NormalisedPrompt:

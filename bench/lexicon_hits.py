@@ -13,14 +13,13 @@ entries of one lexicon file (every list is matched against every prompt, so a Fr
 fire on an English caption).
 
 --words FILE checks candidate terms before they are added: for each, the number of safe
-prompts whose normalised text contains it as a whole word (alphabetic terms) or as a substring
-(CJK, Thai, Hangul word start), and the examples. This is how a word such as French "bite"
+prompts it matches, matched exactly as a list entry would be (lexicon.Lexicon.find), and the
+examples. This is how a word such as French "bite"
 (English "bite") or "con" is caught before it reaches a list.
 """
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -38,14 +37,17 @@ def _sets():
     return sets
 
 
-def _term_regex(norm: str) -> re.Pattern:
-    from consent_guard.prompts import lexicon as lx
-    body = re.escape(norm.rstrip("*")) + (r"\w*" if norm.endswith("*") else "")
-    if lx._HAS_HANGUL.search(norm):
-        return re.compile(r"(?<![\uac00-\ud7a3])" + body)
-    if re.search(f"[{lx._CJK_CHARS}{lx._THAI_CHARS}]", norm):
-        return re.compile(body)
-    return re.compile(r"(?<!\w)" + body + (r"(?!\w)" if not norm.endswith("*") else ""))
+def _candidate_lexicon(terms):
+    """The candidates as one lexicon (category "explicit"), matched exactly as the real lists
+    are: whole words, wildcards, Hangul word starts, the katakana rule, collapsed doubles."""
+    from consent_guard.prompts.lexicon import Entry, Lexicon, _class_of
+    from consent_guard.prompts.normalise import normalise_term
+    entries = []
+    for term in dict.fromkeys(terms):
+        norm = normalise_term(term)
+        if norm.replace("*", "").strip():
+            entries.append(Entry("candidate", "explicit", term, norm, _class_of(norm)))
+    return Lexicon(entries, {"candidate": "latin"})
 
 
 def main() -> int:
@@ -69,14 +71,18 @@ def main() -> int:
     if args.words:
         terms = [w.strip() for w in args.words.read_text(encoding="utf-8").splitlines()
                  if w.strip() and not w.lstrip().startswith("#")]
+        found: dict = defaultdict(list)
+        cand = _candidate_lexicon(terms)
+        for name, rows in normed.items():
+            for text, p in rows:
+                for h in cand.find(p):
+                    found[h.term].append((name, text))
         print(f"{len(terms)} candidate terms against {total} safe prompts")
         for term in terms:
-            rx = _term_regex(normalise_term(term))
-            found = [(name, t) for name, rows in normed.items() for t, p in rows
-                     if rx.search(p.text)]
-            mark = "ok " if not found else "HIT"
-            print(f"{mark} {term!r} (normalised {normalise_term(term)!r}): {len(found)}")
-            for name, t in found[:args.examples]:
+            rows = found.get(term, [])
+            print(f"{'HIT' if rows else 'ok '} {term!r} (normalised {normalise_term(term)!r}): "
+                  f"{len(rows)}")
+            for name, t in rows[:args.examples]:
                 print(f"      [{name}] {t[:110]}")
         return 0
 

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 
-from . import comfy_bridge, image_nodes
+from . import comfy_bridge, image_nodes, sources
 from .comfy_bridge import ConsentGuardError, frames_to_tensor, tensor_to_frames
 
 log = logging.getLogger("consent_guard")
@@ -110,6 +110,10 @@ def gate_images(images, where: str, whole: bool = False):
     and any frame is, or when a check cannot run: the node then does not run at all."""
     if _already_gated(images):
         return images
+    now, key = sources.state(), sources.digest(images)
+    if sources.CACHE.allowed(key, now):  # checked where it was made (nodes/sources.py)
+        _remember(images)
+        return images
     engine = image_nodes.get_engine()
     frames = tensor_to_frames(images)
     verdicts = image_nodes.check_frames(engine, frames, where=where)
@@ -118,6 +122,7 @@ def gate_images(images, where: str, whole: bool = False):
         raise ConsentGuardError(f"Consent Guard could not check the images going into {where}, "
                                 f"so nothing was saved or shown: {failed[0].error}")
     if all(v.allowed for v in verdicts):
+        sources.CACHE.add(key, now)
         _remember(images)
         return images
     kept = [(f, v) for f, v in zip(frames, verdicts) if v.decision.value != "block"]
@@ -131,6 +136,7 @@ def gate_images(images, where: str, whole: bool = False):
         log.warning("Consent Guard (enforce): %s image %d of %d left out (%s)", where, i,
                     len(frames), _plain(verdicts[i - 1]))
     out = frames_to_tensor([engine.render(f, v) for f, v in kept])
+    sources.CACHE.add(sources.digest(out), now)  # what the policy lets through, as it is
     _remember(out)
     return out
 
@@ -247,9 +253,14 @@ def _wrap_get_output_data(original):
         name = _class_name(cls)
         visual = False
         gated_token = _gated.set({})
+        run = sources.NodeRun(prompt_id, unique_id, cls, sources.is_pure(cls))
+        run_token = sources.current.set(run)
         try:
             if _output_node(cls) and name not in OWN_NODES:
                 input_data_all, visual = gate_inputs(name, input_data_all)
+            # every picture the node is handed was checked where it was made, or is now
+            input_data_all, run.inputs_have_tensors = sources.check_inputs(
+                cls, input_data_all, run.name)
             saves: List[tuple] = []
             token = _saves.set(None if visual else saves)
             since = time.time() - 1.0  # file times may be coarse
@@ -259,6 +270,7 @@ def _wrap_get_output_data(original):
             finally:
                 _saves.reset(token)
         finally:
+            sources.current.reset(run_token)
             _gated.reset(gated_token)
         if saves:
             removed = sweep(saves, since, name)
@@ -268,6 +280,35 @@ def _wrap_get_output_data(original):
         return result
     get_output_data.consent_guard_hook = True
     return get_output_data
+
+
+def _wrap_get_output_from_returns(original):
+    """execution.get_output_from_returns(return_values, obj) -> (output, ui, has_subgraph):
+    get_output_data calls it, and execute() calls it for nodes that ran asynchronously. What
+    a node made is checked here (nodes/sources.py), and an output node that was handed a
+    tensor shows no text (PreviewAny prints a mask's values)."""
+    @functools.wraps(original)
+    def get_output_from_returns(return_values, obj):
+        output, ui, has_subgraph = original(return_values, obj)
+        if not enforce_on():
+            return output, ui, has_subgraph
+        cls = obj if isinstance(obj, type) else type(obj)
+        run = sources.current.get()
+        if run is not None and run.cls is not cls:
+            run = None  # not the node whose run set it: check as an unknown source
+        output = sources.check_outputs(cls, output, run, has_subgraph)
+        if ui and "text" in ui and (run is None or run.inputs_have_tensors):
+            ui = dict(ui)
+            ui["text"] = [TEXT_WITHHELD]
+            log.warning("Consent Guard (enforce): %s would have shown tensor values as "
+                        "text; withheld", run.name if run is not None else _class_name(cls))
+        return output, ui, has_subgraph
+    get_output_from_returns.consent_guard_hook = True
+    return get_output_from_returns
+
+
+TEXT_WITHHELD = ("[Consent Guard enforce mode: the values of images, masks and latents are "
+                 "not shown as text]")
 
 
 def _wrap_save_path(original):
@@ -301,8 +342,14 @@ def _wrap_load_image(original):
     @functools.wraps(original)
     def load_image(self, *args, **kwargs):
         out = original(self, *args, **kwargs)
-        if enforce_on():
-            image_nodes.check_inputs(image_nodes.get_engine(), out[0], type(self).__name__)
+        if enforce_on():  # a source: checked here, and found in the cache afterwards
+            where = f"{type(self).__name__} (loading a picture)"
+            out = tuple(out)
+            image = sources.check_picture("IMAGE", out[0], where, allow_censor=True)
+            for extra in out[1:]:
+                if sources.looks_like_mask(extra):
+                    sources.check_picture("MASK", extra, where)
+            out = (image,) + out[1:]
         return out
     load_image.consent_guard_hook = True
     return load_image
@@ -383,6 +430,17 @@ def install(prompt_handler_added: bool) -> Dict[str, str]:
     _try("execution.get_output_data", lambda: _patch(
         sys.modules["execution"] if "execution" in sys.modules else __import__("execution"),
         "get_output_data", _wrap_get_output_data, "execution.get_output_data"))
+    _try("execution.get_output_from_returns", lambda: _patch(
+        sys.modules["execution"] if "execution" in sys.modules else __import__("execution"),
+        "get_output_from_returns", _wrap_get_output_from_returns,
+        "execution.get_output_from_returns"))
+
+    def tokenizer():
+        import comfy.sd
+        _patch(comfy.sd.CLIP, "tokenize", lambda f: sources.wrap_tokenize(f, enforce_on),
+               "comfy.sd.CLIP.tokenize")
+
+    _try("comfy.sd.CLIP.tokenize", tokenizer)
     _try("folder_paths.get_save_image_path", lambda: _patch(
         folder_paths, "get_save_image_path", _wrap_save_path,
         "folder_paths.get_save_image_path"))

@@ -152,6 +152,8 @@ def install(monkeypatch, base: Path, disable_metadata: bool = False, server=None
     utils = types.ModuleType("comfy.utils")
     utils.ProgressBar = ProgressBar
     comfy.cli_args, comfy.utils = cli_args, utils
+    if core:
+        comfy.sd = sys.modules["comfy.sd"]
     for name, mod in (("comfy", comfy), ("comfy.cli_args", cli_args), ("comfy.utils", utils)):
         monkeypatch.setitem(sys.modules, name, mod)
     name = "custom_nodes_consent_guard_under_test"
@@ -221,8 +223,11 @@ def make_core(fp: types.ModuleType, input_dir: Path) -> dict:
             return (torch.from_numpy(arr)[None], torch.zeros((1, 64, 64)))
 
     nodes.SaveImage, nodes.PreviewImage, nodes.LoadImage = SaveImage, PreviewImage, LoadImage
+    core_nodes = make_core_nodes()
     nodes.NODE_CLASS_MAPPINGS = {"SaveImage": SaveImage, "PreviewImage": PreviewImage,
-                                 "LoadImage": LoadImage}
+                                 "LoadImage": LoadImage, **core_nodes}
+    for cls in (SaveImage, PreviewImage, LoadImage):
+        cls.__module__ = "nodes"
 
     execution = types.ModuleType("execution")
 
@@ -232,12 +237,31 @@ def make_core(fp: types.ModuleType, input_dir: Path) -> dict:
         results = [getattr(obj, obj.FUNCTION)(**{k: v[min(i, len(v) - 1)]
                                                 for k, v in input_data_all.items()})
                    for i in range(n)]
-        return results, {}, False, False
+        # the real one calls get_output_from_returns by its module-global name
+        output, ui, has_subgraph = execution.get_output_from_returns(results, obj)
+        return output, ui, has_subgraph, False
+
+    def get_output_from_returns(return_values, obj):
+        """execution.py get_output_from_returns for V1 returns: a tuple, or a dict with
+        "ui" and "result"; outputs merged per slot ([slot][call]), uis per key."""
+        results, uis = [], []
+        for r in return_values:
+            if isinstance(r, dict):
+                if "ui" in r:
+                    uis.append(r["ui"])
+                if "result" in r:
+                    results.append(r["result"])
+            else:
+                results.append(r)
+        output = [[o[i] for o in results] for i in range(len(results[0]))] if results else []
+        ui = {k: [y for x in uis for y in x[k]] for k in uis[0]} if uis else {}
+        return output, ui, False
 
     async def validate_prompt(prompt_id, prompt, partial_execution_list):
         return (True, None, list(prompt), {})
 
     execution.get_output_data, execution.validate_prompt = get_output_data, validate_prompt
+    execution.get_output_from_returns = get_output_from_returns
 
     ui = types.ModuleType("comfy_api.latest._ui")
 
@@ -260,8 +284,55 @@ def make_core(fp: types.ModuleType, input_dir: Path) -> dict:
     comfy_api, latest = types.ModuleType("comfy_api"), types.ModuleType("comfy_api.latest")
     comfy_api.latest, latest._ui = latest, ui
 
+    comfy_sd = types.ModuleType("comfy.sd")
+
+    class CLIP:
+        """comfy/sd.py CLIP.tokenize(self, text, return_word_ids=False, **kwargs)."""
+        def tokenize(self, text, return_word_ids=False, **kwargs):
+            return {"l": [[(len(w), 1.0) for w in text.split()]]}
+
+    comfy_sd.CLIP = CLIP
+
     latent_preview = types.ModuleType("latent_preview")
     latent_preview.get_previewer = lambda device, latent_format: "a previewer"
     return {"nodes": nodes, "execution": execution, "comfy_api": comfy_api,
             "comfy_api.latest": latest, "comfy_api.latest._ui": ui,
-            "latent_preview": latent_preview}
+            "latent_preview": latent_preview, "comfy.sd": comfy_sd}
+
+
+def make_core_nodes() -> dict:
+    """Stand-ins of stock nodes the source checks tell apart (ComfyUI a125cd84): a loader
+    (nodes.py LoadImageMask: (MASK,)), pure transforms (comfy_extras/nodes_images.py
+    ImageRotate, nodes.py ImageInvert, comfy_extras/nodes_mask.py MaskToImage), a maker of
+    pixels (nodes.py VAEDecode: its output is a source) and an output node that prints its
+    input (comfy_extras/nodes_preview_any.py PreviewAny: {"ui": {"text": (str(source),)}})."""
+    import torch
+
+    def node(name, module, function, returns, inputs, fn, output=False):
+        cls = type(name, (), {"FUNCTION": function, "RETURN_TYPES": returns,
+                              "OUTPUT_NODE": output,
+                              "INPUT_TYPES": classmethod(lambda c: {"required": inputs}),
+                              function: lambda self, **kw: fn(**kw)})
+        cls.__module__ = module
+        return cls
+
+    return {
+        "LoadImageMask": node("LoadImageMask", "nodes", "load_image", ("MASK",),
+                              {"image": (["a"],)}, lambda image: (torch.zeros((1, 64, 64)),)),
+        "ImageRotate": node("ImageRotate", "comfy_extras.nodes_images", "rotate", ("IMAGE",),
+                            {"image": ("IMAGE",), "rotation": (["180 degrees"],)},
+                            lambda image, rotation="180 degrees":
+                            (torch.rot90(image, k=2, dims=[2, 1]),)),
+        "ImageInvert": node("ImageInvert", "nodes", "invert", ("IMAGE",),
+                            {"image": ("IMAGE",)}, lambda image: (1.0 - image,)),
+        "MaskToImage": node("MaskToImage", "comfy_extras.nodes_mask", "mask_to_image",
+                            ("IMAGE",), {"mask": ("MASK",)},
+                            lambda mask: (mask.reshape((-1, 1, mask.shape[-2], mask.shape[-1]))
+                                          .movedim(1, -1).expand(-1, -1, -1, 3),)),
+        "VAEDecode": node("VAEDecode", "nodes", "decode", ("IMAGE",),
+                          {"samples": ("LATENT",), "vae": ("VAE",)},
+                          lambda samples, vae: (vae(samples),)),
+        "PreviewAny": node("PreviewAny", "comfy_extras.nodes_preview_any", "main", (),
+                           {"source": ("*", {})},
+                           lambda source: {"ui": {"text": (str(source),)}}, output=True),
+    }

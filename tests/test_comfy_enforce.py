@@ -154,9 +154,10 @@ def test_load_image_refuses_a_protected_source(comfy, monkeypatch):
     Image.fromarray(keyed_image(ALLOW)).save(base / "input" / "photo.png")
     refused = Verdict(Decision.BLOCK, reasons=(Reason("face_match", "id_abc", 0.9,
                                                       "protected_identity", Decision.BLOCK),))
-    monkeypatch.setattr(engine, "check_input_images", lambda px, *a: [refused] * len(px))
-    with pytest.raises(Exception, match="refuses input image 1 of 1.*id_abc"):
+    monkeypatch.setattr(engine, "check_images", lambda px, *a: [refused] * len(px))
+    with pytest.raises(Exception, match="refused the image made by LoadImage.*protected") as e:
         sys.modules["nodes"].LoadImage().load_image("photo.png")
+    assert "id_abc" not in str(e.value)  # who is enrolled is not told
 
 
 def test_files_written_without_checked_inputs_are_swept(comfy, monkeypatch):
@@ -228,7 +229,8 @@ def test_audit_records_each_decision_and_enforce_stops_unlogged_saves(comfy, mon
     monkeypatch.setattr(engine.audit, "record", lambda *a, **k: False)
     engine.audit.last_error = "audit log: No space left on device"
     with pytest.raises(Exception, match="cannot write its audit log"):
-        run_node(sys.modules["nodes"].SaveImage, images=batch(ALLOW), filename_prefix="b")
+        # a picture not seen before (one already checked is in the verdict cache)
+        run_node(sys.modules["nodes"].SaveImage, images=batch(3), filename_prefix="b")
     assert not list((base / "output").glob("b_*"))
 
 

@@ -1,0 +1,72 @@
+"""The stock ComfyUI nodes whose IMAGE / MASK outputs are pure functions of their inputs'
+pixels (geometry, colour, batching, mask arithmetic), read from ComfyUI a125cd84 (0.3.64).
+
+In enforce mode (nodes/sources.py) every image or mask a node makes is checked, except the
+outputs of these nodes: their image and mask inputs are checked first (or found in the
+verdict cache), and a rotation, inversion, crop, scale or pad of an allowed picture is allowed
+too. A node is taken as one of these only when ComfyUI's own class is registered under the
+name (its module is `nodes` or `comfy_extras.*`): a custom pack that registers a class under
+one of these names is a source like any other unknown node.
+
+Not here, on purpose (they are sources, so what they make is checked):
+* loaders: LoadImage, LoadImageMask, LoadImageOutput, LoadImageSetNode,
+  LoadImageSetFromFolderNode, LoadImageTextSetFromFolderNode (nodes.py, nodes_train.py);
+* anything that makes pixels from a model: VAEDecode, VAEDecodeTiled, ImageUpscaleWithModel;
+* nodes that combine several pictures into one, where a picture may emerge that none of the
+  parts showed (tiles put back together): ImageCompositeMasked, ImageBlend, ImageStitch,
+  PorterDuffImageComposite, JoinImageWithAlpha, MaskComposite, ImageYUVToRGB;
+* every node of a custom pack.
+"""
+from __future__ import annotations
+
+# name in NODE_CLASS_MAPPINGS -> where ComfyUI defines it
+PURE_TRANSFORMS = {
+    # nodes.py
+    "ImageScale": "nodes.py ImageScale.upscale",
+    "ImageScaleBy": "nodes.py ImageScaleBy.upscale",
+    "ImageInvert": "nodes.py ImageInvert.invert",
+    "ImageBatch": "nodes.py ImageBatch.batch",
+    "EmptyImage": "nodes.py EmptyImage.generate (a solid colour, no image input)",
+    "ImagePadForOutpaint": "nodes.py ImagePadForOutpaint.expand_image",
+    # comfy_extras/nodes_images.py
+    "ImageCrop": "comfy_extras/nodes_images.py ImageCrop.crop",
+    "RepeatImageBatch": "comfy_extras/nodes_images.py RepeatImageBatch.repeat",
+    "ImageFromBatch": "comfy_extras/nodes_images.py ImageFromBatch.frombatch",
+    "ImageAddNoise": "comfy_extras/nodes_images.py ImageAddNoise.repeat",
+    "ResizeAndPadImage": "comfy_extras/nodes_images.py ResizeAndPadImage.resize_and_pad",
+    "ImageRotate": "comfy_extras/nodes_images.py ImageRotate.rotate",
+    "ImageFlip": "comfy_extras/nodes_images.py ImageFlip.flip",
+    "ImageScaleToMaxDimension": "comfy_extras/nodes_images.py ImageScaleToMaxDimension",
+    # comfy_extras/nodes_mask.py
+    "MaskToImage": "comfy_extras/nodes_mask.py MaskToImage.mask_to_image",
+    "ImageToMask": "comfy_extras/nodes_mask.py ImageToMask.image_to_mask",
+    "ImageColorToMask": "comfy_extras/nodes_mask.py ImageColorToMask.image_to_mask",
+    "SolidMask": "comfy_extras/nodes_mask.py SolidMask.solid (no image input)",
+    "InvertMask": "comfy_extras/nodes_mask.py InvertMask.invert",
+    "CropMask": "comfy_extras/nodes_mask.py CropMask.crop",
+    "FeatherMask": "comfy_extras/nodes_mask.py FeatherMask.feather",
+    "GrowMask": "comfy_extras/nodes_mask.py GrowMask.expand_mask",
+    "ThresholdMask": "comfy_extras/nodes_mask.py ThresholdMask.image_to_mask",
+    # comfy_extras/nodes_post_processing.py (V3 nodes: node_id is the name)
+    "ImageBlur": "comfy_extras/nodes_post_processing.py Blur",
+    "ImageQuantize": "comfy_extras/nodes_post_processing.py Quantize",
+    "ImageSharpen": "comfy_extras/nodes_post_processing.py Sharpen",
+    "ImageScaleToTotalPixels": "comfy_extras/nodes_post_processing.py ImageScaleToTotalPixels",
+    # comfy_extras/nodes_morphology.py, nodes_compositing.py
+    "Morphology": "comfy_extras/nodes_morphology.py Morphology",
+    "ImageRGBToYUV": "comfy_extras/nodes_morphology.py ImageRGBToYUV",
+    "SplitImageWithAlpha": "comfy_extras/nodes_compositing.py SplitImageWithAlpha",
+}
+
+STOCK_MODULES = ("nodes", "comfy_extras.")
+
+
+def is_stock(cls) -> bool:
+    module = getattr(cls, "__module__", "") or ""
+    return module == "nodes" or module.startswith("comfy_extras.")
+
+
+def pure_classes(node_class_mappings: dict) -> frozenset:
+    """The classes registered under PURE_TRANSFORMS' names that are ComfyUI's own."""
+    return frozenset(cls for name, cls in node_class_mappings.items()
+                     if name in PURE_TRANSFORMS and is_stock(cls))

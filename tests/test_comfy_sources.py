@@ -1,0 +1,239 @@
+"""Enforce mode checks pictures where they are made (nodes/sources.py), against stand-ins of
+ComfyUI's execution and stock nodes (comfy_standins.make_core, after ComfyUI a125cd84).
+
+Test images are keyed by their top-left pixel (conftest.keyed_image): the fake detectors see
+the key, so a rotated copy is, to them, another picture, as a rotated face is to a real face
+detector. That is the bypass these tests close."""
+import asyncio
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from consent_guard.verdict import Decision, Reason, Verdict
+
+from conftest import keyed_image
+from test_comfy_enforce import ALLOW, BLOCK, CENSOR, PKG, batch, comfy, files, use_engine  # noqa: F401
+
+torch = pytest.importorskip("torch")
+
+
+def run(cls, prompt_id="p1", unique_id="9", obj=None, **inputs):
+    execution = sys.modules["execution"]
+    return asyncio.run(execution.get_output_data(prompt_id, unique_id, obj or cls(),
+                                                 {k: [v] for k, v in inputs.items()}))
+
+
+def core(name):
+    return sys.modules["nodes"].NODE_CLASS_MAPPINGS[name]
+
+
+def sources_module():
+    return sys.modules[PKG + ".nodes.sources"]
+
+
+def counting(engine):
+    calls = []
+    original = engine.check_images
+
+    def check_images(pixels, *a, **k):
+        calls.append(len(pixels))
+        return original(pixels, *a, **k)
+    engine.check_images = check_images
+    return calls
+
+
+def test_a_picture_a_node_makes_is_checked_before_anything_uses_it(comfy, monkeypatch):
+    pkg, base, home, server = comfy
+    use_engine(monkeypatch, pkg)
+    vae_decode = core("VAEDecode")
+    with pytest.raises(Exception, match=r"refused the image made by node 9 \(VAEDecode\)"):
+        run(vae_decode, samples={"samples": torch.zeros((1, 4, 8, 8))},
+            vae=lambda s: batch(BLOCK))
+    out, _, _, _ = run(vae_decode, samples={"samples": torch.zeros((1, 4, 8, 8))},
+                       vae=lambda s: batch(CENSOR))
+    made = batch(CENSOR)
+    assert out[0][0].shape == made.shape and not torch.equal(out[0][0], made)  # censored copy
+
+
+def test_rotating_an_unchecked_picture_does_not_get_it_past_the_saver(comfy, monkeypatch):
+    """The reported bypass: a picture no check saw (here: handed in directly, as ComfyUI's
+    output cache does with a node that did not run again) goes through ImageRotate to
+    SaveImage. Rotated, the detectors would not know it; its input is checked first."""
+    pkg, base, home, server = comfy
+    use_engine(monkeypatch, pkg)
+    rotated = torch.rot90(batch(BLOCK), k=2, dims=[2, 1])
+    run(core("SaveImage"), images=rotated, filename_prefix="control")
+    assert files(base / "output")  # the fakes do not see what is rotated: it would be saved
+    with pytest.raises(Exception, match=r"ImageRotate\) \(input 'image'\)"):
+        run(core("ImageRotate"), image=batch(BLOCK), rotation="180 degrees")
+    with pytest.raises(Exception, match=r"ImageInvert"):
+        run(core("ImageInvert"), image=batch(BLOCK))
+
+
+def test_pure_transforms_of_checked_pictures_are_not_checked_again(comfy, monkeypatch):
+    pkg, base, home, server = comfy
+    engine = use_engine(monkeypatch, pkg)
+    calls = counting(engine)
+    made = run(core("VAEDecode"), samples={"samples": torch.zeros((1, 4, 8, 8))},
+               vae=lambda s: batch(ALLOW, 3))[0][0][0]
+    assert calls == [2]
+    rotated = run(core("ImageRotate"), image=made, rotation="180 degrees")[0][0][0]
+    inverted = run(core("ImageInvert"), image=rotated)[0][0][0]
+    run(core("SaveImage"), images=inverted, filename_prefix="ok")
+    assert calls == [2]  # decoded once, checked once; the saver found it in the cache
+    assert len(files(base / "output")) == 2
+
+
+def test_a_custom_class_under_a_stock_name_is_not_a_pure_transform(comfy, monkeypatch):
+    pkg, base, home, server = comfy
+    use_engine(monkeypatch, pkg)
+
+    class ImageRotate:  # a custom pack's class registered under the stock name
+        FUNCTION = "rotate"
+        RETURN_TYPES = ("IMAGE",)
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"seed": ("INT",)}}
+
+        def rotate(self, seed):
+            return (batch(BLOCK),)  # makes a picture from nothing we checked
+
+    monkeypatch.setitem(sys.modules["nodes"].NODE_CLASS_MAPPINGS, "ImageRotate", ImageRotate)
+    assert not sources_module().is_pure(ImageRotate)
+    with pytest.raises(Exception, match="refused the image made by"):
+        run(ImageRotate, seed=1)
+
+
+def test_a_mask_is_checked_as_a_grayscale_picture(comfy, monkeypatch):
+    pkg, base, home, server = comfy
+    use_engine(monkeypatch, pkg)
+
+    class LoadsAMask:  # any loader of masks (LoadImageMask, a custom one)
+        FUNCTION = "load"
+        RETURN_TYPES = ("MASK",)
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"name": ("STRING",)}}
+
+        def load(self, name):
+            gray = keyed_image(BLOCK)[..., 1].astype(np.float32) / 255
+            gray[0, 0] = BLOCK / 255  # the key, as gray
+            return (torch.from_numpy(gray)[None],)
+
+    with pytest.raises(Exception, match="refused the mask made by"):
+        run(LoadsAMask, name="red")
+    # an unchecked mask handed to a pure transform is checked as its input
+    gray = torch.from_numpy(np.full((1, 64, 48), BLOCK / 255, dtype=np.float32))
+    gray[0, 1, 1] = 0.5
+    with pytest.raises(Exception, match=r"MaskToImage\) \(input 'mask'\)"):
+        run(core("MaskToImage"), mask=gray)
+
+
+def test_an_output_node_never_prints_tensor_values(comfy, monkeypatch):
+    """PreviewAny shows str(source): a mask cut into tiles came back as numbers."""
+    pkg, base, home, server = comfy
+    use_engine(monkeypatch, pkg)
+    enforce = sys.modules[PKG + ".nodes.enforce"]
+    tile = torch.rand((1, 31, 31))
+    _, ui, _, _ = run(core("PreviewAny"), source=tile)
+    assert ui["text"] == [enforce.TEXT_WITHHELD]
+    _, ui, _, _ = run(core("PreviewAny"), source={"samples": torch.rand((1, 4, 8, 8))})
+    assert ui["text"] == [enforce.TEXT_WITHHELD]
+    _, ui, _, _ = run(core("PreviewAny"), source="a plain string")
+    assert ui["text"] == ["a plain string"]
+
+
+def test_outside_enforce_mode_nothing_changes(comfy, monkeypatch):
+    pkg, base, home, server = comfy
+    engine = use_engine(monkeypatch, pkg, enforce=False)
+    calls = counting(engine)
+    out = run(core("ImageRotate"), image=batch(BLOCK), rotation="180 degrees")[0][0][0]
+    assert out.shape == batch(BLOCK).shape and calls == []
+    _, ui, _, _ = run(core("PreviewAny"), source=torch.rand((1, 4, 4)))
+    assert ui["text"][0].startswith("tensor(")
+
+
+def test_the_verdict_cache_forgets_when_the_policy_or_registry_changes(comfy, monkeypatch):
+    pkg, base, home, server = comfy
+    engine = use_engine(monkeypatch, pkg)
+    calls = counting(engine)
+    sources = sources_module()
+    state = ["v1"]
+    monkeypatch.setattr(sources, "state", lambda: state[0])
+    picture = batch(ALLOW)
+    sources.check_picture("IMAGE", picture, "here")
+    sources.check_picture("IMAGE", picture.clone(), "here")  # same bytes: cached
+    assert calls == [1]
+    state[0] = "v2"  # someone enrolled
+    sources.check_picture("IMAGE", picture, "here")
+    assert calls == [1, 1]
+
+
+def test_a_flat_picture_needs_no_check(comfy, monkeypatch):
+    pkg, base, home, server = comfy
+    engine = use_engine(monkeypatch, pkg)
+    calls = counting(engine)
+    sources_module().check_picture("MASK", torch.zeros((1, 64, 64)), "here")
+    assert calls == []
+
+
+# -- text at the encoder ---------------------------------------------------------------------
+
+class CLIPTextEncode:  # any node that hands text to a CLIP tokenizer
+    FUNCTION = "encode"
+    RETURN_TYPES = ("CONDITIONING",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"text": ("STRING",), "clip": ("CLIP",)}}
+
+    def encode(self, clip, text):
+        return (clip.tokenize(text),)
+
+
+def refuse_word(monkeypatch, engine, word="forbidden"):
+    def check_prompt(text, negative=None):
+        if word in text:
+            return Verdict(Decision.BLOCK, reasons=(Reason("lexicon", word, 1.0,
+                                                           "sexual_explicit", Decision.BLOCK),))
+        return Verdict(Decision.ALLOW)
+    monkeypatch.setattr(engine, "check_prompt", check_prompt)
+
+
+def running(server, prompt, prompt_id="p1"):
+    server.PromptServer.instance.prompt_queue = types.SimpleNamespace(
+        currently_running={0: (0, prompt_id, prompt, {}, [])})
+
+
+def sampler_graph(cfg):
+    return {"1": {"class_type": "CLIPTextEncode", "inputs": {"text": "x", "clip": ["4", 1]}},
+            "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "y", "clip": ["4", 1]}},
+            "3": {"class_type": "KSampler", "inputs": {"positive": ["2", 0],
+                                                       "negative": ["1", 0], "cfg": cfg}}}
+
+
+def test_text_built_at_run_time_is_checked_when_the_encoder_gets_it(comfy, monkeypatch):
+    pkg, base, home, server = comfy
+    engine = use_engine(monkeypatch, pkg)
+    refuse_word(monkeypatch, engine)
+    clip = sys.modules["comfy.sd"].CLIP()
+    running(server, sampler_graph(7.0))
+    run(CLIPTextEncode, unique_id="2", clip=clip, text="a quiet lake")
+    with pytest.raises(Exception, match=r"refuses the text that node 2 \(CLIPTextEncode\)"):
+        run(CLIPTextEncode, unique_id="2", clip=clip, text="made at run time: forbidden")
+    # the negative prompt of a sampler with cfg > 1 is a safety tool: not refused
+    run(CLIPTextEncode, unique_id="1", clip=clip, text="forbidden")
+    # a node that reads captions from files calls the tokenizer itself, outside any text input
+    with pytest.raises(Exception, match="refuses the text"):
+        clip.tokenize("caption read from a file: forbidden")
+
+
+def test_text_is_not_checked_outside_enforce_mode(comfy, monkeypatch):
+    pkg, base, home, server = comfy
+    engine = use_engine(monkeypatch, pkg, enforce=False)
+    refuse_word(monkeypatch, engine)
+    sys.modules["comfy.sd"].CLIP().tokenize("forbidden")

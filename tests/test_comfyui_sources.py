@@ -1,0 +1,121 @@
+"""The reported enforce-mode bypasses, against the real ComfyUI (skipped unless COMFYUI_DIR
+points at a checkout; setup as in test_comfyui_integration.py). A benign adult (skimage's
+astronaut portrait) is enrolled under scope `any`; the probe is a cropped, rescaled copy
+of that photo, not the enrolment file itself. Stock nodes only, plain HTTP."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from test_comfyui_integration import COMFYUI_DIR, post_form, post_prompt, start, wait_done
+
+pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout")
+PASS = "sources integration passphrase"
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory):
+    from conftest import package_file
+
+    server, base, home = start(tmp_path_factory, "enforce = true\n")
+    photo = package_file("skimage", "data/astronaut.png")
+    fields = {"passphrase": PASS, "passphrase_confirm": PASS, "name": "Astronaut Example",
+              "aliases": "", "scope": "any", "consent_by": "Astronaut Example",
+              "consent_date": "2024-05-01", "note": "integration test"}
+    status, body, _ = post_form(server, "/api/consent_guard/identities/enroll", fields,
+                                [("astronaut.png", photo.read_bytes())])
+    assert status == 200 and body["ok"], body
+    probe = Image.open(photo).convert("RGB").crop((40, 0, 472, 432)).resize((384, 384))
+    probe.save(base / "input" / "probe.png")
+    yield server, base, home
+    server.stop()
+
+
+def run(server, graph, timeout=300):
+    status, body = post_prompt(server, graph)
+    assert status == 200, body
+    return wait_done(server, body["prompt_id"], timeout)
+
+
+def files(folder: Path):
+    return sorted(p.name for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+def refused(hist) -> str:
+    assert hist["status"]["status_str"] == "error", hist["status"]
+    return json.dumps(hist["status"]["messages"])
+
+
+LOAD = {"class_type": "LoadImage", "inputs": {"image": "probe.png"}}
+MASK = {"class_type": "LoadImageMask", "inputs": {"image": "probe.png", "channel": "red"}}
+
+
+def save(src):
+    return {"class_type": "SaveImage", "inputs": {"images": src, "filename_prefix": "leak"}}
+
+
+@pytest.mark.parametrize("name, graph", [
+    ("mask, to image, rotated 180, saved", {
+        "1": MASK, "2": {"class_type": "MaskToImage", "inputs": {"mask": ["1", 0]}},
+        "3": {"class_type": "ImageRotate", "inputs": {"image": ["2", 0],
+                                                      "rotation": "180 degrees"}},
+        "4": save(["3", 0])}),
+    ("inverted, saved", {
+        "1": LOAD, "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": save(["2", 0])}),
+    ("rotated 90, previewed", {
+        "1": LOAD, "2": {"class_type": "ImageRotate", "inputs": {"image": ["1", 0],
+                                                                 "rotation": "90 degrees"}},
+        "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}}}),
+    ("halved, padded by 6000, saved", {
+        "1": LOAD, "2": {"class_type": "ImageScaleBy", "inputs": {
+            "image": ["1", 0], "upscale_method": "nearest-exact", "scale_by": 0.5}},
+        "3": {"class_type": "ImagePadForOutpaint", "inputs": {
+            "image": ["2", 0], "left": 0, "top": 0, "right": 6000, "bottom": 0,
+            "feathering": 0}},
+        "4": save(["3", 0])}),
+    ("mask tiles printed by PreviewAny", {
+        "1": MASK, "2": {"class_type": "MaskToImage", "inputs": {"mask": ["1", 0]}},
+        "3": {"class_type": "ImageScale", "inputs": {
+            "image": ["2", 0], "upscale_method": "bilinear", "width": 128, "height": 128,
+            "crop": "disabled"}},
+        "4": {"class_type": "ImageToMask", "inputs": {"image": ["3", 0], "channel": "red"}},
+        "5": {"class_type": "CropMask", "inputs": {"mask": ["4", 0], "x": 31, "y": 31,
+                                                   "width": 31, "height": 31}},
+        "6": {"class_type": "PreviewAny", "inputs": {"source": ["5", 0]}}}),
+])
+def test_a_protected_photo_is_refused_where_it_enters(comfy, name, graph):
+    server, base, home = comfy
+    messages = refused(run(server, graph))
+    assert "Consent Guard" in messages and "protected" in messages, messages
+    assert "Astronaut" not in messages  # who is enrolled is never said
+    assert files(base / "output") == [] and files(base / "temp") == []
+
+
+def test_allowed_pictures_still_flow_and_previewany_prints_no_tensor(comfy):
+    server, base, home = comfy
+    hist = run(server, {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "t1.jpg"}},
+        "2": {"class_type": "ImageRotate", "inputs": {"image": ["1", 0],
+                                                      "rotation": "180 degrees"}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0],
+                                                    "filename_prefix": "fine"}},
+        "4": {"class_type": "PreviewAny", "inputs": {"source": ["1", 1]}}})
+    assert hist["status"]["status_str"] == "success", hist["status"]
+    assert [f for f in files(base / "output") if f.startswith("fine")] == ["fine_00001_.png"]
+    shown = json.dumps(hist["outputs"]["4"])
+    assert "tensor(" not in shown and "Consent Guard" in shown, shown
+    saved = np.asarray(Image.open(base / "output" / "fine_00001_.png"))
+    assert saved.shape[:2] == np.asarray(Image.open(base / "input" / "t1.jpg")).shape[:2]
+
+
+def test_status_lists_the_source_hooks(comfy):
+    server, base, home = comfy
+    hooks = server.get("/api/consent_guard/status")["hooks"]
+    for name in ("execution.get_output_from_returns", "comfy.sd.CLIP.tokenize"):
+        assert hooks.get(name) == "installed", hooks

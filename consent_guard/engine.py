@@ -11,7 +11,8 @@ import numpy as np
 from . import censor
 from .detectors.base import ImageScorer, PartDetector
 from .explicit import check_explicit
-from .faces.stage import DETECT_SIZE, FaceStage, apply_identity_rules, detect_faces, input_rules
+from .faces.stage import (DETECT_SIZE, FaceStage, apply_identity_rules, detect_faces,
+                          input_rules, turned_findings)
 from .imageio import ImageInputError, read_image_frames, to_rgb_uint8
 from .minors import apply_minor_rule, needs_age_check, with_age
 from .models import ModelError, ModelResolver, onnx_session
@@ -231,6 +232,8 @@ class Engine:
             if age_check:
                 verdict = apply_minor_rule(verdict, findings, self.policy)
             if stage is not None:
+                if not any(f.identity for f in findings):  # turned or inverted copies
+                    findings += turned_findings(stage, rgb, to_full)
                 verdict = apply_identity_rules(verdict, findings)
             return verdict
         except Exception as exc:  # fail closed
@@ -249,7 +252,7 @@ class Engine:
                 out.append(verdict)
                 continue
             to_full = full_size[0] / rgb.shape[1] if full_size else 1.0
-            out.append(rule(verdict, stage.findings(rgb, to_full)))
+            out.append(rule(verdict, stage.findings(rgb, to_full, turns=True)))
         return out
 
     @staticmethod

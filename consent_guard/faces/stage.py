@@ -45,11 +45,17 @@ class FaceStage:
         self.min_face_px, self.detect_size = min_face_px, detect_size
         self.threshold = embedder.threshold if threshold is None else threshold
 
-    def findings(self, rgb: np.ndarray, to_full: float = 1.0) -> List[FaceFinding]:
+    def findings(self, rgb: np.ndarray, to_full: float = 1.0, turns: bool = False
+                 ) -> List[FaceFinding]:
         """Every face of at least min_face_px (measured at full size), with its best match.
-        `to_full` maps `rgb`'s pixels to the full image's (when it was decoded smaller)."""
-        return self.match(rgb, self.matchable(detect_faces(self.detector, rgb, self.detect_size),
-                                              to_full), to_full)
+        `to_full` maps `rgb`'s pixels to the full image's (when it was decoded smaller).
+        `turns`: also look for protected people in turned and inverted copies
+        (turned_findings)."""
+        faces = detect_faces(self.detector, rgb, self.detect_size)
+        found = self.match(rgb, self.matchable(faces, to_full), to_full)
+        if turns and not any(f.identity for f in found):
+            found += turned_findings(self, rgb, to_full)
+        return found
 
     def matchable(self, faces: Sequence[Face], to_full: float = 1.0) -> List[Face]:
         """The faces large enough to match (min_face_px, measured at full size)."""
@@ -67,6 +73,53 @@ class FaceStage:
             out.append(FaceFinding(box, round(face.score, 4), m.identity if m else None,
                                    m.scope if m else None, m.similarity if m else None))
         return out
+
+
+TURNS = (1, 2, 3, "inverted")  # quarter turns counter-clockwise (np.rot90's k), colours
+
+
+def turned(rgb: np.ndarray, how) -> np.ndarray:
+    return 255 - rgb if how == "inverted" else np.ascontiguousarray(np.rot90(rgb, how))
+
+
+def box_back(box: tuple, how, width: int, height: int) -> tuple:
+    """A box (x, y, w, h) found in turned(rgb, how), in rgb's own pixels (width x height)."""
+    x, y, w, h = box
+    if how == 1:  # turned (x', y') came from (width - y', x')
+        return (width - y - h, x, h, w)
+    if how == 2:
+        return (width - x - w, height - y - h, w, h)
+    if how == 3:  # (x', y') came from (y', height - x')
+        return (y, height - x - w, h, w)
+    return box
+
+
+PREPASS_SIZE = 320  # the turned copies are first searched for faces this small
+
+
+def turned_findings(stage: "FaceStage", rgb: np.ndarray, to_full: float = 1.0
+                    ) -> List[FaceFinding]:
+    """Protected people in copies of `rgb` turned 90, 180 or 270 degrees or with inverted
+    colours: what a rotated or inverted picture of someone looks like once it is turned back.
+    A face detector and the embedder's alignment only work on faces near upright, in natural
+    colours. Each turned copy is first searched for faces at PREPASS_SIZE (the cheap pass:
+    about a quarter of a detection at the usual size); only a copy where that finds one is
+    searched at the usual size, and its faces embedded and matched. Returns the findings that
+    match someone, boxes in `rgb`'s pixels (times `to_full`)."""
+    h, w = rgb.shape[:2]
+    hits: List[FaceFinding] = []
+    for how in TURNS:
+        copy = turned(rgb, how)
+        if not detect_faces(stage.detector, copy, min(PREPASS_SIZE, stage.detect_size)):
+            continue
+        faces = stage.matchable(detect_faces(stage.detector, copy, stage.detect_size), to_full)
+        for face, finding in zip(faces, stage.match(copy, faces, to_full)):
+            if finding.identity:
+                box = tuple(int(round(v * to_full)) for v in box_back(face.box, how, w, h))
+                hits.append(dataclasses.replace(finding, box=box))
+        if hits:
+            break
+    return hits
 
 
 def apply_identity_rules(verdict: Verdict, faces: Sequence[FaceFinding]) -> Verdict:

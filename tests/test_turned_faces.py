@@ -1,0 +1,84 @@
+"""A rotated or inverted picture of a protected person is still theirs: the identity check
+looks at turned copies too (consent_guard/faces/stage.py turned_findings). The fake face
+double finds people by the image's top-left pixel, so a key placed in another corner is
+seen only in the copy that turns that corner to the top left."""
+import numpy as np
+import pytest
+
+from consent_guard import Engine, Policy
+from consent_guard.faces.backends import FaceBackend
+from consent_guard.faces.stage import TURNS, box_back, turned
+from consent_guard.registry import Consent, Registry
+from consent_guard.verdict import Decision
+
+from conftest import FakeFaces, FakeParts, FakeScorer
+
+PASS = "turned faces passphrase"
+ALICE_UPSIDE_DOWN, ALICE_INVERTED, STRANGER = 20, 21, 22
+
+
+@pytest.fixture
+def registry(tmp_path):
+    reg = Registry.create(tmp_path / "identities.db", PASS)
+    reg.add("Alice", "any", Consent("Alice"), {"fake-000000000001": FakeFaces.vector("alice")[None]})
+    yield reg
+    reg.close()
+
+
+def picture(top_left=0, bottom_right=0):
+    rgb = np.full((96, 128, 3), 128, np.uint8)
+    rgb[0, 0, 0], rgb[-1, -1, 0] = top_left, bottom_right
+    return rgb
+
+
+def engine(registry, faces):
+    return Engine(Policy(), parts=FakeParts(), scorer=FakeScorer(), registry=registry,
+                  face_backend=FaceBackend("fake", faces, faces))
+
+
+@pytest.mark.parametrize("how", TURNS[:3])
+def test_boxes_found_in_a_turned_copy_map_back(how):
+    rgb = np.zeros((60, 100, 3), np.uint8)
+    x, y, w, h = 7, 11, 30, 20
+    rgb[y:y + h, x:x + w] = 255
+    copy = turned(rgb, how)
+    rows, cols = np.nonzero(copy[..., 0])
+    found = (cols.min(), rows.min(), cols.max() - cols.min() + 1, rows.max() - rows.min() + 1)
+    assert box_back(found, how, 100, 60) == (x, y, w, h)
+
+
+def test_a_protected_person_upside_down_is_blocked(registry):
+    faces = FakeFaces({ALICE_UPSIDE_DOWN: ["alice"]})
+    e = engine(registry, faces)
+    upright_only = FakeFaces({0: []})
+    assert upright_only.detect(picture(0, ALICE_UPSIDE_DOWN)) == []  # upright: nobody
+    v = e.check_image(picture(0, ALICE_UPSIDE_DOWN))
+    assert v.decision is Decision.BLOCK
+    assert [r.category for r in v.reasons] == ["protected_identity"]
+    x, y, w, h = v.faces[-1].box  # reported where it is in the picture as given
+    assert (x + w, y + h) == (128, 96)
+    assert e.check_input_image(picture(0, ALICE_UPSIDE_DOWN)).decision is Decision.BLOCK
+
+
+def test_a_protected_person_in_inverted_colours_is_blocked(registry):
+    e = engine(registry, FakeFaces({ALICE_INVERTED: ["alice"]}))
+    assert e.check_image(picture(255 - ALICE_INVERTED)).decision is Decision.BLOCK
+
+
+def test_turned_copies_without_faces_cost_one_small_detection_each(registry):
+    """The cheap pass: a turned copy where no face is found is neither searched at full size
+    nor embedded."""
+    sizes = []
+
+    class Sizes(FakeFaces):
+        def detect(self, rgb):
+            sizes.append(max(rgb.shape[:2]))
+            return super().detect(rgb)
+
+    rgb = np.full((1000, 800, 3), 128, np.uint8)
+    rgb[:50, :50, 0] = STRANGER  # a block: the key survives the detector's downscaling
+    faces = Sizes({STRANGER: ["stranger"]})
+    v = engine(registry, faces).check_image(rgb)
+    assert v.decision is Decision.ALLOW
+    assert faces.embedded == 1  # the upright stranger only
+    assert sorted(sizes) == [320, 320, 320, 320, 640]

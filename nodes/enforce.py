@@ -28,6 +28,13 @@ in ComfyUI a125cd84 (0.3.64):
   made), and server.py `PromptServer.send_sync(event, data, sid)` drops the binary preview
   events (protocol.py BinaryEventTypes PREVIEW_IMAGE, UNENCODED_PREVIEW_IMAGE,
   PREVIEW_IMAGE_WITH_METADATA) that other code sends: previews are turned off, with a notice.
+* server.py's own routes, through a middleware on `PromptServer.app` (nodes/http_guard.py):
+  uploads are checked as inputs and go only into input/, /view and /userdata serve only
+  images that passed the output check.
+* Where pictures are made (nodes/sources.py): execution.py `get_output_from_returns(
+  return_values, obj)` and the inputs seen by `get_output_data`: every IMAGE and MASK a node
+  makes or is handed is checked unless it is a known pure transform of checked pictures;
+  comfy/sd.py `CLIP.tokenize(text)`: every text is checked when an encoder receives it.
 * execution.py `validate_prompt(prompt_id, prompt, partial_execution_list)`: refuses every
   submission while enforce mode is on and the hooks are not all in place (prestartup_script.py
   puts the same guard in before any custom node is imported, so a plugin that fails to import
@@ -487,6 +494,14 @@ def install(prompt_handler_added: bool) -> Dict[str, str]:
         HOOKS["execution.validate_prompt"] = "installed"
 
     _try("execution.validate_prompt", guard)
+
+    def http_guard():
+        import server
+        from . import http_guard as http
+        http.install(server.PromptServer.instance)
+        HOOKS[http.HOOK_NAME] = "installed"
+
+    _try("PromptServer.app middleware (uploads, /view)", http_guard)
     HOOKS["prompt handler"] = "installed" if prompt_handler_added else "not installed"
     missing = [f"{k} ({v})" for k, v in HOOKS.items() if v != "installed"]
     st = state()

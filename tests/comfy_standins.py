@@ -99,6 +99,9 @@ class PromptServer:
         self.routes = RouteTable()
         self.on_prompt_handlers = []
         self.client_id = None  # execution.py sets it from the running prompt's extra_data
+        # aiohttp's web.Application(middlewares=[...]) as PromptServer.__init__ builds it;
+        # frozen once the app starts (after custom nodes are imported)
+        self.app = types.SimpleNamespace(middlewares=[], frozen=False)
         self.sent = []
 
     def send_sync(self, event, data, sid=None):  # the real one queues it for the websocket

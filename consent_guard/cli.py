@@ -5,8 +5,10 @@ import argparse
 import json
 import os
 import sys
+import sqlite3
+import stat
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Tuple
 
 from . import __version__, cli_admin, cli_audit, cli_identity
 from .engine import Engine
@@ -14,24 +16,92 @@ from .home import resolve_home
 from .models import ModelError, ModelResolver, describe
 from .policy import DEFAULT_POLICY_TOML, POLICY_FILENAME, PolicyError, load_policy
 from .registry import RegistryError, open_for_matching
-from .verdict import Decision
+from .verdict import Decision, Verdict
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+# Files with these suffixes are always checked (a decoding failure is an error result); other
+# files are checked when their first bytes say they are an image (see _sniff).
+IMAGE_SUFFIXES = {".png", ".apng", ".jpg", ".jpeg", ".jpe", ".jfif", ".pjpeg", ".pjp", ".webp",
+                  ".gif", ".bmp", ".dib", ".tif", ".tiff", ".avif", ".heic", ".heif", ".jxl",
+                  ".ico", ".qoi", ".tga", ".ppm", ".pgm", ".pbm", ".pnm", ".psd"}
+# Magic bytes at offset 0 (and a second test at 8 for RIFF and ISO boxes).
+_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"II*\x00",
+          b"MM\x00*", b"8BPS", b"qoif", b"\xff\x0a", b"\x00\x00\x00\x0cJXL ",
+          b"\x00\x00\x01\x00", b"P1", b"P2", b"P3", b"P4", b"P5", b"P6")
+_BOX_BRANDS = (b"avif", b"avis", b"heic", b"heix", b"mif1", b"msf1", b"heim", b"heis")
 EXIT_ALLOWED, EXIT_FLAGGED, EXIT_ERROR = 0, 1, 2
+Scanned = Tuple[Path, bool, Optional[str]]  # (path, came from a folder, why it cannot be checked)
 
 
-def _expand(paths: List[str]) -> Iterator[tuple]:
-    """(path, came_from_folder) for each file: files as given, folders walked for images."""
+def _expand(paths: List[str]) -> Iterator[Scanned]:
+    """Files as given; folders walked for images. Whatever in a folder cannot be checked (a
+    subfolder that cannot be listed, a file that cannot be read, a broken link, a device or
+    pipe) is yielded with the reason, so the scan reports it and exits 2 instead of skipping
+    it. Symbolic links to folders are followed, each folder once (a link loop ends there)."""
     for p in paths:
         path = Path(p)
         if path.is_dir():
-            for root, dirs, files in os.walk(path):
-                dirs.sort()
-                for name in sorted(files):
-                    if Path(name).suffix.lower() in IMAGE_SUFFIXES:
-                        yield Path(root) / name, True
+            yield from _walk(path)
         else:
-            yield path, False
+            yield path, False, None
+
+
+def _walk(top: Path) -> Iterator[Scanned]:
+    """Depth first, names sorted; `seen` (device, inode) stops link loops and repeats."""
+    seen = set()
+    stack = [top]
+    while stack:
+        folder = stack.pop()
+        try:
+            st = os.stat(folder)
+            key = (st.st_dev, st.st_ino)
+            if key in seen:
+                continue  # reached again through a link: its files are checked once
+            seen.add(key)
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as exc:
+            yield folder, True, f"folder cannot be read ({exc.strerror or exc}): its images " \
+                                f"are not checked"
+            continue
+        subfolders = []
+        for entry in entries:
+            kind, problem = _classify(Path(entry.path))
+            if kind == "folder":
+                subfolders.append(Path(entry.path))
+            elif kind == "image" or problem:
+                yield Path(entry.path), True, problem
+        stack.extend(reversed(subfolders))
+
+
+def _classify(path: Path) -> Tuple[str, Optional[str]]:
+    """("folder" | "image" | "other", why it cannot be checked or None), links followed."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        if os.path.islink(path):
+            return "other", f"broken symbolic link ({exc.strerror or exc}): not checked"
+        return "other", f"cannot be read ({exc.strerror or exc}): not checked"
+    if stat.S_ISDIR(st.st_mode):
+        return "folder", None
+    if not stat.S_ISREG(st.st_mode):
+        return "other", "not a regular file (a device, pipe or socket): not checked"
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return "image", None
+    try:
+        with open(path, "rb") as fp:
+            head = fp.read(32)
+    except OSError as exc:
+        return "other", f"cannot be read ({exc.strerror or exc}), so whether it is an image " \
+                        f"is unknown: not checked"
+    return ("image" if _sniff(head) else "other"), None
+
+
+def _sniff(head: bytes) -> bool:
+    """Whether a file's first bytes are those of an image format, whatever its name."""
+    if head.startswith(_MAGIC):
+        return True
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return True
+    return head[4:8] == b"ftyp" and head[8:12] in _BOX_BRANDS
 
 
 def _progress(items: list, enabled: bool):
@@ -46,7 +116,9 @@ def _progress(items: list, enabled: bool):
 
 def cmd_scan(args) -> int:
     policy = load_policy(Path(args.policy) if args.policy else None, home=resolve_home())
-    registry = open_for_matching(policy, resolve_home())  # None when nobody is enrolled
+    # None when nobody is enrolled; a registry that exists but cannot be read (no key, no
+    # permission, a damaged row) raises RegistryError: exit 2, nothing reported as allowed
+    registry = open_for_matching(policy, resolve_home())
     models = Path(args.models_dir) if args.models_dir else None
     engine = Engine(policy, registry=registry,
                     model_dirs=[models / "consent_guard"] if models else [],
@@ -55,10 +127,11 @@ def cmd_scan(args) -> int:
     if not files:
         print("consent-guard: no images found in " + " ".join(args.paths), file=sys.stderr)
         return EXIT_ERROR
-    show_bar = any(from_dir for _, from_dir in files) and sys.stderr.isatty() and not args.quiet
+    show_bar = any(from_dir for _, from_dir, _ in files) and sys.stderr.isatty() \
+        and not args.quiet
     status = EXIT_ALLOWED
-    for path, _ in _progress(files, show_bar):
-        verdict = engine.check_file(path)
+    for path, _, problem in _progress(files, show_bar):
+        verdict = Verdict.failed(problem) if problem else engine.check_file(path)
         if verdict.error:
             status = EXIT_ERROR
         elif verdict.decision is not Decision.ALLOW and status == EXIT_ALLOWED:
@@ -147,6 +220,28 @@ def cmd_models(args) -> int:
     return EXIT_ALLOWED if all(r["ok"] for r in rows) else EXIT_ERROR
 
 
+def cmd_lockdown(args) -> int:
+    """Apply lockdown.py's ownership and modes to the home (see its module doc)."""
+    from . import lockdown
+
+    home = resolve_home()
+    policy = load_policy(Path(args.policy) if args.policy else None, home=home)
+    try:
+        accounts = lockdown.resolve_accounts(args.service_user, args.group, args.admin_user)
+        report = lockdown.apply(home, policy, accounts)
+    except (lockdown.LockdownError, OSError) as exc:
+        print(f"consent-guard lockdown: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    if not args.quiet:
+        for line in report.done:
+            print(line)
+    for note in report.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"locked down {home}: {args.service_user} (group {accounts.group_name}) reads, "
+          f"only {args.admin_user} writes; ComfyUI appends to the audit log only")
+    return EXIT_ERROR if any(n.startswith("WARNING") for n in report.notes) else EXIT_ALLOWED
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="consent-guard",
@@ -187,6 +282,18 @@ def build_parser() -> argparse.ArgumentParser:
     mod.add_argument("--policy", metavar="FILE")
     mod.set_defaults(func=cmd_models)
 
+    lock = sub.add_parser("lockdown", help="(root) make the home readable by the ComfyUI account "
+                                           "and writable by the admin only")
+    lock.add_argument("--service-user", required=True, metavar="USER",
+                      help="the account ComfyUI runs as")
+    lock.add_argument("--group", metavar="GROUP", help="the group that lets USER read (default: "
+                      "USER's own group; it must hold nobody else)")
+    lock.add_argument("--admin-user", default="root", metavar="ADMIN",
+                      help="the account that owns and changes everything (default: root)")
+    lock.add_argument("--policy", metavar="FILE", help="policy TOML (registry and audit paths)")
+    lock.add_argument("-q", "--quiet", action="store_true", help="do not list every file")
+    lock.set_defaults(func=cmd_lockdown)
+
     cli_identity.add_parser(sub)
     cli_audit.add_parser(sub)
     cli_admin.add_parser(sub)
@@ -199,6 +306,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         return args.func(args)
     except (PolicyError, ModelError, RegistryError) as exc:
         print(f"consent-guard: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except sqlite3.Error as exc:  # the registry should have said; never a traceback and exit 1
+        print(f"consent-guard: the identity registry cannot be used: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:  # e.g. a home this account may not read: say so, exit 2
+        print(f"consent-guard: {exc.strerror or exc}: {exc.filename or ''} (this account may "
+              f"lack access to the Consent Guard home or the file)", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130

@@ -68,10 +68,23 @@ def _open_admin(args, db: Path, key: Path, create: bool = False) -> Registry:
 
 
 def _open_reader(args, db: Path, key: Path) -> Registry:
+    """Read-only: listing and matching work on a registry this account cannot write."""
     passphrase = None
     if args.passphrase_file or os.environ.get(ENV_PASSPHRASE):
         passphrase = _passphrase(args)
-    return Registry.open(db, passphrase=passphrase, key_file=key)
+    return Registry.open(db, passphrase=passphrase, key_file=key, read_only=True)
+
+
+def _report_damaged(reg: Registry, what: str) -> int:
+    """Print each damaged row (skipped by `what`) on stderr; returns how many there were."""
+    damaged = reg.damaged_rows()
+    for row in damaged:
+        print(f"DAMAGED  {row}: skipped by {what}", file=sys.stderr)
+    if damaged:
+        print(f"{len(damaged)} damaged row(s) in {reg.path}. Matching refuses to run until they "
+              f"are gone: revoke each damaged identity by its id and enrol them again, or "
+              f"import a recent export.", file=sys.stderr)
+    return len(damaged)
 
 
 def cmd_init(args) -> int:
@@ -134,12 +147,13 @@ def _today() -> str:
 def cmd_list(args) -> int:
     _, db, key = _context(args)
     with _open_reader(args, db, key) as reg:
-        people = reg.identities()
+        people = reg.identities(skip_damaged=True)
+        damaged = _report_damaged(reg, "list")
     if args.json:
         for p in people:
             print(json.dumps(p.public_dict()))
-        return EXIT_OK
-    if not people:
+        return EXIT_ERROR if damaged else EXIT_OK
+    if not people and not damaged:
         print(f"nobody is enrolled in {db}")
     for p in people:
         consent = p.consent
@@ -150,22 +164,34 @@ def cmd_list(args) -> int:
         models = ", ".join(f"{m} x{n}" for m, n in sorted(p.models.items()))
         print(f"{p.id}  {p.name}{aliases}  scope={p.scope}  {who} ({consent.at if consent else '-'})"
               f"  embeddings: {models}")
-    return EXIT_OK
+    return EXIT_ERROR if damaged else EXIT_OK
 
 
 def cmd_revoke(args) -> int:
     _, db, key = _context(args)
     with _open_admin(args, db, key) as reg:
-        ident = reg.find(args.name)
+        ident_id, name = _revoke_target(reg, args.name)
         if not args.yes and sys.stdin.isatty():
-            answer = input(f"Delete {ident.name} ({ident.id}) and all their face data for good? "
+            answer = input(f"Delete {name} ({ident_id}) and all their face data for good? "
                            f"[y/N] ")
             if answer.strip().lower() not in ("y", "yes"):
                 print("nothing deleted")
                 return EXIT_ERROR
-        reg.revoke(ident.id)
-    print(f"revoked {ident.name} ({ident.id}): their embeddings are deleted")
+        reg.revoke(ident_id)
+    print(f"revoked {name} ({ident_id}): their embeddings are deleted")
     return EXIT_OK
+
+
+def _revoke_target(reg: Registry, name_or_id: str) -> tuple:
+    """(id, display name) to revoke: a readable identity by name, alias or id, or a damaged
+    identity row by its exact id (its name cannot be read, which is why it must go)."""
+    try:
+        ident = reg.find(name_or_id)
+        return ident.id, ident.name
+    except RegistryError:
+        if any(f"(id {name_or_id!r})" in row for row in reg.damaged_rows()):
+            return name_or_id, "a damaged identity"
+        raise
 
 
 def cmd_match(args) -> int:
@@ -213,9 +239,10 @@ def cmd_export(args) -> int:
         secret = _passphrase(args, confirm=True, prompt="Passphrase for the export file: ",
                              file_attr="export_passphrase_file", env=ENV_EXPORT_PASSPHRASE)
         n = reg.export(Path(args.file), secret)
+        damaged = _report_damaged(reg, "export")
     print(f"exported {n} identities to {args.file} (encrypted; give its passphrase only to "
           f"the admins who import it)")
-    return EXIT_OK
+    return EXIT_ERROR if damaged else EXIT_OK
 
 
 def cmd_import(args) -> int:
@@ -233,7 +260,8 @@ def cmd_key_file(args) -> int:
     _, db, key = _context(args)
     with _open_admin(args, db, key) as reg:
         reg.write_key_file(key)
-    print(f"wrote {key}: keep it readable only by the admin and the account that runs ComfyUI")
+    print(f"wrote {key}: keep it readable only by the admin and the account that runs ComfyUI "
+          f"(`consent-guard lockdown --service-user USER` does that)")
     return EXIT_OK
 
 

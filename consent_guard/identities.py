@@ -14,7 +14,8 @@ from .faces.backends import available_backends
 from .faces.enrol import PhotoCheck, embed_photos
 from .models import ModelError, ModelResolver
 from .policy import Policy
-from .registry import Consent, Identity, Registry, RegistryError, registry_paths
+from .registry import (Consent, Identity, Registry, RegistryError, RegistryExists,
+                       registry_paths)
 
 
 class EnrolmentRefused(RegistryError):
@@ -37,9 +38,14 @@ class Enrolment:
 def open_admin(db: Path, key: Path, passphrase: str, create: bool = True,
                key_file: bool = True) -> Registry:
     """The registry opened with the admin passphrase; created (with a key file beside it for
-    unattended matching, unless `key_file` is False) when absent and `create`."""
+    unattended matching, unless `key_file` is False) when absent and `create`. When another
+    process creates it at the same moment (two first enrolments), this one opens theirs: with
+    the same passphrase it simply adds to it, with another it gets a clear LockedError."""
     if create and not db.exists():
-        return Registry.create(db, passphrase, key_file=key if key_file else None)
+        try:
+            return Registry.create(db, passphrase, key_file=key if key_file else None)
+        except RegistryExists:
+            pass
     return Registry.open(db, passphrase=passphrase)
 
 

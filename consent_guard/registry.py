@@ -7,10 +7,24 @@ passphrase (scrypt), and optionally once in a key file beside the registry that 
 and the account that runs the image generator should be able to read (ComfyUI must read the
 registry unattended to protect anyone). Reading needs either; every change needs the passphrase.
 
-Concurrency: WAL journal, so ComfyUI can read while the CLI writes; each change is one
-transaction, so a crash in the middle of an enrolment loses nothing already stored. A counter in
-the meta table changes with every write, so readers know when to reload.
-Revoking deletes rows with `secure_delete` on, then checkpoints the WAL and vacuums the file.
+Concurrency: a rollback journal (journal_mode DELETE), not WAL: a WAL reader must be able to
+create or write "-shm"/"-wal" files beside the registry, so a ComfyUI account that may only read
+the folder (see `consent-guard lockdown`) could not open it ("attempt to write a readonly
+database"). With DELETE a reader needs read access to the file alone; it waits (busy timeout)
+for the few milliseconds a write commits. Registries made by older versions in WAL mode are
+switched on the admin's next write (or by `lockdown`). Each change is one transaction, so a
+crash in the middle of an enrolment loses nothing already stored. A counter in the meta table
+changes with every write, so readers know when to reload. The matching side opens the file
+read-only (`read_only=True`, sqlite `mode=ro`), so it works on a registry it cannot write.
+Creation is race-free: the new file is built under a temporary name and linked into place only
+if no registry appeared meanwhile (two first enrolments at once: one creates, the other opens).
+
+Damaged rows: every identity and embedding row is sealed with AES-GCM, so one flipped byte is
+detected. Listing and exporting report such a row and skip it (`identities(skip_damaged=True)`,
+`damaged_rows()`); matching fails closed: `embeddings()`, `identities()` and
+`open_for_matching` raise DamagedRowError naming the row, because skipping it would silently
+leave that person unprotected.
+Revoking deletes rows with `secure_delete` on, then vacuums the file.
 """
 from __future__ import annotations
 
@@ -31,6 +45,7 @@ import numpy as np
 
 REGISTRY_FILENAME = "identities.db"
 KEY_FILENAME = "registry.key"
+KEY_CHECK = b"consent-guard data key check"
 ENV_PASSPHRASE = "CONSENT_GUARD_PASSPHRASE"
 SCOPES = ("explicit", "any")
 FORMAT = 1
@@ -45,6 +60,28 @@ class RegistryError(RuntimeError):
 
 class LockedError(RegistryError):
     """No key to open the registry (wrong passphrase, or no passphrase and no key file)."""
+
+
+class RegistryExists(RegistryError):
+    """Creating a registry where one already exists (perhaps made a moment ago by another
+    process: open it instead)."""
+
+
+class DamagedRowError(RegistryError):
+    """A row of the registry cannot be read (its seal does not verify): matching refuses to go
+    on without it. `rows` holds one message per damaged row."""
+
+    def __init__(self, path: Path, rows: List[str]):
+        self.rows = rows
+        super().__init__(f"The identity registry {path} has {len(rows)} damaged row(s): "
+                         + "; ".join(rows[:5]) + (" ..." if len(rows) > 5 else "")
+                         + ". Matching stops rather than leave someone unprotected: revoke the "
+                           "damaged identity (`consent-guard identity revoke ID`) and enrol "
+                           "them again, or import a recent export.")
+
+
+class _Damaged(Exception):
+    """One row that cannot be read; the message names it."""
 
 
 @dataclass(frozen=True)
@@ -145,51 +182,67 @@ CREATE INDEX IF NOT EXISTS embedding_model ON embedding(model_id, identity_id);
 class Registry:
     """An open registry file. Thread-safe; one connection per instance, guarded by a lock."""
 
-    def __init__(self, path: Path, key: bytes):
+    def __init__(self, path: Path, key: bytes, read_only: bool = False):
         self.path = Path(path)
         self._key = key
+        self.read_only = read_only
         self._lock = threading.RLock()
-        self._db = _connect(self.path)
+        self._db = _connect(self.path, read_only=read_only)
 
     # -- opening -------------------------------------------------------------------------
     @classmethod
     def create(cls, path: Path, passphrase: str, key_file: Optional[Path] = None) -> "Registry":
-        """A new, empty registry. `key_file` (if given) receives the data key, mode 0600."""
+        """A new, empty registry. `key_file` (if given) receives the data key, mode 0600.
+        Raises RegistryExists when a registry is there already, even one that another process
+        created a moment ago: the file is built under a temporary name and linked into place,
+        which fails instead of overwriting."""
         path = Path(path)
         if path.exists():
-            raise RegistryError(f"A registry already exists at {path}.")
+            raise RegistryExists(f"A registry already exists at {path}.")
         path.parent.mkdir(parents=True, exist_ok=True)
         data_key = secrets.token_bytes(32)
         salt = secrets.token_bytes(16)
         kek = derive_key(passphrase, salt)
-        db = _connect(path)
-        with db:
-            db.executescript(_SCHEMA)
-            meta = {"format": str(FORMAT), "generation": "0",
-                    "kdf": json.dumps({"salt": _b64(salt), "n": SCRYPT_N, "r": SCRYPT_R,
-                                       "p": SCRYPT_P}),
-                    "wrapped_key": _b64(seal(kek, data_key, b"data key")),
-                    "created": _now()}
-            db.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
-        db.close()
-        _restrict(path)
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.new")
+        try:
+            db = _connect(tmp)
+            with db:
+                db.executescript(_SCHEMA)
+                meta = {"format": str(FORMAT), "generation": "0",
+                        "kdf": json.dumps({"salt": _b64(salt), "n": SCRYPT_N, "r": SCRYPT_R,
+                                           "p": SCRYPT_P}),
+                        "wrapped_key": _b64(seal(kek, data_key, b"data key")),
+                        "key_check": _b64(seal(data_key, KEY_CHECK, b"key check")),
+                        "created": _now()}
+                db.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
+            db.close()
+            _restrict(tmp)
+            _claim(tmp, path)
+        finally:
+            for leftover in (tmp, tmp.with_name(tmp.name + "-journal")):
+                try:
+                    leftover.unlink()
+                except OSError:
+                    pass
         if key_file is not None:
             write_key_file(Path(key_file), data_key)
         return cls(path, data_key)
 
     @classmethod
     def open(cls, path: Path, *, passphrase: Optional[str] = None,
-             key_file: Optional[Path] = None) -> "Registry":
-        """Open with the passphrase if given, else with the key file."""
+             key_file: Optional[Path] = None, read_only: bool = False) -> "Registry":
+        """Open with the passphrase if given, else with the key file. `read_only`: never
+        write (sqlite mode=ro), so an account that may only read the file can match."""
         path = Path(path)
         if not path.is_file():
             raise RegistryError(f"No identity registry at {path}. Create one with "
                                 f"`consent-guard identity init`.")
-        db = _connect(path)
+        db = _connect(path, read_only=read_only)
         try:
             meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
         except sqlite3.DatabaseError as exc:
-            raise RegistryError(f"{path} is not a Consent Guard registry: {exc}") from None
+            raise RegistryError(_explain(path, exc, "is not a readable Consent Guard registry"))\
+                from None
         finally:
             db.close()
         if int(meta.get("format", 0)) != FORMAT:
@@ -210,19 +263,38 @@ class Registry:
                 f"The registry {path} is locked{where}: give the admin passphrase "
                 f"(${ENV_PASSPHRASE} or --passphrase-file), or create the key file with "
                 f"`consent-guard identity key-file`.")
-        reg = cls(path, data_key)
-        reg._check_key()
+        reg = cls(path, data_key, read_only=read_only)
+        try:
+            reg._check_key()
+        except BaseException:
+            reg.close()
+            raise
         return reg
 
     def _check_key(self) -> None:
-        row = self._db.execute("SELECT id, sealed FROM identity LIMIT 1").fetchone()
-        if row is not None:
+        """The key opens this registry: the sealed check value in meta says so; registries
+        made before it existed are tried on their rows (any one that opens will do, so one
+        damaged row is not taken for a wrong key)."""
+        with self._lock:
+            check = self._meta("key_check")
+            if check:
+                rows = [(_unb64(check), b"key check")]
+            else:
+                rows = [(r[1], r[0].encode()) for r in self._db.execute(
+                    "SELECT id, sealed FROM identity ORDER BY rowid LIMIT 50")]
+                rows += [(r[3], f"{r[0]}/{r[1]}/{r[2]}".encode()) for r in self._db.execute(
+                    "SELECT identity_id, model_id, id, sealed FROM embedding LIMIT 50")]
+        if not rows:
+            return
+        for sealed, context in rows:
             try:
-                unseal(self._key, row[1], row[0].encode())
+                unseal(self._key, sealed, context)
+                return
             except LockedError:
-                raise LockedError(f"The key file does not open the registry {self.path}: it "
-                                  f"belongs to another registry. Recreate it with "
-                                  f"`consent-guard identity key-file`.") from None
+                continue
+        raise LockedError(f"The key file does not open the registry {self.path}: it "
+                          f"belongs to another registry. Recreate it with "
+                          f"`consent-guard identity key-file`.")
 
     def verify_passphrase(self, passphrase: str) -> None:
         """Raise LockedError unless `passphrase` is the admin passphrase of this registry."""
@@ -246,8 +318,8 @@ class Registry:
 
     # -- reading -------------------------------------------------------------------------
     def _meta(self, key: str) -> str:
-        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return row[0] if row else ""
+        rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
+        return rows[0][0] if rows else ""
 
     @property
     def generation(self) -> int:
@@ -255,27 +327,95 @@ class Registry:
         with self._lock:
             return int(self._meta("generation") or 0)
 
-    def identities(self) -> List[Identity]:
+    def _query(self, sql: str, args: tuple = ()) -> list:
+        """Rows of one query; sqlite's own errors (a damaged file, no permission) become a
+        RegistryError that names the file."""
         with self._lock:
-            rows = self._db.execute(
-                "SELECT id, scope, created, sealed FROM identity ORDER BY rowid").fetchall()
-            counts: Dict[str, Dict[str, int]] = {}
-            for ident, model, n in self._db.execute(
-                    "SELECT identity_id, model_id, COUNT(*) FROM embedding "
-                    "GROUP BY identity_id, model_id"):
-                counts.setdefault(ident, {})[model] = n
-        out = []
-        for ident, scope, created, sealed in rows:
+            try:
+                return self._db.execute(sql, args).fetchall()
+            except sqlite3.DatabaseError as exc:
+                raise RegistryError(_explain(self.path, exc, "cannot be read")) from None
+
+    def _identity_rows(self) -> Tuple[List[Identity], List[str]]:
+        """(identities that read back, one message per damaged identity row)."""
+        rows = self._query("SELECT rowid, id, scope, created, sealed FROM identity "
+                           "ORDER BY rowid")
+        counts: Dict[str, Dict[str, int]] = {}
+        for ident, model, n in self._query("SELECT identity_id, model_id, COUNT(*) FROM "
+                                           "embedding GROUP BY identity_id, model_id"):
+            counts.setdefault(ident, {})[model] = n
+        out, damaged = [], []
+        for rowid, ident, scope, created, sealed in rows:
+            try:
+                out.append(self._decode_identity(rowid, ident, scope, created, sealed,
+                                                 counts.get(ident, {})))
+            except _Damaged as exc:
+                damaged.append(str(exc))
+        return out, damaged
+
+    def _decode_identity(self, rowid, ident, scope, created, sealed, models) -> Identity:
+        where = f"identity row {rowid} (id {ident!r})"
+        if not isinstance(ident, str) or not isinstance(sealed, bytes):
+            raise _Damaged(f"{where}: wrong column types")
+        if scope not in SCOPES:
+            raise _Damaged(f"{where}: unknown scope {scope!r}")
+        try:
             info = json.loads(unseal(self._key, sealed, ident.encode()))
             consent = Consent(**info["consent"]) if info.get("consent") else None
-            out.append(Identity(ident, info["name"], scope, tuple(info.get("aliases", ())),
-                                consent, created, counts.get(ident, {})))
+            return Identity(ident, info["name"], scope, tuple(info.get("aliases", ())),
+                            consent, str(created), models)
+        except LockedError:
+            raise _Damaged(f"{where}: its seal does not verify (damaged or altered)") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise _Damaged(f"{where}: unreadable content ({exc})") from None
+
+    def identities(self, skip_damaged: bool = False) -> List[Identity]:
+        """Everyone enrolled. A damaged row raises DamagedRowError (a checker must not run
+        without it), unless `skip_damaged`: then it is left out (`damaged_rows()` names it)."""
+        out, damaged = self._identity_rows()
+        if damaged and not skip_damaged:
+            raise DamagedRowError(self.path, damaged)
         return out
 
+    def damaged_rows(self) -> List[str]:
+        """One message per identity or embedding row that cannot be read back: what `list` and
+        `export` report and skip, and what makes matching refuse to run."""
+        _, damaged = self._identity_rows()
+        rows = self._query("SELECT e.id, e.identity_id, e.model_id, e.sealed, i.scope FROM "
+                           "embedding e LEFT JOIN identity i ON i.id = e.identity_id "
+                           "ORDER BY e.id")
+        for row_id, ident, model_id, sealed, scope in rows:
+            try:
+                self._decode_vector(row_id, ident, model_id, sealed, scope)
+            except _Damaged as exc:
+                damaged.append(str(exc))
+        return damaged
+
+    def check_rows(self) -> None:
+        """Raise DamagedRowError when any row cannot be read back (see damaged_rows)."""
+        damaged = self.damaged_rows()
+        if damaged:
+            raise DamagedRowError(self.path, damaged)
+
+    def _decode_vector(self, row_id, ident, model_id, sealed, scope) -> np.ndarray:
+        where = f"embedding row {row_id} (identity {ident!r}, model {model_id!r})"
+        if scope is None:
+            raise _Damaged(f"{where}: its identity row is missing or its id was altered")
+        if scope not in SCOPES:
+            raise _Damaged(f"{where}: its identity has an unknown scope {scope!r}")
+        try:
+            raw = unseal(self._key, sealed, f"{ident}/{model_id}/{row_id}".encode())
+        except (LockedError, TypeError):
+            raise _Damaged(f"{where}: its seal does not verify (damaged or altered)") from None
+        if not raw or len(raw) % 4:
+            raise _Damaged(f"{where}: not a vector ({len(raw)} bytes)")
+        return np.frombuffer(raw, dtype="<f4")
+
     def find(self, name_or_id: str) -> Identity:
-        """An identity by id, display name or alias (case-insensitive)."""
+        """An identity by id, display name or alias (case-insensitive); damaged rows are not
+        searched (revoke one by its id)."""
         wanted = name_or_id.casefold()
-        hits = [i for i in self.identities()
+        hits = [i for i in self.identities(skip_damaged=True)
                 if i.id == name_or_id or i.name.casefold() == wanted
                 or wanted in (a.casefold() for a in i.aliases)]
         if not hits:
@@ -287,25 +427,36 @@ class Registry:
         return hits[0]
 
     def model_ids(self) -> List[str]:
-        with self._lock:
-            return [r[0] for r in self._db.execute(
-                "SELECT DISTINCT model_id FROM embedding ORDER BY model_id")]
+        return [r[0] for r in self._query(
+            "SELECT DISTINCT model_id FROM embedding ORDER BY model_id")]
 
     def embeddings(self, model_id: str) -> Embeddings:
-        """All embeddings made by `model_id`, grouped by identity (rows of one owner adjacent)."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT e.identity_id, i.scope, e.id, e.sealed FROM embedding e "
-                "JOIN identity i ON i.id = e.identity_id WHERE e.model_id = ? "
-                "ORDER BY i.rowid, e.id", (model_id,)).fetchall()
+        """All embeddings made by `model_id`, grouped by identity (rows of one owner adjacent).
+        Raises DamagedRowError naming any row that cannot be read back: matching without it
+        would leave that person unprotected."""
+        rows = self._query(
+            "SELECT e.identity_id, i.scope, e.id, e.sealed FROM embedding e "
+            "LEFT JOIN identity i ON i.id = e.identity_id WHERE e.model_id = ? "
+            "ORDER BY i.rowid, e.identity_id, e.id", (model_id,))
         idents: List[Tuple[str, str]] = []
-        owners, vectors = [], []
+        owners, vectors, damaged = [], [], []
         for ident, scope, row_id, sealed in rows:
+            try:
+                vec = self._decode_vector(row_id, ident, model_id, sealed, scope)
+            except _Damaged as exc:
+                damaged.append(str(exc))
+                continue
+            if vectors and len(vec) != len(vectors[0]):
+                damaged.append(f"embedding row {row_id} (identity {ident!r}, model "
+                               f"{model_id!r}): {len(vec)} values, the others have "
+                               f"{len(vectors[0])}")
+                continue
             if not idents or idents[-1][0] != ident:
                 idents.append((ident, scope))
             owners.append(len(idents) - 1)
-            raw = unseal(self._key, sealed, f"{ident}/{model_id}/{row_id}".encode())
-            vectors.append(np.frombuffer(raw, dtype="<f4"))
+            vectors.append(vec)
+        if damaged:
+            raise DamagedRowError(self.path, damaged)
         dim = len(vectors[0]) if vectors else 0
         return Embeddings(model_id, np.asarray(vectors, np.float32).reshape(len(vectors), dim),
                           np.asarray(owners, np.int64), tuple(idents))
@@ -313,10 +464,19 @@ class Registry:
     # -- writing (the caller has checked the admin passphrase) ----------------------------
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
+        if self.read_only:
+            raise RegistryError(f"The registry {self.path} was opened read-only; changes need "
+                                f"the admin passphrase.")
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.DatabaseError as exc:
+                raise RegistryError(_explain(self.path, exc, "cannot be changed")) from None
             try:
                 yield self._db
+                if not self._meta("key_check"):  # made before the check value existed
+                    self._db.execute("INSERT INTO meta VALUES ('key_check', ?)",
+                                     (_b64(seal(self._key, KEY_CHECK, b"key check")),))
                 self._db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 "
                                  "WHERE key = 'generation'")
                 self._db.execute("COMMIT")
@@ -337,15 +497,17 @@ class Registry:
             raise RegistryError("A consent record needs who consented (--consent-by).")
         if not any(len(v) for v in embeddings.values()):
             raise RegistryError("An identity needs at least one face embedding.")
-        taken = {i.name.casefold() for i in self.identities()}
-        if name.casefold() in taken and ident is None:
-            raise RegistryError(f"An identity named '{name}' is already enrolled; revoke it "
-                                f"first, or use `identity add-photos`.")
+        new_id = ident is None
         ident = ident or f"id_{uuid.uuid4().hex[:12]}"
         created = created or _now()
         aliases = tuple(a.strip() for a in aliases if a.strip())
         info = {"name": name, "aliases": list(aliases), "consent": consent.to_dict()}
         with self._write() as db:
+            # inside the write transaction, so two enrolments of one name cannot both pass
+            taken = {i.name.casefold() for i in self.identities(skip_damaged=True)}
+            if name.casefold() in taken and new_id:
+                raise RegistryError(f"An identity named '{name}' is already enrolled; revoke "
+                                    f"it first, or use `identity add-photos`.")
             db.execute("INSERT INTO identity VALUES (?, ?, ?, ?)",
                        (ident, scope, created, seal(self._key, json.dumps(info).encode(),
                                                     ident.encode())))
@@ -380,27 +542,44 @@ class Registry:
 
     def _scrub(self) -> None:
         with self._lock:
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # a no-op unless still WAL
             self._db.execute("VACUUM")
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     # -- key file, export and import -----------------------------------------------------
+    def _readable_vectors(self, ident: Identity, model_id: str) -> np.ndarray:
+        """The embeddings of one identity and model that read back, damaged ones left out."""
+        vectors = []
+        for row_id, sealed in self._query("SELECT id, sealed FROM embedding WHERE identity_id "
+                                          "= ? AND model_id = ? ORDER BY id",
+                                          (ident.id, model_id)):
+            try:
+                vectors.append(self._decode_vector(row_id, ident.id, model_id, sealed,
+                                                   ident.scope))
+            except _Damaged:
+                continue
+        if not vectors:
+            return np.zeros((0, 0), np.float32)
+        dim = len(vectors[0])
+        return np.asarray([v for v in vectors if len(v) == dim], np.float32)
+
     def write_key_file(self, path: Path) -> None:
         write_key_file(Path(path), self._key)
 
     def export(self, path: Path, passphrase: str) -> int:
-        """Everything, as one file sealed under `passphrase`; returns the identity count."""
+        """Everything that reads back, as one file sealed under `passphrase`; returns the
+        identity count. Damaged rows are left out (`damaged_rows()` names them): an export is
+        how a damaged registry is rebuilt, so it must not fail on them."""
         records = []
-        for ident in self.identities():
+        for ident in self.identities(skip_damaged=True):
             rec = ident.public_dict()
             rec.pop("embeddings")
             rec["embeddings"] = {}
             for model_id in ident.models:
-                emb = self.embeddings(model_id)
-                mine = [k for k, (i, _) in enumerate(emb.identities) if i == ident.id]
-                rows = emb.vectors[np.isin(emb.owners, mine)]
-                rec["embeddings"][model_id] = {"dim": int(rows.shape[1]),
-                                               "vectors": _b64(rows.astype("<f4").tobytes())}
+                rows = self._readable_vectors(ident, model_id)
+                if len(rows):
+                    rec["embeddings"][model_id] = {
+                        "dim": int(rows.shape[1]), "vectors": _b64(rows.astype("<f4").tobytes())}
             records.append(rec)
         payload = json.dumps({"format": FORMAT, "exported": _now(),
                               "identities": records}).encode()
@@ -468,11 +647,21 @@ def read_export(path: Path, passphrase: str) -> List[dict]:
 
 
 def write_key_file(path: Path, key: bytes) -> None:
+    """A new key file is 0600. Rewriting one keeps its owner and group, so a lock-down (group
+    read for the ComfyUI account) survives `identity key-file`; only access for other
+    accounts is taken away."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    existed = path.exists()
     fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="ascii") as fp:
         fp.write("consent-guard-registry-key-v1 " + _b64(key) + "\n")
-    _restrict(path)
+    if not existed:
+        _restrict(path)
+        return
+    try:
+        os.chmod(path, path.stat().st_mode & 0o770 & ~0o111)
+    except OSError:
+        pass
 
 
 def read_key_file(path: Path) -> bytes:
@@ -488,13 +677,72 @@ def read_key_file(path: Path) -> bytes:
     return key
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    db = sqlite3.connect(str(path), timeout=30, isolation_level=None, check_same_thread=False)
-    db.execute("PRAGMA journal_mode = WAL")
-    db.execute("PRAGMA synchronous = FULL")
-    db.execute("PRAGMA secure_delete = ON")
-    db.execute("PRAGMA foreign_keys = ON")
-    return db
+def _connect(path: Path, read_only: bool = False) -> sqlite3.Connection:
+    """A connection. Read-only ones (sqlite mode=ro) need only read access to the file; the
+    writable ones switch an old WAL registry to the rollback journal (see the module doc)."""
+    try:
+        if read_only:
+            db = sqlite3.connect(Path(path).resolve().as_uri() + "?mode=ro", uri=True,
+                                 timeout=30, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA query_only = ON")
+            return db
+        db = sqlite3.connect(str(path), timeout=30, isolation_level=None,
+                             check_same_thread=False)
+        use_rollback_journal(db)
+        db.execute("PRAGMA synchronous = FULL")
+        db.execute("PRAGMA secure_delete = ON")
+        db.execute("PRAGMA foreign_keys = ON")
+        return db
+    except sqlite3.DatabaseError as exc:
+        raise RegistryError(_explain(path, exc, "cannot be opened")) from None
+
+
+def use_rollback_journal(db: sqlite3.Connection) -> str:
+    """Switch the file to journal_mode DELETE (readers then need no write access beside it);
+    returns the mode in force. Leaving WAL needs every other connection closed: when ComfyUI
+    holds an old WAL connection this waits one second, keeps WAL and tries on the next write."""
+    if db.execute("PRAGMA journal_mode").fetchone()[0].lower() == "delete":
+        return "delete"
+    db.execute("PRAGMA busy_timeout = 1000")
+    try:
+        return db.execute("PRAGMA journal_mode = DELETE").fetchone()[0].lower()
+    except sqlite3.OperationalError:
+        return db.execute("PRAGMA journal_mode").fetchone()[0].lower()
+    finally:
+        db.execute("PRAGMA busy_timeout = 30000")
+
+
+def _explain(path: Path, exc: Exception, what: str) -> str:
+    """A message for sqlite's error: which file, what went wrong, and what to do."""
+    text = str(exc)
+    hint = ""
+    if "readonly" in text or "unable to open" in text or "disk I/O" in text:
+        hint = (" This account may lack read access to it, or it is an old registry in WAL "
+                "mode, which a reader can only open if it may create files beside it: as the "
+                "admin, run `consent-guard lockdown` (or any `identity` change) to switch it "
+                "to a journal that readers need no write access for.")
+    elif "malformed" in text or "not a database" in text:
+        hint = (" The file is damaged: restore it from an export (`consent-guard identity "
+                "import FILE`) or a backup.")
+    return f"The identity registry {path} {what}: {text}.{hint}"
+
+
+def _claim(tmp: Path, path: Path) -> None:
+    """Put the finished file `tmp` at `path` unless something is there already (another
+    process won the race): a hard link fails instead of replacing. Filesystems without hard
+    links fall back to an exclusive create of the name, then a rename over it."""
+    try:
+        os.link(tmp, path)
+        return
+    except FileExistsError:
+        raise RegistryExists(f"A registry already exists at {path}.") from None
+    except OSError:
+        pass
+    try:
+        os.close(os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        raise RegistryExists(f"A registry already exists at {path}.") from None
+    os.replace(tmp, path)
 
 
 def _restrict(path: Path) -> None:
@@ -523,11 +771,18 @@ def registry_paths(policy, home: Path) -> Tuple[Path, Path]:
 
 def open_for_matching(policy, home: Path, passphrase: Optional[str] = None
                       ) -> Optional[Registry]:
-    """The registry a checker reads, or None when there is none (nobody enrolled). Opened with
-    the passphrase if given (else $CONSENT_GUARD_PASSPHRASE), else the key file. A registry that
-    exists but cannot be opened raises: checking without it would leave people unprotected."""
+    """The registry a checker reads, or None when there is none (nobody enrolled). Opened
+    read-only with the passphrase if given (else $CONSENT_GUARD_PASSPHRASE), else the key file.
+    A registry that exists but cannot be opened, or holds a damaged row, raises: checking
+    without it would leave people unprotected."""
     db, key = registry_paths(policy, home)
     if not db.exists():
         return None
     passphrase = passphrase if passphrase is not None else os.environ.get(ENV_PASSPHRASE)
-    return Registry.open(db, passphrase=passphrase or None, key_file=key)
+    reg = Registry.open(db, passphrase=passphrase or None, key_file=key, read_only=True)
+    try:
+        reg.check_rows()
+    except BaseException:
+        reg.close()
+        raise
+    return reg

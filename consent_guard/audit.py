@@ -17,8 +17,29 @@ What a record holds (keys always in this order):
   image_sha256  image_digest() of the checked pixels: never the pixels, never embeddings
   error         the verdict's error (a check that failed, so the decision failed closed)
   note          free text from the adapter
+  seq           the record's number, 1 for the first anchored record, +1 for each record after
   prev          sha256 of the previous line's bytes (without its newline), or null for the
                 very first line: editing or removing a line breaks the chain (verify_chain)
+  mac           HMAC-SHA256, under the audit key, of the line up to this field (closed by "}")
+
+Anchoring. A hash chain alone proves nothing against someone who can write the file: they can
+edit a line and recompute every "prev" after it, cut lines from the end, or cut them from the
+start. So each record also carries a MAC under a secret key kept in "<log stem>.key" (created
+on first use, mode 0600; `consent-guard lockdown` makes it admin:group 0640 so the admin and the
+ComfyUI account alone read it), and a head file "<log stem>.head", apart from the log, holds
+the number of the last record, the number of the first record still kept (rotation drops
+old files) and the digest of the last line, under the same key; it is rewritten in place on
+every append. verify_log() then detects, without the key being known to whoever tampered:
+an edited line (its MAC), lines removed anywhere (the numbers jump, or the head's first/last
+disagree with the log), a tail cut off or the log emptied (the head is ahead of the log), and
+a deleted head (no head while anchored records exist; a writer that finds none rebuilds it and
+marks the head "rebuilt_at", which verify reports). What it cannot show: anything done by
+someone who holds the key (the admin, and the account ComfyUI runs as, which must write the
+log: such a person can rewrite the log and the head consistently); the log, the head and the
+key deleted together (nothing is left to compare; keep a copy of the head elsewhere, e.g. in
+`consent-guard audit --verify` output sent off the machine); and records lost to a power cut
+(no fsync). Logs written before MACs existed stay readable: their lines are chain-checked as
+before and verify_log notes that they are "not anchored".
 
 Writing: each record is one os.write() of one line to a file opened with O_APPEND, under a
 thread lock and an OS file lock (fcntl.flock on POSIX, msvcrt.locking on Windows) on
@@ -30,10 +51,12 @@ adapter decides what that means (in enforce mode: do not save).
 """
 from __future__ import annotations
 
+import base64
 import datetime as _dt
 import errno
 import getpass
 import hashlib
+import hmac
 import json
 import logging
 import os
@@ -41,6 +64,8 @@ import re
 import sys
 import threading
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple, Union
 
@@ -50,6 +75,8 @@ AUDIT_FILENAME = "audit.log"
 KINDS = ("image", "input_image", "prompt")
 PROMPT_MODES = ("hash", "text", "none")
 LOCK_TIMEOUT_S = 10.0
+KEY_MAGIC = "consent-guard-audit-key-v1"
+_MAC_TAIL = re.compile(rb',"mac":"([0-9a-f]{64})"\}$')
 
 log = logging.getLogger("consent_guard")
 
@@ -170,6 +197,9 @@ class AuditLog:
             raise ValueError(f"prompt_mode must be one of {PROMPT_MODES}, got {prompt_mode!r}")
         self.path = Path(path)
         self.lock_path = self.path.with_name(self.path.name + ".lock")
+        self.key_path = key_path_for(self.path)
+        self.head_path = head_path_for(self.path)
+        self._key: Optional[bytes] = None
         self.prompt_mode = prompt_mode
         self.max_bytes = max(1, int(max_bytes))
         self.backups = max(1, int(backups))
@@ -236,7 +266,9 @@ class AuditLog:
         except OSError as exc:
             text = exc.strerror or str(exc)
             code = f" ({errno.errorcode.get(exc.errno, exc.errno)})" if exc.errno else ""
-            self._fail(f"audit log {self.path}: cannot write: {text}{code}"
+            other = f" ({exc.filename})" if exc.filename and \
+                str(exc.filename) != str(self.path) else ""
+            self._fail(f"audit log {self.path}: cannot write{other}: {text}{code}"
                        + (" - the disk is full" if exc.errno == errno.ENOSPC else ""))
             return False
         except Exception as exc:  # a bug must not stop generation either
@@ -259,42 +291,54 @@ class AuditLog:
 
     def _append(self, rec: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | _BINARY, 0o600)
-        try:
-            deadline = time.monotonic() + LOCK_TIMEOUT_S
-            delay = 0.001
-            while not _lock(lock_fd):
-                if time.monotonic() > deadline:
-                    raise OSError(errno.EWOULDBLOCK, f"another process holds {self.lock_path} "
-                                                     f"for more than {LOCK_TIMEOUT_S:.0f} s")
-                time.sleep(delay)
-                delay = min(delay * 2, 0.05)
-            try:
-                self._append_locked(rec)
-            finally:
-                _unlock(lock_fd)
-        finally:
-            os.close(lock_fd)
+        with _file_lock(self.lock_path, os.O_RDWR | os.O_CREAT):
+            self._append_locked(rec)
+
+    def ensure_key(self) -> bytes:
+        """The audit MAC key, created (0600) on first use. Call under the log lock, or where
+        no writer runs yet (`lockdown`)."""
+        if self._key is None:
+            if not self.key_path.exists():
+                _create_key(self.key_path)
+            self._key = read_key(self.key_path)
+        return self._key
 
     def _append_locked(self, rec: dict) -> None:
+        key = self.ensure_key()
         last = _last_line(self.path)
         if last is None:  # fresh file (first ever, or just rotated): chain to the rotated one
             last = _last_line(self.path.with_name(self.path.name + ".1"))
+        head = read_head(self.head_path, key)
+        last_seq = _seq_of(last)
+        seq = (head["count"] if head else last_seq or 0) + 1
+        rec["seq"] = seq
         rec["prev"] = None if last is None else line_digest(last)
-        line = json.dumps(rec, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        line = sign_record(key, rec)
         data = line + b"\n"
         try:
             size = self.path.stat().st_size
         except FileNotFoundError:
             size = 0
+        dropped = False
         if size and size + len(data) > self.max_bytes:
             try:
-                self._rotate()
+                dropped = self._rotate()
             except OSError as exc:  # e.g. Windows, a reader holds the file: keep appending
                 message = f"audit log {self.path}: cannot rotate: {exc}"
                 if message != self._rotate_error:
                     self._rotate_error = message
                     log.warning("%s", message)
+        self._write_line(data, last)
+        anchored_before = head is not None or last_seq is not None
+        first = head["first"] if head else (seq if not anchored_before else
+                                            _first_seq(log_files(self.path)) or seq)
+        if dropped:
+            first = _first_seq(log_files(self.path)) or seq
+        rebuilt = head.get("rebuilt_at") if head else (seq if anchored_before else None)
+        write_head(self.head_path, key, {"count": seq, "first": first,
+                                         "last": line_digest(line), "rebuilt_at": rebuilt})
+
+    def _write_line(self, data: bytes, last: Optional[bytes]) -> None:
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _BINARY, 0o600)
         try:
             size = os.fstat(fd).st_size
@@ -311,17 +355,150 @@ class AuditLog:
         finally:
             os.close(fd)
 
-    def _rotate(self) -> None:
-        """audit.log.<backups> is dropped; .k -> .k+1; audit.log -> audit.log.1."""
+    def _rotate(self) -> bool:
+        """audit.log.<backups> is dropped; .k -> .k+1; audit.log -> audit.log.1. Returns
+        whether a file was dropped (the head's first record number then moves on)."""
         name = self.path.name
         oldest = self.path.with_name(f"{name}.{self.backups}")
-        if oldest.exists():
+        dropped = oldest.exists()
+        if dropped:
             oldest.unlink()
         for k in range(self.backups - 1, 0, -1):
             src = self.path.with_name(f"{name}.{k}")
             if src.exists():
                 os.replace(src, self.path.with_name(f"{name}.{k + 1}"))
         os.replace(self.path, self.path.with_name(f"{name}.1"))
+        return dropped
+
+
+@contextmanager
+def _file_lock(lock_path: Path, flags: int):
+    """Hold the OS lock on `lock_path` (waits up to LOCK_TIMEOUT_S)."""
+    lock_fd = os.open(lock_path, flags | _BINARY, 0o600)
+    try:
+        deadline = time.monotonic() + LOCK_TIMEOUT_S
+        delay = 0.001
+        while not _lock(lock_fd):
+            if time.monotonic() > deadline:
+                raise OSError(errno.EWOULDBLOCK, f"another process holds {lock_path} "
+                                                 f"for more than {LOCK_TIMEOUT_S:.0f} s")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        try:
+            yield
+        finally:
+            _unlock(lock_fd)
+    finally:
+        os.close(lock_fd)
+
+
+# -- the key, the MAC and the head -----------------------------------------------------------
+
+def key_path_for(path: Union[str, Path]) -> Path:
+    """Where the MAC key of the log at `path` lives: audit.log -> audit.key."""
+    return Path(path).with_suffix(".key")
+
+
+def head_path_for(path: Union[str, Path]) -> Path:
+    """Where the head of the log at `path` lives: audit.log -> audit.head."""
+    return Path(path).with_suffix(".head")
+
+
+def _create_key(path: Path) -> None:
+    """A new random key, written with O_EXCL so two first writers cannot each make one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL | _BINARY, 0o600)
+    except FileExistsError:
+        return
+    with os.fdopen(fd, "w", encoding="ascii") as fp:
+        fp.write(f"{KEY_MAGIC} {base64.b64encode(os.urandom(32)).decode('ascii')}\n")
+
+
+def read_key(path: Path) -> bytes:
+    """The MAC key in `path`; OSError or ValueError say why it cannot be used."""
+    parts = Path(path).read_text(encoding="ascii").split()
+    if len(parts) != 2 or parts[0] != KEY_MAGIC:
+        raise ValueError(f"{path} is not a Consent Guard audit key file")
+    key = base64.b64decode(parts[1].encode("ascii"))
+    if len(key) != 32:
+        raise ValueError(f"{path} holds a damaged audit key")
+    return key
+
+
+def _mac(key: bytes, data: bytes) -> str:
+    return hmac.new(key, data, hashlib.sha256).hexdigest()
+
+
+def sign_record(key: bytes, rec: dict) -> bytes:
+    """The record's line: its JSON with "mac" last, the MAC of the JSON before it."""
+    body = json.dumps(rec, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return body[:-1] + b',"mac":"' + _mac(key, body).encode("ascii") + b'"}'
+
+
+def record_mac_ok(key: bytes, raw: bytes) -> bool:
+    """Whether the line's "mac" is the MAC of the rest of it under `key`."""
+    m = _MAC_TAIL.search(raw)
+    if m is None:
+        return False
+    body = raw[:m.start()] + b"}"
+    return hmac.compare_digest(_mac(key, body), m.group(1).decode("ascii"))
+
+
+def _head_bytes(fields: dict) -> bytes:
+    return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode("ascii")
+
+
+def write_head(path: Path, key: bytes, fields: dict) -> None:
+    """Rewrite the head in place (no rename: under lockdown ComfyUI may write this file but
+    not create files in its folder). A write torn by a crash reads as a damaged head."""
+    data = json.dumps({**fields, "mac": _mac(key, _head_bytes(fields))},
+                      sort_keys=True).encode("ascii") + b"\n"
+    fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | _BINARY, 0o600)
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        written = os.write(fd, data)
+        if written != len(data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        os.ftruncate(fd, len(data))
+    finally:
+        os.close(fd)
+
+
+def read_head(path: Path, key: bytes) -> Optional[dict]:
+    """The head's fields when it exists and its MAC holds, else None."""
+    try:
+        head = json.loads(Path(path).read_bytes())
+        fields = {k: head[k] for k in ("count", "first", "last", "rebuilt_at")}
+        ok = hmac.compare_digest(_mac(key, _head_bytes(fields)), head["mac"])
+        if ok and isinstance(fields["count"], int) and isinstance(fields["first"], int):
+            return fields
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def _seq_of(raw: Optional[bytes]) -> Optional[int]:
+    """The "seq" of a line, or None (no line, a torn line, or a record before anchoring)."""
+    if not raw:
+        return None
+    try:
+        seq = json.loads(raw).get("seq")
+    except (ValueError, AttributeError):
+        return None
+    return seq if isinstance(seq, int) else None
+
+
+def _first_seq(files: List[Path]) -> Optional[int]:
+    """The number of the oldest anchored record in `files` (oldest first)."""
+    for path in files:
+        for _, raw in _lines(path):
+            seq = _seq_of(raw)
+            if seq is not None:
+                return seq
+    return None
 
 
 def _ends_with_newline(path: Path, size: int) -> bool:
@@ -441,32 +618,176 @@ def read_records(path: Union[str, Path], since=None, decision: Optional[str] = N
     return Records(log_files(path), since, decision, kind)
 
 
+@dataclass
+class Verification:
+    """What verify_log found: `problems` (tampering or damage: exit 2) and `notes` (what
+    the check could not cover, such as lines written before anchoring)."""
+
+    problems: List[str] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+
+
+@dataclass
+class _Walk:
+    """State carried from line to line while verifying."""
+
+    before: Optional[Tuple[str, bytes]] = None  # (where, raw) of the previous line
+    last_seq: Optional[int] = None
+    first: Optional[Tuple[str, int]] = None  # (where, seq) of the oldest anchored record
+    last_raw: Optional[bytes] = None  # the newest anchored line
+    unanchored: Optional[str] = None  # where the first line before anchoring is
+
+
 def verify_chain(path: Union[str, Path]) -> List[str]:
-    """Problems in the hash chain, oldest file first; [] when every line's "prev" is the
-    sha256 of the line before it (across rotated files). The first line of the oldest file
-    is taken as it is: its predecessor may have been rotated away. Not detectable: lines cut
-    from the end of the newest file, the newest file removed as a whole, and whole files
-    removed from the oldest end (a local chain has no outside anchor)."""
-    problems: List[str] = []
-    before: Optional[Tuple[str, int, bytes]] = None
-    for path in log_files(path):
-        for n, raw in _lines(path):
-            where = f"{path}:{n}"
-            try:
-                rec = json.loads(raw)
-                prev = rec["prev"]
-            except (ValueError, KeyError, TypeError):
-                problems.append(f"{where}: not a record (damaged or edited)")
-            else:
-                if before is not None and prev != line_digest(before[2]):
-                    problems.append(
-                        f"{where}: 'prev' does not match the line before it "
-                        f"({before[0]}:{before[1]}): that line was edited, or lines between "
-                        f"them were removed")
-            before = (str(path), n, raw)
-    return problems
+    """The problems verify_log finds; [] when the log is intact."""
+    return verify_log(path).problems
 
 
-__all__ = ["AUDIT_FILENAME", "AuditLog", "Records", "audit_for", "audit_path", "image_digest",
-           "line_digest", "log_files", "parse_when", "prompt_digest", "read_records",
-           "verify_chain"]
+def verify_log(path: Union[str, Path]) -> Verification:
+    """Check the log, its rotated copies and its head (see the module doc, "Anchoring"):
+    every line's "prev" is the sha256 of the line before it; every anchored record's MAC
+    holds, and its number is one more than the one before; the oldest anchored record is the
+    head's "first" and the newest is the head's "count" and "last". Lines written before
+    anchoring are only chain-checked, and a note says so."""
+    path = Path(path)
+    out = Verification()
+    key = _verify_key(path, out)
+    walk = _Walk()
+    with _verify_lock(path):  # so a writer's line and head are seen together
+        for file in log_files(path):
+            for n, raw in _lines(file):
+                _check_line(f"{file}:{n}", raw, key, walk, out)
+        head = _head_for_verify(path, key, out)
+    if walk.unanchored is not None:
+        upto = f"before {walk.first[0]}" if walk.first else "in the whole log"
+        out.notes.append(f"lines {upto} (from {walk.unanchored}) are not anchored: they were "
+                         f"written before records carried a MAC, so an edit there that "
+                         f"re-chains the lines after it would not show")
+    _check_ends(path, key, head, walk, out)
+    return out
+
+
+@contextmanager
+def _verify_lock(path: Path):
+    """The writers' lock when it exists and can be opened (read-only is enough for flock);
+    without one, nobody writes with this version, and verifying goes on unlocked."""
+    lock_path = path.with_name(path.name + ".lock")
+    try:
+        fd = os.open(lock_path, os.O_RDONLY | _BINARY)
+    except OSError:
+        yield
+        return
+    os.close(fd)
+    with _file_lock(lock_path, os.O_RDONLY):
+        yield
+
+
+def _verify_key(path: Path, out: Verification) -> Optional[bytes]:
+    kp = key_path_for(path)
+    try:
+        return read_key(kp)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        out.problems.append(f"cannot use the audit key {kp}: {exc} (run as the admin)")
+        return None
+
+
+def _head_for_verify(path: Path, key: Optional[bytes], out: Verification):
+    """The head's fields; "absent", or None when it cannot be trusted (a problem says why)."""
+    hp = head_path_for(path)
+    if not hp.exists():
+        return "absent"
+    if key is None:
+        return None
+    head = read_head(hp, key)
+    if head is None:
+        out.problems.append(f"{hp}: the head is damaged or its MAC does not match (edited, or "
+                            f"written with another key)")
+    return head
+
+
+def _check_line(where: str, raw: bytes, key: Optional[bytes], walk: _Walk,
+                out: Verification) -> None:
+    issues = []
+    try:
+        rec = json.loads(raw)
+        prev = rec["prev"]
+    except (ValueError, KeyError, TypeError):
+        out.problems.append(f"{where}: not a record (damaged or edited)")
+        walk.before = (where, raw)
+        return
+    if walk.before is not None and prev != line_digest(walk.before[1]):
+        issues.append(f"'prev' does not match the line before it ({walk.before[0]}): that "
+                      f"line was edited, or lines between them were removed")
+    seq = rec.get("seq")
+    if "mac" not in rec:
+        if walk.first is not None:
+            issues.append("no MAC although records before it have one: written by hand or "
+                          "by something that does not hold the audit key")
+        elif walk.unanchored is None:
+            walk.unanchored = where
+    else:
+        _check_anchored(where, raw, seq, key, walk, issues)
+    if issues:
+        out.problems.append(f"{where}: " + "; ".join(issues))
+    walk.before = (where, raw)
+
+
+def _check_anchored(where, raw, seq, key, walk: _Walk, issues: List[str]) -> None:
+    if key is not None and not record_mac_ok(key, raw):
+        issues.append("its MAC does not match: edited (re-chained or not) without the audit "
+                      "key, or written with another key")
+    if not isinstance(seq, int):
+        issues.append("no record number")
+        return
+    if walk.last_seq is not None and seq != walk.last_seq + 1:
+        if seq > walk.last_seq + 1:
+            issues.append(f"record {seq} follows record {walk.last_seq}: "
+                          f"{seq - walk.last_seq - 1} record(s) were removed")
+        else:
+            issues.append(f"record {seq} follows record {walk.last_seq}: repeated or "
+                          f"out of order")
+    if walk.first is None:
+        walk.first = (where, seq)
+    walk.last_seq, walk.last_raw = seq, raw
+
+
+def _check_ends(path: Path, key: Optional[bytes], head, walk: _Walk,
+                out: Verification) -> None:
+    """Compare the oldest and newest anchored records with the head."""
+    hp = head_path_for(path)
+    anchored = walk.first is not None
+    if anchored and key is None and not any("audit key" in p for p in out.problems):
+        out.problems.append(f"no audit key at {key_path_for(path)}: the records' MACs and the "
+                            f"head cannot be checked (deleted? run as the admin)")
+    if head == "absent":
+        if anchored:
+            out.problems.append(f"no head file {hp}: the end of the log cannot be checked "
+                                f"(the head was deleted)")
+        return
+    if head is None or key is None:
+        return
+    if head.get("rebuilt_at") is not None:
+        out.problems.append(f"{hp}: the head was missing or damaged and was rebuilt at record "
+                            f"{head['rebuilt_at']}: records removed before then cannot be "
+                            f"ruled out")
+    if not anchored:
+        if head["count"]:
+            out.problems.append(f"the head says {head['count']} record(s) were written, but "
+                                f"the log holds none of them: it was emptied or replaced")
+        return
+    if walk.first[1] != head["first"]:
+        out.problems.append(
+            f"{walk.first[0]}: the oldest record is number {walk.first[1]}, but the head says "
+            f"the oldest kept is {head['first']}: records were removed from the start")
+    if walk.last_seq != head["count"] or line_digest(walk.last_raw) != head["last"]:
+        out.problems.append(
+            f"the log ends at record {walk.last_seq}, but the head says {head['count']} "
+            f"record(s) were written and names another last line: records were removed from "
+            f"the end, or the last one was replaced")
+
+
+__all__ = ["AUDIT_FILENAME", "AuditLog", "Records", "Verification", "audit_for", "audit_path",
+           "head_path_for", "image_digest", "key_path_for", "line_digest", "log_files",
+           "parse_when", "prompt_digest", "read_records", "verify_chain", "verify_log"]

@@ -1,11 +1,12 @@
-"""`consent-guard audit`: read the audit log (filters, JSON) and verify its hash chain."""
+"""`consent-guard audit`: read the audit log (filters, JSON) and verify its hash chain, the
+records' MACs and the head that anchors both ends (see consent_guard/audit.py, "Anchoring")."""
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
 
-from .audit import log_files, parse_when, read_records, verify_chain
+from .audit import log_files, parse_when, read_records, verify_log
 from .audit import audit_path as _audit_path
 from .home import resolve_home
 from .policy import load_policy
@@ -29,19 +30,11 @@ def cmd_audit(args) -> int:
               f"{policy.source or 'the policy'}); new decisions are not recorded.",
               file=sys.stderr)
     files = log_files(path)
+    if args.verify:
+        return _verify(path, files, policy.audit_enabled)
     if not files:
         if policy.audit_enabled:
             print(f"No audit log at {path}: nothing has been recorded yet.", file=sys.stderr)
-        return EXIT_OK
-    if args.verify:
-        problems = verify_chain(path)
-        for p in problems:
-            print(p)
-        if problems:
-            print(f"audit log {path}: {len(problems)} problem(s) in the hash chain: the log was "
-                  f"edited, cut or damaged.", file=sys.stderr)
-            return EXIT_ERROR
-        print(f"audit log {path}: chain intact ({len(files)} file(s))")
         return EXIT_OK
     records = read_records(path, since=since, decision=args.decision, kind=args.kind)
     shown = 0
@@ -59,6 +52,27 @@ def cmd_audit(args) -> int:
               file=sys.stderr)
     if not shown and not args.json:
         print("no records match", file=sys.stderr)
+    return EXIT_OK
+
+
+def _verify(path: Path, files: list, enabled: bool) -> int:
+    """Print each problem (stdout) and note (stderr); exit 2 when there is any problem. A
+    missing log is a problem only when the head says records were written."""
+    result = verify_log(path)
+    if not files and not result.problems:
+        if enabled:
+            print(f"No audit log at {path}: nothing has been recorded yet.", file=sys.stderr)
+        return EXIT_OK
+    for p in result.problems:
+        print(p)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if result.problems:
+        print(f"audit log {path}: {len(result.problems)} problem(s): the log was edited, cut "
+              f"or damaged, or cannot be checked.", file=sys.stderr)
+        return EXIT_ERROR
+    anchored = "anchored" if not result.notes else "chain intact, partly unanchored"
+    print(f"audit log {path}: intact ({anchored}; {len(files)} file(s))")
     return EXIT_OK
 
 
@@ -84,7 +98,8 @@ def add_parser(sub) -> None:
     p.add_argument("--kind", choices=["image", "input_image", "prompt"])
     p.add_argument("--json", action="store_true", help="each record as stored (one JSON line)")
     p.add_argument("--verify", action="store_true",
-                   help="check the hash chain (exit 2 when a line was edited or removed)")
+                   help="check the hash chain, the records' MACs and the head (exit 2 when a "
+                        "line was edited, or lines removed anywhere, the tail included)")
     p.add_argument("--policy", metavar="FILE", help="policy TOML whose [audit] path to read")
     p.set_defaults(func=cmd_audit)
 

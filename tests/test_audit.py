@@ -25,7 +25,8 @@ from consent_guard.verdict import Decision, FaceFinding, Reason, Verdict
 
 REPO = Path(__file__).resolve().parent.parent
 KEYS = ["time", "user", "pid", "source", "client_id", "kind", "decision", "categories", "minor",
-        "reasons", "identities", "prompt", "negative", "image_sha256", "error", "note", "prev"]
+        "reasons", "identities", "prompt", "negative", "image_sha256", "error", "note", "seq",
+        "prev", "mac"]
 
 ALLOW = Verdict(Decision.ALLOW, rule="nothing found")
 NUDITY = Verdict(Decision.CENSOR, (Reason("nudenet", "BUTTOCKS_EXPOSED", 0.71234, "nudity",
@@ -63,6 +64,7 @@ def test_record_fields_in_fixed_order(tmp_path):
                                "category": "nudity", "score": 0.7123}]
     assert rec["pid"] == os.getpid() and rec["user"]
     assert rec["note"] == "SaveImage" and rec["error"] is None and rec["prev"] is None
+    assert rec["seq"] == 1 and len(rec["mac"]) == 64
     t = dt.datetime.fromisoformat(rec["time"].replace("Z", "+00:00"))
     assert rec["time"].endswith("Z") and len(rec["time"]) == len("2025-01-31T18:04:05.123Z")
     assert abs((dt.datetime.now(dt.timezone.utc) - t).total_seconds()) < 60
@@ -184,7 +186,8 @@ def test_rotation_keeps_n_backups_and_the_chain_continues(tmp_path):
     for i in range(60):
         assert log.record("image", NUDITY, source="cli", note=f"n{i}")
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["audit.log", "audit.log.1", "audit.log.2", "audit.log.3", "audit.log.lock"]
+    assert names == ["audit.head", "audit.key", "audit.log", "audit.log.1", "audit.log.2",
+                     "audit.log.3", "audit.log.lock"]
     for p in log_files(path):
         assert p.stat().st_size <= 2000
     assert verify_chain(path) == []
@@ -206,7 +209,9 @@ def test_verify_detects_an_edited_line(tmp_path):
     raw[2] = raw[2].replace('"block"', '"allow"')
     path.write_text("\n".join(raw) + "\n")
     problems = verify_chain(path)
-    assert len(problems) == 1 and f"{path}:4" in problems[0] and f"{path}:3" in problems[0]
+    assert len(problems) == 2
+    assert problems[0].startswith(f"{path}:3: its MAC does not match")
+    assert problems[1].startswith(f"{path}:4: 'prev' does not match") and f"{path}:3" in problems[1]
 
 
 def test_verify_detects_a_deleted_line_and_junk(tmp_path):
@@ -455,9 +460,9 @@ def test_cli_verify_exit_codes(home, capsys):
         log.record("image", ALLOW, source="cli")
     assert cli.main(["audit", "--verify"]) == 0
     assert "intact" in capsys.readouterr().out
-    _old_record(path, 1)  # edits the last line: nothing after it to notice
-    assert cli.main(["audit", "--verify"]) == 0
-    capsys.readouterr()
+    _old_record(path, 1)  # edits the last line: its MAC and the head show it
+    assert cli.main(["audit", "--verify"]) == 2
+    assert f"{path}:3: its MAC does not match" in capsys.readouterr().out
     raw = path.read_text().splitlines()
     path.write_text("\n".join(raw[:1] + raw[2:]) + "\n")
     assert cli.main(["audit", "--verify"]) == 2

@@ -6,9 +6,11 @@ folder's `prestartup_script.py` right after parsing its arguments and before it 
 under `--disable-all-custom-nodes`; `consent-guard doctor` reports both).
 
 What it does: when the policy says `enforce = true` (or the policy file exists but cannot be
-read: fail closed), every submission is refused until the plugin itself has loaded and armed
-all its hooks (nodes/enforce.py). So an import error in the plugin, a missing dependency or a
-broken model folder cannot leave ComfyUI running unprotected: POST /prompt answers 400 with a
+read, or the admin approved a policy that is now missing or changed: fail closed, see
+consent_guard/expect.py), every submission is refused until the plugin itself has loaded and
+armed all its hooks (nodes/enforce.py; from then on the plugin's get_engine refuses to check
+with a missing or unapproved policy). So an import error in the plugin, a missing dependency or
+a broken model folder cannot leave ComfyUI running unprotected: POST /prompt answers 400 with a
 message that says why. It does so by wrapping `execution.validate_prompt` the moment ComfyUI
 imports `execution` (an import hook), without importing anything heavy itself: importing torch
 here would come before ComfyUI sets up CUDA from its arguments.
@@ -17,6 +19,7 @@ This file must not import the plugin: it has to work when the plugin is what is 
 """
 import functools
 import importlib.abc
+import json
 import logging
 import os
 import sys
@@ -24,6 +27,8 @@ import types
 
 STATE_MODULE = "_consent_guard_enforce"  # nodes/enforce.py reads and updates the same module
 POLICY_FILENAME = "policy.toml"
+EXPECT_FILENAME = "expected.json"  # consent_guard/expect.py
+APPROVE_COMMAND = "consent-guard admin approve-policy"
 log = logging.getLogger("consent_guard")
 
 
@@ -53,6 +58,46 @@ def _enforce_at_boot(home: str):
     if not isinstance(value, bool):
         return True, f"the policy {path} has enforce = {value!r}, which is not true or false"
     return value, None
+
+
+def _sha256(path: str):
+    import hashlib
+
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except FileNotFoundError:
+        return None
+
+
+def _expected_policy(home: str, enforce: bool, problem):
+    """(enforce, problem) after the admin's record (consent_guard/expect.py, expected.json):
+    a policy the admin approved that is now missing, or changed while the approved one
+    enforced, keeps enforce mode on and refuses until the admin approves again. A record that
+    cannot be read keeps enforce on too. Mirrors expect.policy_problems without importing it."""
+    record_path = os.path.join(home, EXPECT_FILENAME)
+    try:
+        with open(record_path, "r", encoding="utf-8") as f:
+            record = json.load(f)
+        rec = record.get("policy") if isinstance(record, dict) else None
+    except FileNotFoundError:
+        return enforce, problem
+    except Exception as exc:
+        return True, (f"the admin's record {record_path} cannot be read "
+                      f"({type(exc).__name__}: {exc})")
+    if not isinstance(rec, dict) or not rec.get("sha256"):
+        return enforce, problem
+    path = os.path.join(home, POLICY_FILENAME)
+    now = _sha256(path)
+    if now == rec["sha256"]:
+        return enforce, problem
+    if now is None:
+        return True, (f"the policy {path} is missing, but the admin approved one "
+                      f"({record_path}); restore it, or the admin runs `{APPROVE_COMMAND}`")
+    if rec.get("enforce") or enforce:
+        return True, (f"the policy {path} has changed since the admin approved it; the admin "
+                      f"checks it and runs `{APPROVE_COMMAND}`")
+    return enforce, problem
 
 
 def _state(enforce: bool, problem):
@@ -120,7 +165,8 @@ class _GuardExecution(importlib.abc.MetaPathFinder):
 
 
 def install() -> None:
-    enforce, problem = _enforce_at_boot(_home())
+    home = _home()
+    enforce, problem = _expected_policy(home, *_enforce_at_boot(home))
     _state(enforce, problem)
     if "execution" in sys.modules:
         _guard(sys.modules["execution"])

@@ -2,9 +2,12 @@
 needed to change the policy, the identity registry or the plugin's settings from a UI.
 
 State lives in `<home>/admin.json`: {"version", "kdf": {"n", "r", "p", "salt"}, "hash",
-"locked", "changed"}. Whoever can write that file can remove the lock, which is why a shared
-machine keeps the Consent Guard home writable by the admin account only (README, "Locking down
-a shared machine"); `consent-guard doctor` reports when it is not. A file that exists but
+"locked", "changed"}, written owner-only (0600: the scrypt hash must not be copied for offline
+guessing; see _mode_and_group for the one exception). The admin's first set-passphrase or lock
+also approves the policy as it is then (expect.py, `<home>/expected.json`). Whoever can write
+admin.json can remove the lock, which is why a shared machine keeps the Consent Guard home
+writable by the admin account only (README, "Locking down a shared machine");
+`consent-guard doctor` reports when it is not. A file that exists but
 cannot be read or parsed counts as locked with no way to unlock from a UI (fail closed).
 """
 from __future__ import annotations
@@ -94,12 +97,38 @@ def verify(home: Path, passphrase: Optional[str]) -> bool:
         return False
 
 
+def _mode_and_group(path: Path):
+    """(mode, gid) for a rewrite of admin.json: owner-only (0600), so nobody else can copy the
+    hash and guess offline. Group read stays only where the admin gave the file to another
+    group than their own on purpose (a locked-down machine's ComfyUI group, README); a file
+    once world-readable loses that."""
+    try:
+        st = path.stat()
+    except OSError:
+        return 0o600, None
+    if hasattr(os, "getgid") and st.st_gid != os.getgid() and st.st_mode & 0o040:
+        return 0o640, st.st_gid
+    return 0o600, None
+
+
 def _write(home: Path, data: dict) -> None:
     path = admin_path(home)
     path.parent.mkdir(parents=True, exist_ok=True)
+    mode, gid = _mode_and_group(path)
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        tmp.unlink()  # O_CREAT keeps an old file's looser mode
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
+        if gid is not None:
+            try:
+                os.fchown(f.fileno(), -1, gid)
+            except OSError:
+                mode = 0o600
+        if hasattr(os, "fchmod"):  # POSIX; on Windows the folder's ACL applies
+            os.fchmod(f.fileno(), mode)
         json.dump(data, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
@@ -127,6 +156,7 @@ def set_passphrase(home: Path, new: str, current: Optional[str] = None) -> None:
                   "hash": base64.b64encode(_kdf(new, salt, SCRYPT_N, SCRYPT_R,
                                                 SCRYPT_P)).decode(),
                   "locked": st.locked, "changed": _now()})
+    _record_expectation(home)
 
 
 def set_locked(home: Path, locked: bool, passphrase: Optional[str]) -> None:
@@ -142,6 +172,20 @@ def set_locked(home: Path, locked: bool, passphrase: Optional[str]) -> None:
     data = _read(home)
     data["locked"], data["changed"] = locked, _now()
     _write(home, data)
+    _record_expectation(home)
+
+
+def _record_expectation(home: Path) -> None:
+    """The admin's first set-passphrase or lock approves the policy as it is (unless one was
+    approved already), so that from then on a missing or swapped policy is refused
+    (expect.py). Failing to write it is reported, not fatal: doctor shows it too."""
+    from . import expect
+
+    if not expect.record_policy_if_unset(home):
+        import logging
+        logging.getLogger("consent_guard").warning(
+            "Consent Guard: could not record the approved policy in %s",
+            expect.expect_path(home))
 
 
 def require_admin(home: Path, passphrase: Optional[str], what: str) -> None:

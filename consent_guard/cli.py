@@ -10,12 +10,12 @@ import stat
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
 
-from . import __version__, cli_admin, cli_audit, cli_identity
+from . import __version__, cli_admin, cli_audit, cli_identity, expect
 from .engine import Engine
 from .home import resolve_home
 from .models import ModelError, ModelResolver, describe
 from .policy import DEFAULT_POLICY_TOML, POLICY_FILENAME, PolicyError, load_policy
-from .registry import RegistryError, open_for_matching
+from .registry import RegistryError
 from .verdict import Decision, Verdict
 
 # Files with these suffixes are always checked (a decoding failure is an error result); other
@@ -118,7 +118,7 @@ def cmd_scan(args) -> int:
     policy = load_policy(Path(args.policy) if args.policy else None, home=resolve_home())
     # None when nobody is enrolled; a registry that exists but cannot be read (no key, no
     # permission, a damaged row) raises RegistryError: exit 2, nothing reported as allowed
-    registry = open_for_matching(policy, resolve_home())
+    registry = expect.open_registry(policy, resolve_home())  # and the admin's record holds
     models = Path(args.models_dir) if args.models_dir else None
     engine = Engine(policy, registry=registry,
                     model_dirs=[models / "consent_guard"] if models else [],
@@ -151,7 +151,7 @@ def cmd_check_prompt(args) -> int:
     from .prompts.check import prompt_record
 
     policy = load_policy(Path(args.policy) if args.policy else None, home=resolve_home())
-    engine = Engine(policy, registry=open_for_matching(policy, resolve_home()))
+    engine = Engine(policy, registry=expect.open_registry(policy, resolve_home()))
     texts = args.texts if args.texts else (line.rstrip("\r\n") for line in sys.stdin)
     status = EXIT_ALLOWED
     for text in texts:
@@ -194,6 +194,17 @@ def cmd_policy(args) -> int:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(DEFAULT_POLICY_TOML, encoding="utf-8")
         print(f"wrote the default policy to {target}")
+        if not admin.state(home).has_passphrase or admin.is_locked(home):
+            expect.record_policy(home, target)  # no admin yet, or the admin just said so
+        else:
+            print("run `consent-guard policy approve` (admin passphrase) to approve it",
+                  file=sys.stderr)
+    elif args.action == "approve":
+        try:
+            return cli_admin._approve_policy(args, home)
+        except Exception as exc:  # AdminError, AdminLocked: wrong or missing passphrase
+            print(f"consent-guard: {exc}", file=sys.stderr)
+            return EXIT_ERROR
     elif args.action == "check":
         policy = load_policy(Path(args.file) if args.file else None, home=home)
         print(f"policy OK: {policy.source or 'built-in defaults (no ' + str(target) + ')'}")
@@ -270,12 +281,14 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--policy", metavar="FILE")
     cp.set_defaults(func=cmd_check_prompt)
 
-    pol = sub.add_parser("policy", help="create, check or show the policy")
-    pol.add_argument("action", choices=["init", "check", "show", "path"])
+    pol = sub.add_parser("policy", help="create, check, show or approve the policy")
+    pol.add_argument("action", choices=["init", "check", "show", "path", "approve"],
+                     help="approve: the admin approves the policy file as it is now (the same "
+                          "as `admin approve-policy`)")
     pol.add_argument("file", nargs="?", help="a policy file to check or show (default: home's)")
     pol.add_argument("--force", action="store_true", help="init: overwrite an existing file")
     pol.add_argument("--passphrase-file", metavar="FILE",
-                     help="init while locked: the admin passphrase from a file")
+                     help="init while locked, approve: the admin passphrase from a file")
     pol.set_defaults(func=cmd_policy)
 
     mod = sub.add_parser("models", help="verify the model files (sha256) and show where they are")

@@ -1,4 +1,6 @@
-"""`consent-guard admin ...` (the lock) and `consent-guard doctor` (is protection active)."""
+"""`consent-guard admin ...` (the lock, and the admin's record of the approved policy and the
+registry: approve-policy, forget-registry; see expect.py) and `consent-guard doctor` (is
+protection active)."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import admin, doctor
+from . import admin, doctor, expect
 from .home import resolve_home
 from .registry import read_passphrase_file
 
@@ -47,14 +49,52 @@ def cmd_admin(args) -> int:
             admin.set_passphrase(home, new, current)
             print(f"admin passphrase set ({admin.admin_path(home)})")
             return EXIT_OK
+        if args.admin_command == "approve-policy":
+            return _approve_policy(args, home)
+        if args.admin_command == "forget-registry":
+            return _forget_registry(args, home)
         locked = args.admin_command == "lock"
         admin.set_locked(home, locked, _ask(args, "Admin passphrase: "))
         print("locked: the policy, the registry and the plugin's settings cannot be changed "
               "from ComfyUI without the admin passphrase" if locked else "unlocked")
         return EXIT_OK
-    except admin.AdminError as exc:
+    except (admin.AdminError, OSError) as exc:
         print(f"consent-guard: {exc}", file=sys.stderr)
         return EXIT_ERROR
+
+
+def _as_admin(args, home: Path, what: str) -> None:
+    """Once an admin passphrase is set, changing the admin's record needs it, lock or not:
+    otherwise whoever swapped the policy could approve it too."""
+    if admin.state(home).has_passphrase:
+        if not admin.verify(home, _ask(args, "Admin passphrase: ")):
+            raise admin.AdminLocked(f"Wrong admin passphrase: {what} refused.")
+        return
+    admin.require_admin(home, None, what)  # a damaged admin.json refuses
+
+
+def _approve_policy(args, home: Path) -> int:
+    from .policy import POLICY_FILENAME, load_policy
+
+    _as_admin(args, home, "approving the policy")
+    path = home / POLICY_FILENAME
+    try:
+        policy = load_policy(home=home)
+    except Exception as exc:
+        print(f"consent-guard: the policy {path} is not valid, so it was not approved: {exc}",
+              file=sys.stderr)
+        return EXIT_ERROR
+    digest = expect.record_policy(home, path)
+    print(f"approved {path} (sha256 {digest}, enforce {'on' if policy.enforce else 'off'})"
+          if digest else f"approved running without a policy file ({path} does not exist)")
+    return EXIT_OK
+
+
+def _forget_registry(args, home: Path) -> int:
+    _as_admin(args, home, "forgetting the registry")
+    expect.forget_registry(home)
+    print("the admin's record no longer expects an identity registry")
+    return EXIT_OK
 
 
 def cmd_doctor(args) -> int:
@@ -73,7 +113,8 @@ def cmd_doctor(args) -> int:
 
 
 def add_parser(sub) -> None:
-    adm = sub.add_parser("admin", help="the admin lock: set-passphrase, lock, unlock, status")
+    adm = sub.add_parser("admin", help="the admin lock: set-passphrase, lock, unlock, status, "
+                                       "approve-policy, forget-registry")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--passphrase-file", metavar="FILE",
                         help=f"the admin passphrase from a file (or ${ENV_ADMIN_PASSPHRASE})")
@@ -85,6 +126,11 @@ def add_parser(sub) -> None:
                                                    "admin passphrase; nodes can only be stricter")
     asub.add_parser("unlock", parents=[common], help="unlock")
     asub.add_parser("status", help="whether a passphrase is set and the lock is on")
+    asub.add_parser("approve-policy", parents=[common],
+                    help="approve the policy file as it is now; in enforce mode a policy "
+                         "changed or removed without this is refused")
+    asub.add_parser("forget-registry", parents=[common],
+                    help="the identity registry was removed on purpose: stop expecting it")
     adm.set_defaults(func=cmd_admin)
 
     doc = sub.add_parser("doctor", help="is protection active on this ComfyUI install?")

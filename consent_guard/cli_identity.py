@@ -63,7 +63,8 @@ def _open_admin(args, db: Path, key: Path, create: bool = False) -> Registry:
         print(f"Creating the identity registry {db}. Choose the admin passphrase: it is "
               f"needed for every change and cannot be recovered.", file=sys.stderr)
         return open_admin(db, key, _passphrase(args, confirm=True),
-                          key_file=not getattr(args, "no_key_file", False))
+                          key_file=not getattr(args, "no_key_file", False),
+                          home=resolve_home())
     return Registry.open(db, passphrase=_passphrase(args))
 
 

@@ -2,8 +2,10 @@
 at the keyboard switch it off? Each check says what it saw and, when it fails, the fix.
 
 It reads files (the plugin folder, the policy, the lock, the models, the registry, the audit
-log) and, given the URL of a running ComfyUI on this machine, asks it what it loaded
-(GET /system_stats for ComfyUI's arguments, GET /consent_guard/status for the hooks). Without
+log, the admin's record of the approved policy and the registry) and, given the URL of a
+running ComfyUI on this machine, asks it what it loaded (GET /system_stats for ComfyUI's
+arguments, GET /consent_guard/status for the hooks, its engine's problem, and which home,
+policy sha256 and registry it runs with): any difference from the admin's own is a failure. Without
 a URL it looks for ComfyUI processes in /proc (Linux) to read their arguments.
 """
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, List, Optional
 
-from . import admin
+from . import admin, expect
 from .policy import POLICY_FILENAME, load_policy
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
@@ -73,7 +75,8 @@ def _writable_by(path: Path, user: Optional[str]) -> bool:
 
 
 def _guarded_paths(home: Path, plugin: Optional[Path], comfyui: Optional[Path]) -> List[Path]:
-    paths = [home, home / POLICY_FILENAME, home / admin.ADMIN_FILENAME]
+    paths = [home, home / POLICY_FILENAME, home / admin.ADMIN_FILENAME,
+             expect.expect_path(home)]
     if comfyui is not None:
         paths.append(comfyui / "custom_nodes")  # whoever can write it can rename the plugin
     if plugin is not None:
@@ -125,9 +128,87 @@ def _flags_exclude(argv: List[str], plugin_name: str) -> Optional[str]:
             f", which leaves out {plugin_name}")
 
 
+def _check_expectation(home: Path, policy, add) -> bool:
+    """The admin's record (expect.py) against the files; False when it refuses."""
+    from .registry import registry_paths
+
+    db, key_file = registry_paths(policy, home)
+    refusals, notes = expect.problems(home, policy, db, key_file)
+    if refusals:
+        add(Check("admin's record", FAIL, "; ".join(refusals),
+                  "restore the file, or as the admin: " + expect.APPROVE_COMMAND))
+        return False
+    try:
+        record = expect.read(home)
+    except expect.ExpectationError:  # pragma: no cover - problems() said so already
+        record = {}
+    if notes:
+        add(Check("admin's record", WARN, "; ".join(notes), expect.APPROVE_COMMAND))
+    elif "policy" not in record:
+        add(Check("admin's record", WARN if policy.enforce else OK,
+                  "no approved policy is recorded, so a policy removed or swapped later is not "
+                  "noticed" if policy.enforce else "no approved policy recorded (enforce off)",
+                  expect.APPROVE_COMMAND if policy.enforce else ""))
+    else:
+        reg = (record.get("registry") or {}).get("path")
+        add(Check("admin's record", OK, f"policy approved (sha256 "
+                  f"{str(record['policy'].get('sha256'))[:12]}...), registry "
+                  + (f"expected at {reg}" if reg else "none expected")))
+    return True
+
+
+def _same_path(a, b) -> bool:
+    try:
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    except (OSError, TypeError, ValueError):
+        return False
+
+
+def compare_setup(local: dict, setup) -> List[Check]:
+    """The running server's home, policy hash and registry (GET /consent_guard/status, "setup")
+    against what the admin's own home holds. Any difference is a failure: a ComfyUI started
+    with another CONSENT_GUARD_HOME, an allow-all policy or no registry is not protected by
+    what the admin configured, however armed it says it is."""
+    if not isinstance(setup, dict):
+        return [Check("same setup", FAIL, "the running ComfyUI does not say which home, policy "
+                      "and registry it uses (an older Consent Guard?)",
+                      "update the plugin in that ComfyUI and restart it")]
+    out = []
+    remote_home = setup.get("home")
+    out.append(Check("same home", OK if _same_path(remote_home, local["home"]) else FAIL,
+                     f"{remote_home}" if _same_path(remote_home, local["home"]) else
+                     f"the running ComfyUI uses {remote_home}, the admin's is {local['home']}",
+                     "" if _same_path(remote_home, local["home"]) else
+                     f"start ComfyUI with CONSENT_GUARD_HOME={local['home']} (or unset it)"))
+    remote_sha = (setup.get("policy") or {}).get("sha256")
+    same_policy = remote_sha == local["policy_sha256"]
+    out.append(Check("same policy", OK if same_policy else FAIL,
+                     f"sha256 {str(remote_sha)[:12]}..." if same_policy else
+                     f"the running ComfyUI's policy has sha256 {remote_sha}, the admin's "
+                     f"{local['policy_sha256']}", "" if same_policy else
+                     "start ComfyUI with the admin's home and policy"))
+    reg = setup.get("registry") or {}
+    remote_count, local_count = reg.get("identities"), local.get("identities")
+    problems = []
+    if local.get("registry_path") and not _same_path(reg.get("path"), local["registry_path"]):
+        problems.append(f"it uses the registry {reg.get('path')}, the admin's is "
+                        f"{local['registry_path']}")
+    if remote_count is None:
+        problems.append("it cannot open its registry")
+    elif local_count is not None and remote_count != local_count:
+        problems.append(f"it protects {remote_count} people, the admin's registry "
+                        f"{local_count}")
+    out.append(Check("same registry", FAIL if problems else OK,
+                     "; ".join(problems) if problems else
+                     f"{reg.get('path')}, {remote_count} protected",
+                     "start ComfyUI with the admin's home" if problems else ""))
+    return out
+
+
 def run(home: Path, comfyui: Optional[Path] = None, url: Optional[str] = None,
-        user: Optional[str] = None, get_json: Callable = _get_json,
+        user: Optional[str] = None, get_json: Optional[Callable] = None,
         cmdlines: Callable = _proc_cmdlines) -> List[Check]:
+    get_json = get_json or _get_json  # looked up here, so a test can stand in for the server
     checks: List[Check] = []
     add = checks.append
     plugin = None
@@ -156,6 +237,7 @@ def run(home: Path, comfyui: Optional[Path] = None, url: Optional[str] = None,
 
     # the policy and enforce mode
     policy = None
+    local = {"home": str(home), "policy_sha256": expect.sha256_of(home / POLICY_FILENAME)}
     try:
         policy = load_policy(home=home)
         src = policy.source or "built-in defaults (no policy file)"
@@ -196,14 +278,20 @@ def run(home: Path, comfyui: Optional[Path] = None, url: Optional[str] = None,
             add(Check("optional models", WARN, "; ".join(r["name"] for r in others) +
                       " not verified", "python install.py"))
 
-        from .registry import open_for_matching
-        try:
-            registry = open_for_matching(policy, home)
-            if registry is None:
+        expected = _check_expectation(home, policy, add)
+        from .registry import open_for_matching, registry_paths
+        local["registry_path"] = str(registry_paths(policy, home)[0])
+        try:  # read only (no record written); when the admin's record refused, it says why
+            registry = open_for_matching(policy, home) if expected else None
+            if not expected:
+                add(Check("registry", FAIL, "not checked: the admin's record refuses"))
+            elif registry is None:
+                local["identities"] = "none"
                 add(Check("registry", WARN, "no identity registry: nobody is protected by face",
                           "consent-guard identity enroll"))
             else:
-                add(Check("registry", OK, f"readable, {len(registry.identities())} protected"))
+                local["identities"] = len(registry.identities())
+                add(Check("registry", OK, f"readable, {local['identities']} protected"))
                 registry.close()
         except Exception as exc:
             add(Check("registry", FAIL, f"cannot be opened: {exc}",
@@ -270,6 +358,13 @@ def run(home: Path, comfyui: Optional[Path] = None, url: Optional[str] = None,
         add(Check("protection active", OK if armed_ok else FAIL,
                   "enforce mode armed" if armed_ok else
                   (status.get("problem") or "enforce mode is off in the running ComfyUI")))
+        engine_problem = status.get("engine_problem")
+        add(Check("engine", FAIL if engine_problem else OK,
+                  engine_problem or "the running ComfyUI builds its checker without a problem",
+                  "see the message; `consent-guard doctor` without --url checks the files"
+                  if engine_problem else ""))
+        for check in compare_setup(local, status.get("setup")):
+            add(check)
     else:
         found = [a for a in cmdlines()]
         bad = [why for why in (_flags_exclude(a, name) for a in found) if why]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 from .faces.backends import available_backends
 from .faces.enrol import PhotoCheck, embed_photos
@@ -36,16 +36,21 @@ class Enrolment:
 
 
 def open_admin(db: Path, key: Path, passphrase: str, create: bool = True,
-               key_file: bool = True) -> Registry:
+               key_file: bool = True, home: Optional[Path] = None) -> Registry:
     """The registry opened with the admin passphrase; created (with a key file beside it for
     unattended matching, unless `key_file` is False) when absent and `create`. When another
     process creates it at the same moment (two first enrolments), this one opens theirs: with
     the same passphrase it simply adds to it, with another it gets a clear LockedError."""
     if create and not db.exists():
         try:
-            return Registry.create(db, passphrase, key_file=key if key_file else None)
+            reg = Registry.create(db, passphrase, key_file=key if key_file else None)
         except RegistryExists:
             pass
+        else:  # from now on its absence refuses (expect.py), whoever never set an admin
+            if home is not None:
+                from . import expect
+                expect.note_registry(home, db, key)
+            return reg
     return Registry.open(db, passphrase=passphrase)
 
 
@@ -69,7 +74,8 @@ def enrol_person(policy: Policy, home: Path, passphrase: str, *, name: str, scop
     embeddings, checks = embed_photos(photos, backends, policy.max_pixels, policy.detect_size)
     if not embeddings:
         raise EnrolmentRefused(checks)
-    with open_admin(db, key, passphrase, create=not add_to, key_file=key_file) as reg:
+    with open_admin(db, key, passphrase, create=not add_to, key_file=key_file,
+                    home=home) as reg:
         notes += _lookalikes(reg, backends, embeddings, add_to)
         if add_to:
             ident = reg.find(add_to)

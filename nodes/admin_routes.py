@@ -8,8 +8,11 @@
                                  needs the admin passphrase (the log holds ids and hashes)
 
 Registered by routes.register (see routes.py for how ComfyUI serves them). Wrong passphrases
-count in the same limiter as the enrolment dialog's. Nothing here can turn the lock off: that
-is `consent-guard admin unlock`, on the machine, by the admin.
+count in the same limiter as the enrolment dialog's (per client and globally; a request with
+no passphrase is not a guess and is not counted). The status reply's "setup" says which home,
+policy (sha256) and registry (path, how many protected) this server runs with, so that
+`consent-guard doctor --url` can compare them with the admin's. Nothing here can turn the lock
+off: that is `consent-guard admin unlock`, on the machine, by the admin.
 """
 from __future__ import annotations
 
@@ -18,10 +21,11 @@ import logging
 import os
 from typing import Optional
 
-from ..consent_guard import admin
+from ..consent_guard import admin, expect
 from ..consent_guard.policy import POLICY_FILENAME, PolicyError
+from . import routes
 from .comfy_bridge import ConsentGuardError, home
-from .routes import LIMITER, Reply, _error, _too_many
+from .routes import Reply, _error, _too_many, client_of, running_setup
 
 log = logging.getLogger("consent_guard")
 
@@ -38,14 +42,17 @@ def status_sync() -> Reply:
     body = {"ok": True, **enforce.status()}
     st = admin.state(home())
     body["locked"], body["admin_passphrase_set"] = st.locked, st.has_passphrase
+    engine = None
     try:
         from .image_nodes import get_engine
-        audit = get_engine().audit
+        engine = get_engine()
+        audit = engine.audit
         body["audit"] = None if audit is None else {"healthy": audit.healthy,
                                                      "problem": audit.last_error}
         body["engine_problem"] = None
     except ConsentGuardError as exc:
         body["audit"], body["engine_problem"] = None, str(exc)
+    body["setup"] = running_setup(engine)  # which home, policy and registry: doctor compares
     return Reply(200, body)
 
 
@@ -59,28 +66,38 @@ async def _json(request) -> dict:
     return data
 
 
-def _admin_ok(passphrase: Optional[str], what: str, always: bool = False) -> Optional[Reply]:
-    """None when the change may go ahead; else the reply refusing it."""
-    retry = LIMITER.retry_after()
-    if retry:
+def _admin_ok(passphrase: Optional[str], what: str, always: bool = False,
+              client: str = "") -> Optional[Reply]:
+    """None when the change may go ahead; else the reply refusing it. `always`: the admin
+    passphrase is needed even while unlocked. A request with no passphrase is refused without
+    a check and is not counted (it guesses nothing); every check of a passphrase is reserved
+    in the limiter first (routes.PassphraseLimiter), per client."""
+    st = admin.state(home())
+    if always and not st.has_passphrase:
+        return _error(403, f"{what} is for the admin: set an admin passphrase first "
+                           f"(`consent-guard admin set-passphrase`).")
+    if not always and not st.locked:
+        return None
+    if not passphrase:
+        return _error(403, f"Consent Guard is locked by the admin: {what} needs the admin "
+                           f"passphrase." if st.locked else f"{what} needs the admin "
+                                                            f"passphrase.", locked=st.locked)
+    ticket, retry = routes.LIMITER.begin(client)
+    if ticket is None:
         return _too_many(retry)
-    if always:
-        if not admin.state(home()).has_passphrase:
-            return _error(403, f"{what} is for the admin: set an admin passphrase first "
-                               f"(`consent-guard admin set-passphrase`).")
-        if admin.verify(home(), passphrase):
-            LIMITER.reset()
-            return None
-        LIMITER.failed()
-        return _error(403, f"Wrong admin passphrase: {what} refused.")
+    ok = False
     try:
-        admin.require_admin(home(), passphrase, what)
-    except admin.AdminLocked as exc:
-        if passphrase:
-            LIMITER.failed()
-        log.warning("Consent Guard: %s", exc)
-        return _error(403, str(exc), locked=True)
-    return None
+        ok = admin.verify(home(), passphrase) and not st.problem
+    finally:
+        routes.LIMITER.end(ticket, routes.RIGHT if ok else routes.WRONG)
+    if ok:
+        return None
+    if always:
+        return _error(403, f"Wrong admin passphrase: {what} refused.")
+    message = (f"Consent Guard is locked and {st.problem}; {what} was refused." if st.problem
+               else f"Consent Guard is locked by the admin: {what} needs the admin passphrase.")
+    log.warning("Consent Guard: %s", message)
+    return _error(403, message, locked=True)
 
 
 def policy_get_sync() -> Reply:
@@ -93,12 +110,12 @@ def policy_get_sync() -> Reply:
                        "locked": admin.is_locked(home())})
 
 
-def policy_post_sync(data: dict) -> Reply:
+def policy_post_sync(data: dict, client: str = "") -> Reply:
     text, passphrase = data.get("text"), data.get("passphrase")
     if not isinstance(text, str) or len(text.encode("utf-8")) > MAX_POLICY_BYTES:
         return _error(400, f"Send the policy as 'text' (TOML, at most {MAX_POLICY_BYTES} bytes).")
     refused = _admin_ok(passphrase if isinstance(passphrase, str) else None,
-                        "changing the policy")
+                        "changing the policy", client=client)
     if refused is not None:
         return refused
     from ..consent_guard.policy import policy_from_dict
@@ -118,13 +135,20 @@ def policy_post_sync(data: dict) -> Reply:
         os.replace(tmp, path)
     except OSError as exc:
         return _error(500, f"The policy {path} cannot be written: {exc}")
+    try:  # accepted with the admin passphrase (or no lock): this is the approved policy now
+        expect.record_policy(home(), path)
+    except (OSError, expect.ExpectationError) as exc:
+        log.error("Consent Guard: the policy was written but not recorded as approved: %s", exc)
+        return _error(500, f"The policy was written, but {expect.expect_path(home())} cannot "
+                           f"be: {exc}. In enforce mode it is refused until the admin runs "
+                           f"`{expect.APPROVE_COMMAND}`.")
     log.warning("Consent Guard: the policy was changed from the ComfyUI front end")
     return Reply(200, {"ok": True, "path": str(path)})
 
 
-def audit_sync(data: dict) -> Reply:
+def audit_sync(data: dict, client: str = "") -> Reply:
     refused = _admin_ok(data.get("passphrase") if isinstance(data.get("passphrase"), str)
-                        else None, "reading the audit log", always=True)
+                        else None, "reading the audit log", always=True, client=client)
     if refused is not None:
         return refused
     from ..consent_guard.audit import audit_for, read_records
@@ -151,9 +175,11 @@ def audit_sync(data: dict) -> Reply:
 
 
 def _sync_handler(fn, with_body: bool):
+    """An aiohttp-style handler running `fn` off the event loop; a handler with a body also
+    gets the client's address, which the passphrase limiter counts against."""
     async def handler(request) -> Reply:
         try:
-            args = (await _json(request),) if with_body else ()
+            args = (await _json(request), client_of(request)) if with_body else ()
         except ValueError as exc:
             return _error(400, str(exc))
         try:

@@ -18,7 +18,7 @@ import numpy as np
 
 import folder_paths  # ComfyUI's module; present whenever ComfyUI loads this package
 
-from ..consent_guard import Engine, load_policy
+from ..consent_guard import Engine, expect, load_policy
 from ..consent_guard.home import resolve_home
 from ..consent_guard.policy import POLICY_FILENAME
 from ..consent_guard.registry import REGISTRY_FILENAME, open_for_matching, registry_paths
@@ -51,8 +51,22 @@ def _file_state(path: Path) -> Tuple:
 
 
 def policy_state() -> Tuple:
-    """Identifies the policy file's current version (path, mtime, size)."""
-    return _file_state(home() / POLICY_FILENAME)
+    """Identifies the policy file's current version (path, mtime, size). A policy the admin
+    approved that is gone reads as (path, "missing", None), not as "no file": enforce.py takes
+    a policy file that exists but cannot be used for enforce mode on, and so must it take one
+    that the admin's record says exists (expect.py); get_engine then refuses to check."""
+    state = _file_state(home() / POLICY_FILENAME)
+    if state[1] is None and _policy_expected():
+        return (state[0], "missing", None)
+    return state
+
+
+def _policy_expected() -> bool:
+    try:
+        rec = expect.read(home()).get("policy") or {}
+    except expect.ExpectationError:
+        return True  # a record that cannot be read: assume the worst
+    return bool(rec.get("sha256"))
 
 
 def checks_state() -> Tuple:
@@ -79,7 +93,7 @@ def get_engine() -> Engine:
     """The process's engine; rebuilt when the policy file changes, so edits need no restart.
     A policy that cannot be read raises ConsentGuardError: nothing runs unchecked."""
     global _engine, _engine_key
-    key = policy_state() + (_registry_exists(),)
+    key = policy_state() + (_registry_exists(),) + _file_state(expect.expect_path(home()))
     policy_path = Path(key[0])
     with _lock:
         if _engine is None or key != _engine_key:
@@ -88,11 +102,7 @@ def get_engine() -> Engine:
             except Exception as exc:
                 raise ConsentGuardError(f"Consent Guard cannot read its policy, so nothing is "
                                         f"saved: {exc}") from exc
-            try:  # an existing registry that cannot be opened must not mean "nobody protected"
-                registry = open_for_matching(policy, policy_path.parent)
-            except Exception as exc:
-                raise ConsentGuardError(f"Consent Guard cannot open the identity registry, so "
-                                        f"nothing is saved: {exc}") from exc
+            registry = _open_expected_registry(policy, policy_path.parent)
             if _engine is not None and _engine.registry is not None:
                 _engine.registry.close()
             model_dirs = [Path(p) for p in folder_paths.get_folder_paths(MODEL_FOLDER)]
@@ -108,8 +118,42 @@ def get_engine() -> Engine:
                     raise ConsentGuardError(f"Consent Guard cannot open its audit log, and in "
                                             f"enforce mode nothing runs unlogged: {exc}") from exc
             _overrides.clear()
-            _engine_key = key
+            # building may have written the admin's record (a registry seen for the first
+            # time): that write is not a change to rebuild for
+            _engine_key = key[:-3] + _file_state(expect.expect_path(home()))
         return _engine
+
+
+_seen_registries: set = set()  # registries this process has opened: they cannot vanish
+
+
+def _open_expected_registry(policy, where: Path):
+    """The registry, after the admin's record (expect.py) and this process's own memory agree
+    that nothing expected is missing: a registry that existed must never read as "nobody is
+    protected", nor a swapped policy as approved."""
+    db, key_file = registry_paths(policy, where)
+    gone = [str(p) for p in sorted(_seen_registries) if not Path(p).exists()]
+    if gone:
+        raise ConsentGuardError(f"Consent Guard refuses to check, so nothing is saved: the "
+                                f"identity registry {', '.join(gone)} was open in this ComfyUI "
+                                f"and is gone; restore it (if it was removed on purpose: "
+                                f"`{expect.FORGET_COMMAND}`, then restart ComfyUI)")
+    try:
+        for note in expect.require(where, policy, db, key_file):
+            log.warning("Consent Guard: %s", note)
+    except expect.ExpectationError as exc:
+        raise ConsentGuardError(f"{exc}. Nothing is saved until this is resolved.") from exc
+    try:  # an existing registry that cannot be opened must not mean "nobody protected"
+        registry = open_for_matching(policy, where)
+    except Exception as exc:
+        raise ConsentGuardError(f"Consent Guard cannot open the identity registry, so "
+                                f"nothing is saved: {exc}") from exc
+    if registry is not None:
+        _seen_registries.add(str(db))
+        if not expect.note_registry(where, db, key_file):
+            log.warning("Consent Guard: could not record the registry in %s; the admin's "
+                        "commands record it", expect.expect_path(where))
+    return registry
 
 
 _overrides: dict = {}  # (override text, locked) -> engine, for the current base engine

@@ -1,6 +1,7 @@
 """HTTP routes for the ComfyUI front end's "Enrol protected person" dialog (web/js/).
 
     GET  /consent_guard/identities/status   -> {registry_exists, enrolled, problem}
+    (GET /consent_guard/status, admin_routes.py, reports running_setup(): home, policy, registry)
     POST /consent_guard/identities/enroll   multipart/form-data, admin passphrase required
 
 How ComfyUI takes routes from a custom node (ComfyUI a125cd84, version 0.3.64, server.py and
@@ -13,9 +14,11 @@ whose Origin differs from Host, so another web site cannot make a visitor's brow
 
 The status route is open to anyone who can reach ComfyUI: it gives a count, never a name and
 never anything biometric. The enrol route needs the admin passphrase; wrong passphrases are
-rate-limited (PassphraseLimiter) and the passphrase is never echoed or logged. Photos are read
-into memory (request.multipart(), not request.post(), which spools parts over 1 MiB to a temp
-file), decoded, embedded and dropped: nothing of them is written to disk.
+rate-limited per client and globally (PassphraseLimiter, an attempt reserved before its slow
+check) and the passphrase is never echoed or logged. A new registry is recorded in the admin's
+record (consent_guard/expect.py), so that its absence later refuses instead of allowing.
+Photos are read into memory (request.multipart(), not request.post(), which spools parts over
+1 MiB to a temp file), decoded, embedded and dropped: nothing of them is written to disk.
 
 The handlers are plain async functions of the request that return a Reply, so tests can call
 them with a stand-in request; `register(server)` wraps them into aiohttp handlers.
@@ -42,11 +45,12 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 import folder_paths
 
+from ..consent_guard import expect
 from ..consent_guard.admin import AdminLocked, require_admin
 from ..consent_guard.faces.enrol import PhotoCheck
 from ..consent_guard.identities import EnrolmentRefused, enrol_person
 from ..consent_guard.models import ModelError
-from ..consent_guard.policy import load_policy
+from ..consent_guard.policy import POLICY_FILENAME, load_policy
 from ..consent_guard.registry import (REGISTRY_FILENAME, SCOPES, Consent, LockedError,
                                       RegistryError, registry_paths)
 from .comfy_bridge import MODEL_FOLDER, ConsentGuardError, get_engine, home, insightface_dirs
@@ -77,47 +81,135 @@ def _error(status: int, message: str, **extra) -> Reply:
     return Reply(status, {"ok": False, "error": message, **extra})
 
 
+WRONG, RIGHT, UNCHECKED = "wrong", "right", "unchecked"  # how a reserved check ended
+
+
 class PassphraseLimiter:
-    """After `max_failures` wrong passphrases within `window` seconds, every enrolment is
-    answered 429 for `lockout` seconds. One counter for the whole process, not per client:
-    behind a reverse proxy every client has the proxy's address, and a guesser with many
-    addresses must not get more tries (the price: a guesser can keep the admin out for a
-    while; the command line still works)."""
+    """Limits wrong admin passphrases per client (remote address) and for the whole process.
+
+    A client gets `max_failures` wrong passphrases within `window` seconds; then that client
+    alone is answered 429 for `lockout` seconds, so one guesser cannot lock anyone else out.
+    All clients together get `global_failures` within the window; past that, attempts from
+    anyone are spaced `global_spacing` seconds apart until the window clears. A guesser with
+    many addresses (or everyone behind one reverse proxy) is slowed to that pace, never locked
+    out for longer than one spacing, and the command line on the machine always works. An
+    address that gave the right passphrase within `trust_for` seconds skips that spacing (its
+    own limit still holds), so a flood of guesses cannot starve the admin of slots.
+
+    An attempt is reserved before its slow scrypt check runs (`begin`) and settled after it
+    (`end`): checking the limit and counting the attempt are one step under one lock, and a
+    pending attempt counts as a failure until it ends. So 40 concurrent guesses get at most
+    `max_failures` checks, however the server's threads interleave them.
+    """
 
     def __init__(self, max_failures: int = 5, window: float = 60.0, lockout: float = 60.0,
-                 clock=time.monotonic):
+                 global_failures: int = 20, global_spacing: float = 3.0,
+                 trust_for: float = 24 * 3600.0, clock=time.monotonic):
         self.max_failures, self.window, self.lockout, self.clock = \
             max_failures, window, lockout, clock
-        self._failures: deque = deque()
-        self._locked_until = 0.0
+        self.global_failures, self.global_spacing = global_failures, global_spacing
+        self.trust_for = trust_for
+        self._clients: Dict[str, _Client] = {}
+        self._trusted: Dict[str, float] = {}  # address -> until when it skips the spacing
+        self._global: deque = deque()
+        self._global_pending = 0
+        self._next_slot = 0.0
         self._lock = threading.Lock()
 
-    def retry_after(self) -> int:
-        """Seconds until the next attempt is allowed; 0 when it is allowed now."""
-        with self._lock:
-            left = self._locked_until - self.clock()
-            return max(1, math.ceil(left)) if left > 0 else 0
+    def _client(self, client: str, now: float) -> "_Client":
+        for old in [k for k, c in self._clients.items() if c.idle(now, self.window)]:
+            del self._clients[old]  # forget clients with nothing left to remember
+        for old in [k for k, until in self._trusted.items() if until <= now]:
+            del self._trusted[old]
+        while self._global and self._global[0] <= now - self.window:
+            self._global.popleft()
+        state = self._clients.setdefault(client, _Client())
+        state.prune(now, self.window)
+        return state
 
-    def failed(self) -> None:
+    def retry_after(self, client: str = "") -> int:
+        """Seconds until `client` may try again; 0 when it may try now (not reserved)."""
         with self._lock:
             now = self.clock()
-            self._failures.append(now)
-            while self._failures and self._failures[0] <= now - self.window:
-                self._failures.popleft()
-            if len(self._failures) >= self.max_failures:
-                self._locked_until = now + self.lockout
-                self._failures.clear()
+            return self._wait(client, self._client(client, now), now)
+
+    def _wait(self, client: str, state: "_Client", now: float) -> int:
+        if state.locked_until > now:
+            return max(1, math.ceil(state.locked_until - now))
+        if len(state.failures) + state.pending >= self.max_failures:
+            return 1  # its attempts in flight may use up its tries: ask again shortly
+        if self._over_global() and self._next_slot > now and client not in \
+                self._trusted:
+            return max(1, math.ceil(self._next_slot - now))
+        return 0
+
+    def _over_global(self) -> bool:
+        return len(self._global) + self._global_pending >= self.global_failures
+
+    def begin(self, client: str = "") -> Tuple[Optional[str], int]:
+        """Reserve one passphrase check for `client`: (ticket, 0), or (None, seconds to wait).
+        Every ticket must be given back with end()."""
+        with self._lock:
+            now = self.clock()
+            state = self._client(client, now)
+            wait = self._wait(client, state, now)
+            if wait:
+                return None, wait
+            if self._over_global() and client not in self._trusted:
+                self._next_slot = now + self.global_spacing
+            state.pending += 1
+            self._global_pending += 1
+            return client, 0
+
+    def end(self, ticket: str, outcome: str) -> None:
+        """Settle a reserved check. WRONG counts; RIGHT (the passphrase was verified) clears
+        the client's count, never the global one; UNCHECKED (refused before any passphrase
+        was checked, e.g. no readable photo) only gives the reservation back, so a request
+        that checks nothing can never reset a guesser's count."""
+        with self._lock:
+            now = self.clock()
+            state = self._client(ticket, now)
+            state.pending = max(0, state.pending - 1)
+            self._global_pending = max(0, self._global_pending - 1)
+            if outcome == RIGHT:
+                state.failures.clear()
+                self._trusted[ticket] = now + self.trust_for
+            if outcome != WRONG:
+                return
+            state.failures.append(now)
+            self._global.append(now)
+            if len(state.failures) >= self.max_failures:
+                state.locked_until = now + self.lockout
+                state.failures.clear()
 
     def reset(self) -> None:
         with self._lock:
-            self._failures.clear()
-            self._locked_until = 0.0
+            self._clients.clear()
+            self._trusted.clear()
+            self._global.clear()
+            self._global_pending = 0
+            self._next_slot = 0.0
+
+
+@dataclass
+class _Client:
+    failures: deque = field(default_factory=deque)
+    pending: int = 0
+    locked_until: float = 0.0
+
+    def prune(self, now: float, window: float) -> None:
+        while self.failures and self.failures[0] <= now - window:
+            self.failures.popleft()
+
+    def idle(self, now: float, window: float) -> bool:
+        self.prune(now, window)
+        return not self.failures and not self.pending and self.locked_until <= now
 
 
 LIMITER = PassphraseLimiter()
-# One enrolment at a time, off the server's event loop: the passphrase checks cannot run in
-# parallel (so the limiter sees every failure before the next try), and two first enrolments
-# cannot race to create the registry. Its own thread, so a queue of enrolments never holds up
+# One enrolment at a time, off the server's event loop: two first enrolments cannot race to
+# create the registry (the limiter's reservation, not this thread, keeps passphrase checks
+# within the limit). Its own thread, so a queue of enrolments never holds up
 # the threads of the loop's default executor.
 _EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="consent_guard_enrol")
 
@@ -295,15 +387,24 @@ def _policy():
             raise exc from None
 
 
-def enrol_sync(form: EnrolForm) -> Reply:
-    """Decode the photos and enrol; runs on the enrolment thread."""
-    retry = LIMITER.retry_after()
-    if retry:
+def enrol_sync(form: EnrolForm, client: str = "") -> Reply:
+    """Decode the photos and enrol; runs on the enrolment thread. The passphrase checks (the
+    admin's while locked, the registry's) are one reserved attempt of `client`'s."""
+    ticket, retry = LIMITER.begin(client)
+    if ticket is None:
         return _too_many(retry)
+    outcome = {"passphrase": UNCHECKED}
+    try:
+        return _enrol_checked(form, outcome)
+    finally:
+        LIMITER.end(ticket, outcome["passphrase"])
+
+
+def _enrol_checked(form: EnrolForm, outcome: dict) -> Reply:
     try:  # while the admin lock is on, the admin passphrase is needed too (the same field)
         require_admin(home(), form.passphrase, "enrolling someone")
     except AdminLocked as exc:
-        LIMITER.failed()
+        outcome["passphrase"] = WRONG
         log.warning("Consent Guard: %s", exc)
         return _error(403, str(exc), locked=True)
     try:
@@ -354,7 +455,7 @@ def enrol_sync(form: EnrolForm) -> Reply:
             model_dirs=[Path(p) for p in folder_paths.get_folder_paths(MODEL_FOLDER)],
             insightface_dirs=insightface_dirs())
     except LockedError:
-        LIMITER.failed()
+        outcome["passphrase"] = WRONG
         log.warning("Consent Guard: enrolment refused, wrong admin passphrase")
         return _error(403, "Wrong admin passphrase; nothing was enrolled.")
     except EnrolmentRefused as exc:
@@ -364,7 +465,8 @@ def enrol_sync(form: EnrolForm) -> Reply:
         return _error(500, f"The face models cannot run: {exc}")
     except RegistryError as exc:  # e.g. the name is already enrolled
         return _error(400, str(exc))
-    LIMITER.reset()
+    outcome["passphrase"] = RIGHT  # it opened (or created) the registry
+    _record_registry(policy)
     ident = result.identity
     log.info("Consent Guard: enrolled %s (scope %s) from the ComfyUI dialog", ident.id,
              ident.scope)
@@ -373,8 +475,15 @@ def enrol_sync(form: EnrolForm) -> Reply:
                        "notes": result.notes})
 
 
+def client_of(request) -> str:
+    """The client a passphrase attempt is counted against: the peer's address as aiohttp sees
+    it (behind a reverse proxy, the proxy's: then the global limit is what applies)."""
+    return str(getattr(request, "remote", None) or "unknown")
+
+
 async def handle_enroll(request) -> Reply:
-    retry = LIMITER.retry_after()  # before reading the body: refused attempts cost nothing
+    client = client_of(request)
+    retry = LIMITER.retry_after(client)  # before reading the body: refused tries cost nothing
     if retry:
         return _too_many(retry)
     try:
@@ -382,10 +491,47 @@ async def handle_enroll(request) -> Reply:
     except FormError as exc:
         return _error(400, str(exc))
     try:
-        return await asyncio.get_running_loop().run_in_executor(_EXECUTOR, enrol_sync, form)
+        return await asyncio.get_running_loop().run_in_executor(_EXECUTOR, enrol_sync, form, client)
     except Exception as exc:  # never the passphrase: it is in `form`, not in the message
         log.exception("Consent Guard: enrolment failed")
         return _error(500, f"Enrolment failed: {type(exc).__name__}: {exc}")
+
+
+def _record_registry(policy) -> None:
+    """After an enrolment: the admin's record now expects this registry (expect.py), so its
+    absence later refuses instead of allowing. Logged, not fatal, when it cannot be written:
+    the person is enrolled, and the key file beside the registry also marks that it exists."""
+    db, key_file = registry_paths(policy, home())
+    try:
+        if "registry" not in expect.read(home()):
+            expect.record_registry(home(), db, key_file)
+    except (OSError, expect.ExpectationError) as exc:
+        log.error("Consent Guard: the new registry was not recorded in %s: %s",
+                  expect.expect_path(home()), exc)
+
+
+def running_setup(engine=None) -> dict:
+    """Which home, policy (path, sha256) and identity registry (path, how many people; "none"
+    when there is none) this server checks with, for GET /consent_guard/status: `consent-guard
+    doctor --url` compares them with the admin's own. Counts and hashes only, never a name."""
+    where = home()
+    policy = engine.policy if engine is not None else None
+    if policy is None:
+        try:
+            policy = load_policy(home=where)
+        except Exception:
+            policy = None
+    policy_path = Path(policy.source) if policy is not None and policy.source else \
+        where / POLICY_FILENAME
+    db = registry_paths(policy, where)[0] if policy is not None else where / REGISTRY_FILENAME
+    if engine is not None and engine.registry is not None:
+        count = len(engine.registry.identities())
+    else:
+        count = None if db.exists() else "none"
+    return {"home": str(where),
+            "policy": {"path": str(policy_path), "sha256": expect.sha256_of(policy_path),
+                       "enforce": None if policy is None else bool(policy.enforce)},
+            "registry": {"path": str(db), "exists": db.exists(), "identities": count}}
 
 
 def status_sync() -> Reply:

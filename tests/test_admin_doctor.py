@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+import comfy_standins
+
 from consent_guard import admin, doctor
 from consent_guard.cli import main
 from consent_guard.overrides import apply_override
@@ -118,12 +120,26 @@ ARMED = {"enforce": True, "armed": True, "problem": None,
          "hooks": {"execution.get_output_data": "installed", "prompt handler": "installed"}}
 
 
-def fake_comfy(argv=("main.py",), status=ARMED, loaded=True):
+def setup_of(home: Path, identities="none") -> dict:
+    """What GET /consent_guard/status says of a server running with this home."""
+    from consent_guard.expect import sha256_of
+
+    return {"home": str(home),
+            "policy": {"path": str(home / "policy.toml"),
+                       "sha256": sha256_of(home / "policy.toml"), "enforce": True},
+            "registry": {"path": str(home / "identities.db"),
+                         "exists": (home / "identities.db").exists(), "identities": identities}}
+
+
+def fake_comfy(argv=("main.py",), status=ARMED, loaded=True, home=None):
+    """A running ComfyUI's answers; with `home`, its status says it runs with that home."""
     def get_json(url):
         if url.endswith("/system_stats"):
             return {"system": {"argv": list(argv)}}
         if not loaded:
             raise urllib.error.HTTPError(url, 404, "Not Found", {}, None)
+        if home is not None and "setup" not in status:
+            return dict(status, setup=setup_of(home))
         return status
     return get_json
 
@@ -133,7 +149,7 @@ def by_name(checks):
 
 
 def run_doctor(comfy, home, **kw):
-    kw.setdefault("get_json", fake_comfy())
+    kw.setdefault("get_json", fake_comfy(home=home))
     return by_name(doctor.run(home, comfy, url=kw.pop("url", "http://127.0.0.1:8188"), **kw))
 
 
@@ -141,7 +157,8 @@ def test_doctor_all_good_except_what_this_test_machine_cannot_show(install):
     comfy, home, plugin = install
     checks = run_doctor(comfy, home)
     for name in ("plugin folder", "prestartup guard", "policy", "enforce mode", "admin lock",
-                 "ComfyUI arguments", "plugin loaded", "hooks", "protection active"):
+                 "admin's record", "ComfyUI arguments", "plugin loaded", "hooks",
+                 "protection active", "engine", "same home", "same policy", "same registry"):
         assert checks[name].status == doctor.OK, checks[name]
 
 
@@ -279,3 +296,89 @@ def test_prestartup_guard_is_quiet_without_enforce(tmp_path, monkeypatch):
     finally:
         sys.modules.pop("_consent_guard_enforce", None)
     assert os.environ["CONSENT_GUARD_HOME"] == str(tmp_path)
+
+
+# -- admin.json is owner-only (issue 12, item 14) -------------------------------------------
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX modes")
+def test_admin_file_is_owner_only_even_when_it_was_world_readable(tmp_path):
+    admin.set_passphrase(tmp_path, PASS)
+    assert (tmp_path / "admin.json").stat().st_mode & 0o777 == 0o600
+    (tmp_path / "admin.json").chmod(0o644)  # written by an older version
+    admin.set_locked(tmp_path, True, PASS)
+    assert (tmp_path / "admin.json").stat().st_mode & 0o777 == 0o600
+    assert admin.is_locked(tmp_path) and not (tmp_path / "admin.json.tmp").exists()
+
+
+# -- doctor --url compares the running server's setup (issue 12, item 6) ----------------------
+
+def test_doctor_fails_a_comfyui_running_with_another_home(install, tmp_path, monkeypatch,
+                                                          capsys):
+    """The issue's repro: ComfyUI started with another CONSENT_GUARD_HOME holding an allow-all
+    policy and no registry, armed and enforcing as far as its hooks go. Its status is made by
+    the real status route (nodes/admin_routes.py under the ComfyUI stand-ins)."""
+    comfy, home, plugin = install
+    from consent_guard.registry import Registry
+    Registry.create(home / "identities.db", PASS, key_file=home / "registry.key").close()
+    other = tmp_path / "other_home"
+    other.mkdir()
+    (other / "policy.toml").write_text("enforce = true\n[actions]\nsexual = 'allow'\n"
+                                       "nudity = 'allow'\n")
+    monkeypatch.setenv("CONSENT_GUARD_HOME", str(other))
+    pkg = comfy_standins.install(monkeypatch, tmp_path / "comfy_standin")
+    try:
+        import importlib
+        api = importlib.import_module(pkg.__name__ + ".nodes.admin_routes")
+        body = api.status_sync().body
+    finally:
+        for key in [k for k in sys.modules if k.startswith(pkg.__name__)]:
+            del sys.modules[key]
+    assert body["setup"]["home"] == str(other)
+    assert body["setup"]["registry"]["identities"] == "none"
+    status = dict(ARMED, **{k: body[k] for k in ("setup", "engine_problem")})
+    monkeypatch.setenv("CONSENT_GUARD_HOME", str(home))
+    checks = run_doctor(comfy, home, get_json=fake_comfy(status=status))
+    assert checks["protection active"].status == doctor.OK  # what it said before
+    for name in ("same home", "same policy", "same registry"):
+        assert checks[name].status == doctor.FAIL, checks[name]
+    assert str(other) in checks["same home"].detail
+    assert "0 people" not in checks["same registry"].detail
+    assert "identities.db" in checks["same registry"].detail
+
+    monkeypatch.setattr(doctor, "_get_json", fake_comfy(status=status))
+    assert main(["doctor", "--comfyui", str(comfy), "--url", "http://127.0.0.1:8188"]) == 1
+    out = capsys.readouterr().out
+    assert "protection looks complete" not in out and "[FAIL] same home" in out
+
+
+def test_doctor_reports_the_running_engine_problem_and_an_old_status(install):
+    comfy, home, plugin = install
+    broken = dict(ARMED, engine_problem="the identity registry is missing", setup=setup_of(home))
+    checks = run_doctor(comfy, home, get_json=fake_comfy(status=broken))
+    assert checks["engine"].status == doctor.FAIL and "registry" in checks["engine"].detail
+    checks = run_doctor(comfy, home, get_json=fake_comfy(status=ARMED))  # no "setup" at all
+    assert checks["same setup"].status == doctor.FAIL
+
+
+def test_doctor_fails_a_count_or_policy_that_differs(install):
+    comfy, home, plugin = install
+    from consent_guard.registry import Registry
+    Registry.create(home / "identities.db", PASS, key_file=home / "registry.key").close()
+    checks = run_doctor(comfy, home, get_json=fake_comfy(
+        status=dict(ARMED, setup=setup_of(home, identities=0))))
+    assert checks["same registry"].status == doctor.OK, checks["same registry"]
+    checks = run_doctor(comfy, home, get_json=fake_comfy(
+        status=dict(ARMED, setup=setup_of(home, identities="none"))))
+    assert checks["same registry"].status == doctor.FAIL
+    remote = setup_of(home, identities=0)
+    remote["policy"]["sha256"] = "0" * 64
+    checks = run_doctor(comfy, home, get_json=fake_comfy(status=dict(ARMED, setup=remote)))
+    assert checks["same policy"].status == doctor.FAIL
+
+
+def test_doctor_reports_the_admins_record(install):
+    comfy, home, plugin = install
+    assert run_doctor(comfy, home)["admin's record"].status == doctor.OK  # locked: recorded
+    (home / "policy.toml").rename(home / "policy.moved")
+    c = run_doctor(comfy, home)["admin's record"]
+    assert c.status == doctor.FAIL and "missing" in c.detail

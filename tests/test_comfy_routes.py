@@ -364,7 +364,11 @@ def test_enrol_for_real_then_status_counts_without_names(real_faces, astronaut_p
 
     # photos are not kept: the home holds the registry and its key file only
     names = {p.name for p in (tmp_path / "home").iterdir()}
-    assert names <= {"identities.db", "identities.db-wal", "identities.db-shm", "registry.key"}
+    assert names <= {"identities.db", "identities.db-wal", "identities.db-shm", "registry.key",
+                     "expected.json"}
+    record = json.loads((tmp_path / "home" / "expected.json").read_text())
+    assert set(record) == {"version", "registry"}  # paths and a time, nothing of the photos
+    assert record["registry"]["path"] == str(tmp_path / "home" / "identities.db")
 
     # the same name again is refused; a second person needs the passphrase once only now
     again = enroll(routes, form(name="Eileen Collins-Example", passphrase_confirm=None),
@@ -376,3 +380,119 @@ def test_enrol_for_real_then_status_counts_without_names(real_faces, astronaut_p
     rgb = np.asarray(Image.open(astronaut_png).convert("RGB"))
     [verdict] = bridge.get_engine().check_input_images([rgb])
     assert not verdict.allowed and verdict.reasons[0].label == body["id"]
+
+
+# -- passphrase limits: atomic, per client, global (issue 12 item 14) --------------------------
+
+class JsonRequest:
+    """What the admin routes use of an aiohttp request: json() and the peer's address."""
+
+    def __init__(self, body, remote="192.0.2.7"):
+        self.body, self.remote = body, remote
+
+    async def json(self):
+        return self.body
+
+
+@pytest.fixture
+def admin_api(routes, comfy, monkeypatch, tmp_path):
+    """The admin routes with a counted admin.verify and the admin passphrase set."""
+    adm = sys.modules[comfy.__name__ + ".consent_guard.admin"]
+    home = tmp_path / "home"
+    adm.set_passphrase(home, PASS)
+    real, calls = adm.verify, []
+
+    def counted(where, passphrase):
+        calls.append(passphrase)
+        return real(where, passphrase)
+    monkeypatch.setattr(adm, "verify", counted)
+    import importlib
+
+    api = importlib.import_module(comfy.__name__ + ".nodes.admin_routes")
+    api.test_calls, api.test_admin, api.test_home = calls, adm, home
+    return api
+
+
+def audit(api, passphrase, remote="192.0.2.7"):
+    body = {} if passphrase is None else {"passphrase": passphrase}
+    return asyncio.run(api.handle_audit(JsonRequest(body, remote)))
+
+
+def test_forty_concurrent_wrong_passphrases_get_five_checks(admin_api, routes):
+    """40 wrong passphrases at once from one client through the real handler (each check on
+    the loop's thread pool): the limit is reserved before the slow scrypt, so 5 are checked."""
+    async def storm():
+        return await asyncio.gather(*(admin_api.handle_audit(
+            JsonRequest({"passphrase": f"wrong guess {i:02d}"})) for i in range(40)))
+    replies = asyncio.run(storm())
+    codes = sorted(r.status for r in replies)
+    assert len(admin_api.test_calls) == 5, len(admin_api.test_calls)
+    assert codes.count(403) == 5 and codes.count(429) == 35
+
+
+def test_a_locked_out_client_does_not_lock_out_the_admin(admin_api, routes):
+    for i in range(5):
+        assert audit(admin_api, f"wrong guess {i}", remote="203.0.113.9").status == 403
+    assert audit(admin_api, PASS, remote="203.0.113.9").status == 429  # that client waits
+    assert audit(admin_api, PASS, remote="192.0.2.1").status == 200  # the admin does not
+    routes.test_clock.now += 61
+    assert audit(admin_api, "wrong again", remote="203.0.113.9").status == 403
+
+
+def test_requests_without_a_passphrase_are_not_counted(admin_api, routes):
+    admin_api.test_admin.set_locked(admin_api.test_home, True, PASS)
+    admin_api.test_calls.clear()
+    for _ in range(30):
+        assert audit(admin_api, None).status == 403
+        post = JsonRequest({"text": "enforce = false\n"})
+        reply = asyncio.run(admin_api.handle_policy_post(post))
+        assert reply.status == 403 and reply.body["locked"]
+    assert admin_api.test_calls == []  # nothing was checked, nothing counted
+    assert audit(admin_api, PASS).status == 200
+
+
+def test_the_global_limit_slows_many_addresses_but_never_locks_out(admin_api, routes):
+    limiter = routes.LIMITER
+    for i in range(limiter.global_failures):  # one wrong guess each from many addresses
+        assert audit(admin_api, "wrong guess", remote=f"198.51.100.{i}").status == 403
+    first = audit(admin_api, "wrong guess", remote="198.51.100.200")
+    assert first.status == 403  # still checked, but the next one anyone sends must wait
+    reply = audit(admin_api, PASS, remote="192.0.2.1")
+    assert reply.status == 429 and reply.body["retry_after"] == limiter.global_spacing
+    routes.test_clock.now += limiter.global_spacing
+    assert audit(admin_api, PASS, remote="192.0.2.1").status == 200  # after one spacing
+    checked = len(admin_api.test_calls)
+    for i in range(10):  # a burst while over the global cap: one check per spacing
+        audit(admin_api, "wrong guess", remote=f"198.51.100.{100 + i}")
+    assert len(admin_api.test_calls) == checked  # the admin's try took this slot
+    for i in range(3):  # the admin's address, right once, is not kept waiting by the flood
+        assert audit(admin_api, PASS, remote="192.0.2.1").status == 200
+        assert audit(admin_api, "wrong guess", remote=f"198.51.100.{120 + i}").status == 429
+    routes.test_clock.now += limiter.window + 1  # the window clears: full speed again
+    for i in range(3):
+        assert audit(admin_api, "wrong guess", remote=f"198.51.100.{150 + i}").status == 403
+
+
+def test_enrol_and_admin_routes_count_in_one_limiter_per_client(admin_api, routes, tmp_path):
+    make_registry(tmp_path)
+    bad = form(passphrase="guess number z", passphrase_confirm=None)
+    for _ in range(3):
+        assert enroll(routes, bad, [("a.png", GREY)]).status == 403  # FakeRequest's address
+    for i in range(2):
+        assert audit(admin_api, f"wrong {i}").status == 403  # the same address
+    assert audit(admin_api, PASS).status == 429
+    assert enroll(routes, bad, [("a.png", GREY)]).status == 429
+    assert audit(admin_api, PASS, remote="192.0.2.99").status == 200
+
+
+def test_a_request_that_checks_no_passphrase_cannot_reset_the_count(routes, tmp_path):
+    """Four wrong guesses, then an enrolment whose photos are all unreadable (no passphrase is
+    checked when the lock is off): the count stands, the fifth wrong guess locks out."""
+    make_registry(tmp_path)
+    bad = form(passphrase="guess number w", passphrase_confirm=None)
+    for _ in range(4):
+        assert enroll(routes, bad, [("a.png", GREY)]).status == 403
+    reply = enroll(routes, form(passphrase_confirm=None), [("notes.txt", b"not a photo")])
+    assert reply.status == 400 and "No photo could be read" in reply.body["error"]
+    assert enroll(routes, bad, [("a.png", GREY)]).status == 403
+    assert enroll(routes, bad, [("a.png", GREY)]).status == 429

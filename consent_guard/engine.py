@@ -13,7 +13,7 @@ from .detectors.base import ImageScorer, PartDetector
 from .explicit import check_explicit
 from .faces.stage import (DETECT_SIZE, FaceStage, apply_identity_rules, detect_faces,
                           input_rules, turned_findings)
-from .imageio import ImageInputError, read_image_frames, to_rgb_uint8
+from .imageio import ImageInputError, iter_image_frames, to_rgb_uint8
 from .minors import apply_minor_rule, needs_age_check, with_age
 from .models import ModelError, ModelResolver, onnx_session
 from .policy import Policy
@@ -22,6 +22,7 @@ from .prepare import WORK_SIZE, PreparedImage
 from .verdict import Decision, FaceFinding, Verdict
 
 log = logging.getLogger("consent_guard")
+FILE_CHUNK = 8  # frames of one file checked together (check_file)
 
 
 class Engine:
@@ -308,12 +309,25 @@ class Engine:
         # decode large enough to embed faces and estimate their ages well, not just to detect
         # them (the minors rule may need the faces of any image)
         draft = max(WORK_SIZE, 2 * self.policy.detect_size)
-        try:
-            frames, size = read_image_frames(path, self.policy.max_pixels, draft_size=draft)
+        worst: Optional[Verdict] = None
+        chunk: List[np.ndarray] = []
+        size = (0, 0)
+
+        def strictest(verdicts: List[Verdict]) -> Verdict:
+            return max(verdicts, key=lambda v: (v.error is not None, v.decision.rank))
+
+        try:  # frames are decoded and checked a few at a time: an animation is never all
+            for frame, size in iter_image_frames(path, self.policy.max_pixels, draft):
+                chunk.append(frame)  # in memory at once
+                if len(chunk) == FILE_CHUNK:
+                    worst = strictest([v for v in (worst,) if v] +
+                                      self.check_images(chunk, size))
+                    chunk = []
         except ImageInputError as exc:
             return Verdict.failed(f"unusable image: {exc}")
-        verdicts = self.check_images(frames, size)
-        return max(verdicts, key=lambda v: (v.error is not None, v.decision.rank))
+        if chunk:
+            worst = strictest([v for v in (worst,) if v] + self.check_images(chunk, size))
+        return worst if worst is not None else Verdict.failed("unusable image: no frames")
 
     def render(self, pixels: np.ndarray, verdict: Verdict) -> Optional[np.ndarray]:
         """What may be written for this verdict: the image, a censored copy, or None (block)."""

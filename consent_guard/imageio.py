@@ -2,17 +2,24 @@
 
 Every odd input gets a clear ImageInputError instead of a crash: corrupt or truncated files,
 decompression bombs, grayscale, alpha, 16-bit, float, NaN, empty or oddly shaped arrays.
+
+A file is budgeted as a whole: the policy's [limits] max_pixels bounds the pixels of all its
+frames together, and MAX_FRAMES their number, both checked from the header before anything
+is decoded. A small GIF of a thousand large frames would otherwise decode to gigabytes. Past
+the budget the file is an error (a block verdict), never a partly checked "allow".
 """
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import List, Tuple
+from typing import Iterator, List, Tuple
 
 import numpy as np
 from PIL import Image, ImageOps, ImageSequence
 
-MAX_FRAMES = 1000  # an animation longer than this is refused rather than half-checked
+# An animation longer than this is refused rather than half-checked (every frame is checked,
+# and checking costs time per frame); its frames together must also fit [limits] max_pixels.
+MAX_FRAMES = 300
 
 
 class ImageInputError(ValueError):
@@ -73,20 +80,11 @@ def _frame_to_rgb(frame: Image.Image) -> np.ndarray:
     return to_rgb_uint8(np.asarray(frame))
 
 
-def read_image_frames(path: Path, max_pixels: int, draft_size: int = 0
-                      ) -> Tuple[List[np.ndarray], Tuple[int, int]]:
-    """Decode a file into RGB uint8 frames (one for a still image, each frame of an animation)
-    and the image's size as displayed (width, height).
-
-    With `draft_size`, a large JPEG is decoded at a reduced scale (JPEG's own DCT scaling, far
-    cheaper than decoding in full and resizing) no smaller than draft_size on either side; the
-    returned size is still the full one, so boxes can be mapped back to it.
-    """
-    path = Path(path)
+def _open(path: Path) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path)
+            return Image.open(path)
     except FileNotFoundError:
         raise ImageInputError("file not found") from None
     except IsADirectoryError:
@@ -95,15 +93,54 @@ def read_image_frames(path: Path, max_pixels: int, draft_size: int = 0
         raise ImageInputError(f"refused as a decompression bomb: {exc}") from None
     except Exception as exc:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
         raise ImageInputError(f"not a readable image ({type(exc).__name__}: {exc})") from None
+
+
+def _frame_count(img: Image.Image) -> int:
+    """How many frames the file says it holds. Pillow finds a GIF's count by walking the frame
+    headers without decoding pixels; a file so broken that even that fails is refused."""
+    try:
+        return int(getattr(img, "n_frames", 1))
+    except Exception as exc:
+        raise ImageInputError(f"is corrupt or truncated ({type(exc).__name__}: {exc})") from None
+
+
+def _check_budget(img: Image.Image, max_pixels: int) -> int:
+    """Refuse, before anything is decoded, a file whose frames together hold more pixels than
+    `max_pixels` or more frames than MAX_FRAMES; returns the frame count. Every frame of an
+    animation is decoded at the full canvas size, so a small file of many large frames is a
+    decompression bomb in time and memory even when each frame alone is within the limit."""
+    w, h = img.size
+    if w * h > max_pixels:
+        raise ImageInputError(f"too large to check: {w}x{h} = {w * h / 1e6:.0f} MP, over the "
+                              f"policy limit of {max_pixels / 1e6:.0f} MP ([limits] max_pixels)")
+    n_frames = _frame_count(img)
+    if n_frames > MAX_FRAMES:
+        raise ImageInputError(f"has {n_frames} frames, over the limit of {MAX_FRAMES}: an "
+                              f"animation this long is refused rather than half-checked")
+    if n_frames * w * h > max_pixels:
+        raise ImageInputError(f"too large to check: {n_frames} frames of {w}x{h} = "
+                              f"{n_frames * w * h / 1e6:.0f} MP in all, over the policy limit of "
+                              f"{max_pixels / 1e6:.0f} MP per file ([limits] max_pixels)")
+    return n_frames
+
+
+def iter_image_frames(path: Path, max_pixels: int, draft_size: int = 0
+                      ) -> Iterator[Tuple[np.ndarray, Tuple[int, int]]]:
+    """Decode a file one frame at a time: yields (RGB uint8 frame, (width, height) as
+    displayed), so a caller that checks frame by frame holds one frame in memory, not the whole
+    animation. The file is refused (ImageInputError) before any frame is decoded when its
+    frames together exceed `max_pixels` or MAX_FRAMES; pages of a multi-page file that turn out
+    larger than the first are counted as they come, and the budget still holds.
+
+    With `draft_size`, a large JPEG is decoded at a reduced scale (JPEG's own DCT scaling, far
+    cheaper than decoding in full and resizing) no smaller than draft_size on either side; the
+    size yielded is still the full one, so boxes can be mapped back to it.
+    """
+    img = _open(Path(path))
     with img:
+        n_frames = _check_budget(img, max_pixels)
         w, h = img.size
-        if w * h > max_pixels:
-            raise ImageInputError(f"too large to check: {w}x{h} = {w * h / 1e6:.0f} MP, over the "
-                                  f"policy limit of {max_pixels / 1e6:.0f} MP ([limits] max_pixels)")
-        n_frames = getattr(img, "n_frames", 1)
-        if n_frames > MAX_FRAMES:
-            raise ImageInputError(f"has {n_frames} frames, over the limit of {MAX_FRAMES}")
-        frames = []
+        spent, count = 0, 0
         try:
             orientation = img.getexif().get(0x0112, 1) if n_frames == 1 else 1
             if orientation in (5, 6, 7, 8):
@@ -111,14 +148,31 @@ def read_image_frames(path: Path, max_pixels: int, draft_size: int = 0
             if draft_size and img.format == "JPEG" and min(img.size) > 2 * draft_size:
                 img.draft("RGB", (draft_size, draft_size))
             for frame in ImageSequence.Iterator(img):
+                spent += frame.size[0] * frame.size[1]
+                count += 1
+                if spent > max_pixels or count > MAX_FRAMES:
+                    raise ImageInputError(f"too large to check: its frames hold over "
+                                          f"{max_pixels / 1e6:.0f} MP in all (policy limit per "
+                                          f"file, [limits] max_pixels)")
                 frame.load()
                 if n_frames == 1:
                     frame = ImageOps.exif_transpose(frame)
-                frames.append(_frame_to_rgb(frame))
+                yield _frame_to_rgb(frame), (w, h)
         except ImageInputError:
             raise
         except Exception as exc:
-            raise ImageInputError(f"is corrupt or truncated ({type(exc).__name__}: {exc})") from None
-    if not frames:
+            raise ImageInputError(f"is corrupt or truncated ({type(exc).__name__}: "
+                                  f"{exc})") from None
+    if not count:
         raise ImageInputError("holds no image frames")
-    return frames, (w, h)
+
+
+def read_image_frames(path: Path, max_pixels: int, draft_size: int = 0
+                      ) -> Tuple[List[np.ndarray], Tuple[int, int]]:
+    """Every frame of a file (one for a still image) and its size as displayed (width, height),
+    within the same per-file budget as iter_image_frames: at most `max_pixels` decoded pixels in
+    all, so what is kept in memory is bounded by the policy's limit whatever the file holds."""
+    frames, size = [], (0, 0)
+    for frame, size in iter_image_frames(path, max_pixels, draft_size):
+        frames.append(frame)
+    return frames, size

@@ -108,3 +108,140 @@ def test_large_jpeg_draft_decode_keeps_the_full_size(tmp_path):
     assert 640 <= min(frames[0].shape[:2]) < 1500  # decoded at a reduced scale
     full, _ = read_image_frames(tmp_path / "big.jpg", LIMIT)
     assert full[0].shape == (1500, 2600, 3)
+
+
+# -- per-file budget: many frames, streamed ------------------------------------------------------
+
+def _many_frame_gif(width, height, frames, tile=8):
+    """A valid GIF of `frames` frames on a width x height canvas, each frame a small benign
+    coloured tile (written by hand, so the file stays tiny: ~70 bytes a frame). Pillow decodes
+    every frame at the full canvas size, which is what makes such a file a bomb."""
+    def lzw(pixels, min_code=2):  # a clear code before each literal keeps codes 3 bits wide
+        clear, end, size = 1 << min_code, (1 << min_code) + 1, min_code + 1
+        codes = [c for p in pixels for c in (clear, p)] + [end]
+        bits = nbits = 0
+        out = bytearray()
+        for c in codes:
+            bits |= c << nbits
+            nbits += size
+            while nbits >= 8:
+                out.append(bits & 0xFF)
+                bits >>= 8
+                nbits -= 8
+        out += bytes([bits]) if nbits else b""
+        blocks = bytearray([min_code])
+        for i in range(0, len(out), 255):
+            blocks += bytes([len(out[i:i + 255])]) + out[i:i + 255]
+        return bytes(blocks) + b"\x00"
+
+    palette = bytes([255, 255, 255, 30, 60, 200, 200, 120, 40, 0, 0, 0])
+    data = bytearray(b"GIF89a" + struct.pack("<HHBBB", width, height, 0xF1, 0, 0) + palette)
+    data += b"\x21\xFF\x0BNETSCAPE2.0\x03\x01\x00\x00\x00"
+    span = max(1, width - tile)
+    for i in range(frames):
+        x, y = (i * tile) % span, ((i * tile) // span * tile) % max(1, height - tile)
+        data += b"\x21\xF9\x04\x04" + struct.pack("<H", 2) + b"\x00\x00"
+        data += b"\x2C" + struct.pack("<HHHHB", x, y, tile, tile, 0)
+        data += lzw([1 + i % 3] * (tile * tile))
+    return bytes(data + b"\x3B")
+
+
+def _need_proc():
+    import os
+
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("peak memory is read from /proc/self/status (Linux)")
+
+
+def _run_measured(code: str) -> dict:
+    """Run `code` in a fresh Python and return what it prints as JSON plus its peak RSS (MB)
+    and wall time, so memory is measured for that work alone."""
+    import json
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent (pytest) across exec
+    wrapper = ("import json, sys\n" + code +
+               "\nhwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]"
+               "\nout['rss_mb'] = int(hwm.split()[1]) / 1024"
+               "\nprint(json.dumps(out))\n")
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", wrapper], cwd=repo, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return {**json.loads(done.stdout.splitlines()[-1]), "seconds": time.monotonic() - start}
+
+
+def test_small_gif_of_999_large_frames_is_refused_fast_in_bounded_memory(tmp_path):
+    """Issue 12, item 8: 999 frames of 1500x1500 in a small file once took 8 GB and no result
+    in 600 s. Now it is refused from its header: 2.2 G pixels in all, over the per-file budget."""
+    _need_proc()
+    gif = tmp_path / "many.gif"
+    gif.write_bytes(_many_frame_gif(1500, 1500, 999))
+    assert gif.stat().st_size < 200_000
+    out = _run_measured(
+        "from consent_guard.imageio import ImageInputError, read_image_frames\n"
+        f"out = {{}}\ntry:\n    read_image_frames({str(gif)!r}, {LIMIT})\n"
+        "    out['error'] = None\nexcept ImageInputError as exc:\n    out['error'] = str(exc)\n")
+    assert out["error"] and "999 frames" in out["error"], out
+    assert out["rss_mb"] < 250 and out["seconds"] < 20, out
+
+
+def test_the_engine_gives_an_error_verdict_for_the_bomb_not_allow(tmp_path):
+    from consent_guard.engine import Engine
+    from consent_guard.policy import Policy
+    from consent_guard.verdict import Decision
+
+    gif = tmp_path / "many.gif"
+    gif.write_bytes(_many_frame_gif(1500, 1500, 999))
+    verdict = Engine(Policy()).check_file(gif)
+    assert verdict.error and verdict.decision is not Decision.ALLOW
+
+
+def test_frames_together_must_fit_the_pixel_limit(tmp_path):
+    gif = tmp_path / "forty.gif"
+    gif.write_bytes(_many_frame_gif(500, 500, 40))  # 10 MP in all, 0.25 MP each
+    with pytest.raises(ImageInputError, match=r"40 frames of 500x500 = 10 MP in all"):
+        read_image_frames(gif, 5_000_000)
+    frames, size = read_image_frames(gif, 20_000_000)
+    assert len(frames) == 40 and size == (500, 500)
+    assert frames[1][0:8, 8:16].tolist() != frames[0][0:8, 8:16].tolist()  # frames differ
+
+
+def test_too_many_frames_are_refused_not_sampled(tmp_path):
+    from consent_guard.imageio import MAX_FRAMES
+
+    gif = tmp_path / "long.gif"
+    gif.write_bytes(_many_frame_gif(16, 16, MAX_FRAMES + 1, tile=4))
+    with pytest.raises(ImageInputError, match=f"{MAX_FRAMES + 1} frames, over the limit"):
+        read_image_frames(gif, LIMIT)
+    gif.write_bytes(_many_frame_gif(16, 16, MAX_FRAMES, tile=4))
+    assert len(read_image_frames(gif, LIMIT)[0]) == MAX_FRAMES
+
+
+def test_later_pages_larger_than_the_first_still_count(tmp_path):
+    """A multi-page TIFF's pages may each have their own size: the header check sees only the
+    first, so pages are counted as they are decoded."""
+    tif = tmp_path / "pages.tif"
+    Image.new("RGB", (10, 10), (9, 9, 9)).save(
+        tif, save_all=True, append_images=[Image.new("RGB", (1200, 1000), (40, 40, 40))])
+    with pytest.raises(ImageInputError, match="frames hold over 1 MP in all"):
+        read_image_frames(tif, 1_000_000)
+    assert [f.shape for f in read_image_frames(tif, 2_000_000)[0]] == [(10, 10, 3),
+                                                                      (1000, 1200, 3)]
+
+
+def test_iter_image_frames_streams_one_frame_at_a_time(tmp_path):
+    """Consumed frame by frame, 120 frames of 1000x1000 (360 MB as a list) stay small."""
+    _need_proc()
+    gif = tmp_path / "stream.gif"
+    gif.write_bytes(_many_frame_gif(1000, 1000, 120))
+    out = _run_measured(
+        "from consent_guard.imageio import iter_image_frames\n"
+        f"out = {{'n': 0}}\nfor frame, size in iter_image_frames({str(gif)!r}, 200_000_000):\n"
+        "    out['n'] += 1\n    out['size'] = list(size)\n")
+    assert out["n"] == 120 and out["size"] == [1000, 1000], out
+    assert out["rss_mb"] < 200, out

@@ -303,6 +303,8 @@ def _wrap_get_output_from_returns(original):
         run = sources.current.get()
         if run is not None and run.cls is not cls:
             run = None  # not the node whose run set it: check as an unknown source
+        if run is not None:
+            run.digests.clear()  # the node may have changed its inputs in place
         output = sources.check_outputs(cls, output, run, has_subgraph)
         if ui and "text" in ui and (run is None or run.inputs_have_tensors):
             ui = dict(ui)

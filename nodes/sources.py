@@ -14,7 +14,7 @@ execution.get_output_data and execution.get_output_from_returns, ComfyUI a125cd8
    censored one is replaced by its censored copy.
 
 A MASK is checked as a grayscale image. Verdicts are cached by a digest of the tensor's bytes
-(BLAKE2b), for as long as the policy and the identity registry are unchanged, so a picture is
+(SHA-256), for as long as the policy and the identity registry are unchanged, so a picture is
 never checked twice: the VAE decoder's output is the saver's input, and the saver's own check
 (enforce.gate_images) finds it in the cache.
 
@@ -30,7 +30,7 @@ import hashlib
 import logging
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional, Tuple
 
 import numpy as np
@@ -55,6 +55,9 @@ class NodeRun:
     cls: type
     pure: bool
     inputs_have_tensors: bool = False
+    # digests of the inputs, by id, while the node has not run yet (a node may change its
+    # inputs in place: forgotten before its outputs are looked at)
+    digests: dict = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -109,15 +112,24 @@ def state():
 
 
 def digest(tensor) -> str:
-    """BLAKE2b of the tensor's shape, dtype and bytes (on the CPU, contiguous)."""
+    """SHA-256 of the tensor's shape, dtype and bytes (on the CPU, contiguous): about 6 ms for
+    a 1024 x 768 IMAGE here, less than half of BLAKE2b's (CPUs hash SHA-256 in hardware)."""
+    run = current.get()
+    memo = run.digests if run is not None else None
+    if memo is not None:
+        hit = memo.get(id(tensor))
+        if hit is not None and hit[0] is tensor:
+            return hit[1]
     t = tensor.detach()
     if getattr(t, "device", None) is not None and str(t.device) != "cpu":
         t = t.cpu()
     arr = t.contiguous().numpy()
-    h = hashlib.blake2b(digest_size=20)
-    h.update(f"{tuple(arr.shape)}|{arr.dtype}|".encode())
+    h = hashlib.sha256(f"{tuple(arr.shape)}|{arr.dtype}|".encode())
     h.update(memoryview(arr).cast("B"))
-    return h.hexdigest()
+    out = h.hexdigest()
+    if memo is not None:
+        memo[id(tensor)] = (tensor, out)
+    return out
 
 
 # -- finding pictures ---------------------------------------------------------------------------

@@ -237,3 +237,26 @@ def test_text_is_not_checked_outside_enforce_mode(comfy, monkeypatch):
     engine = use_engine(monkeypatch, pkg, enforce=False)
     refuse_word(monkeypatch, engine)
     sys.modules["comfy.sd"].CLIP().tokenize("forbidden")
+
+
+def test_a_node_that_changes_its_input_in_place_has_its_output_checked(comfy, monkeypatch):
+    """Digests of a node's inputs are remembered only until it runs: the same tensor object,
+    changed in place and handed on, is checked as what it now is."""
+    pkg, base, home, server = comfy
+    use_engine(monkeypatch, pkg)
+
+    class Scribbles:
+        FUNCTION = "run"
+        RETURN_TYPES = ("IMAGE",)
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"image": ("IMAGE",)}}
+
+        def run(self, image):
+            image.copy_(batch(BLOCK))  # in place: same object, other content
+            return (image,)
+
+    picture = batch(ALLOW)
+    with pytest.raises(Exception, match=r"refused the image made by node 9 \(Scribbles\)"):
+        run(Scribbles, image=picture)

@@ -66,7 +66,8 @@ def test_2_stock_save_and_preview_of_a_blocked_image_write_nothing(comfy):
         hist = run(server, {"1": {"class_type": "LoadImage", "inputs": {"image": "t1.jpg"}},
                             "2": saver})
         assert hist["status"]["status_str"] == "error"
-        assert "blocked 1 of 1 image" in json.dumps(hist["status"]["messages"])
+        # LoadImage is where the picture enters: refused there (nodes/sources.py)
+        assert "refused the image made by LoadImage" in json.dumps(hist["status"]["messages"])
     assert files(base / "output") == [] and files(base / "temp") == []
     records = [json.loads(line) for line in (home / "audit.log").read_text().splitlines()]
     assert [r["decision"] for r in records if r["kind"] == "image"] == ["block", "block"]

@@ -192,7 +192,7 @@ def input_kinds(cls) -> dict:
     for section in ("required", "optional"):
         for name, info in (spec.get(section) or {}).items():
             if isinstance(info, (list, tuple)) and info and isinstance(info[0], str):
-                out[name] = info[0]
+                out[name] = str(info[0])  # V3 types are str subclasses ("*" equals anything)
     return out
 
 

@@ -8,6 +8,10 @@ How ComfyUI 0.3.64 handles a submission (server.py, PromptServer):
     {"error": ..., "node_errors": ...}.
   * `trigger_on_prompt` calls each handler added by `add_on_prompt_handler` and *swallows* its
     exceptions (logs a warning, goes on with the json unchanged). Raising refuses nothing.
+  * Both run on the aiohttp event loop, synchronously: while on_prompt works, the whole server
+    waits (GET /system_stats too). So one submission is bounded: each distinct text is checked
+    once, at most MAX_TEXTS distinct texts and MAX_CHARS characters (more is refused with a
+    clear message), and one audit record is written per submission, not one per text.
 So `on_prompt` refuses by returning the json with the prompt replaced by one node per refused
 node, of class ConsentGuardPromptRefusal, under the refused node's id. That class is an output
 node whose VALIDATE_INPUTS returns the reason, so validate_prompt (execution.py,
@@ -18,16 +22,45 @@ app.ts queuePrompt -> PromptExecutionError.toString) shows error.message, error.
 every node error in its error dialog, and outlines the node whose id is a key of node_errors
 (litegraphService.ts, strokeStyles.nodeError) - the refused text encoder itself.
 
-Roles: a text reached by following links backwards from an input named "negative" (KSampler,
-KSamplerAdvanced, SamplerCustom, CFGGuider, DualCFGGuider, ControlNetApplyAdvanced, ...) is
-negative, one reached from "positive" / "cond1" / "cond2" is positive, one reached from both
-is positive (strictest), the rest is "unknown" and checked like a positive. Negative texts are
-never checked themselves (negative prompts are a safety tool); they go with each check as its
-`negative` argument.
+What the user is told: a policy refusal says only which node's text is refused, never why
+(REFUSED). Saying "a protected person named in a sexual prompt" for one name and queueing the
+same words with another name would tell anyone who is enrolled; the audit log keeps the real
+reasons (categories, identity ids, the places) for the admin.
+
+Which strings are read (input_text): every widget value as ComfyUI's execution.py
+validate_inputs hands it to the node: {"__value__": v} is unwrapped once, and a STRING input
+gets str(v), so a dict or list value is read whole (its str() and every string inside it).
+A list at the top is always a link to validate_inputs (a false one fails validation), so it
+is never text; a link [node id, output] is followed instead: PrimitiveString(Multiline) and
+StringConcatenate are resolved before the run, any other STRING output is marked `runtime`.
+Not read: numbers and booleans; values picked from a node's fixed list of choices (model and
+LoRA file names stay checked); the inputs of known classes that never reach a text encoder
+(NOT_PROMPTS: our own nodes' policy_override, savers' filename_prefix, image loaders' file
+names); and string nodes (primitives, concatenations) that feed only those. An input of an
+unknown class is read whatever its name.
+
+Roles (node_roles): a text that reaches nothing but the negative inputs of known samplers and
+guiders whose guidance scale is a literal above 1 (CFG_SAMPLERS: KSampler, KSamplerAdvanced,
+SamplerCustom, CFGGuider, DualCFGGuider, PerpNegGuider) is negative: uncond + cfg * (cond -
+uncond) follows the negative alone at cfg 0 and partly below 1, so a cfg that is linked,
+not a number, or <= 1 makes that negative a positive; so does any other link out of it.
+Nodes that carry positive/negative conditioning through (ControlNetApplyAdvanced,
+InpaintModelConditioning, ...: an output named like the input) are followed; any other node
+with a "positive", "cond1", "cond2" or "negative" input counts as positive (strict). With a
+CFG++ sampler (sampler name "*_cfg_pp") anywhere in the graph no text is negative. The Check
+Prompt node's `negative` input is only context for its check, so what feeds it alone is
+negative. Negative texts are never checked themselves (negative prompts are a
+safety tool); they go with each check as its `negative` argument. Everything else, connected
+or not, is checked like a positive.
+
+For a run-time check (nodes/enforce.py): check_text(engine, text, negative) is the cached,
+fail-closed check; REFUSED / refused_message(where) the message to show; input_text(value) the
+text a widget value becomes; node_roles(prompt) the roles above.
 """
 from __future__ import annotations
 
 import logging
+import math
 import re
 import sys
 import threading
@@ -35,7 +68,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
-from ..consent_guard.verdict import Verdict
+from ..consent_guard.verdict import Decision, Reason, Verdict
 from .comfy_bridge import ConsentGuardError, checks_state, get_engine
 from .image_nodes import CATEGORY, _PolicyBound, record
 
@@ -44,23 +77,74 @@ log = logging.getLogger("consent_guard")
 REFUSAL_CLASS = "ConsentGuardPromptRefusal"
 REFUSAL_INPUT = "consent_guard"
 WHOLE_PROMPT = "consent_guard"  # the refusal's key when no single node is to blame
+CHECK_PROMPT_CLASS = "ConsentGuardCheckPrompt"
+WRAPPER = "__value__"  # execution.py validate_inputs unwraps {"__value__": v} once
+
+# Bounds per submission (on_prompt holds ComfyUI's event loop; a check costs about 1-3 ms,
+# bench/prompt_gate.py). Real workflows have a few dozen distinct texts.
+MAX_TEXTS = 300  # distinct texts checked
+MAX_CHARS = 200_000  # their characters, the negatives included
+MAX_BUILT_CHARS = 1_000_000  # characters read from lists/dicts and built by concatenation
+MAX_CHAIN = 200  # string nodes linked one into the next
 
 POSITIVE_INPUTS = ("positive", "cond1", "cond2")  # cond1/cond2: DualCFGGuider
 NEGATIVE_INPUTS = ("negative",)
 ROLE_INPUTS = POSITIVE_INPUTS + NEGATIVE_INPUTS
+# Samplers and guiders whose "negative" is pushed away from only while every named scale is
+# a literal above its bound (comfy/samplers.py cfg_function: uncond + cfg * (cond - uncond);
+# comfy_extras/nodes_custom_sampler.py Guider_DualCFG: the negative weighs 1 - cfg_cond2_negative;
+# nodes_perpneg.py perp_neg: nocond + cfg * (pos - neg_scale * perp(neg))).
+CFG_SAMPLERS = {"KSampler": {"cfg": 1.0}, "KSamplerAdvanced": {"cfg": 1.0},
+                "SamplerCustom": {"cfg": 1.0}, "CFGGuider": {"cfg": 1.0},
+                "DualCFGGuider": {"cfg_cond2_negative": 1.0},
+                "PerpNegGuider": {"cfg": 1.0, "neg_scale": 0.0}}
+CFG_PP = re.compile(r"cfg_?pp", re.IGNORECASE)  # CFG++ samplers step along the negative
+# Stock nodes that carry positive/negative conditioning through (outputs named "positive",
+# "negative"), for when ComfyUI's class list is not there to say so (the tests' stand-ins).
+PASS_THROUGH = {"ControlNetApplyAdvanced", "ControlNetApplySD3", "InpaintModelConditioning",
+                "ControlNetInpaintingAliMamaApply", "InstructPixToPixConditioning",
+                "SVD_img2vid_Conditioning", "PairConditioningCombine",
+                "PairConditioningSetProperties", "PairConditioningSetPropertiesAndCombine",
+                "PairConditioningSetDefaultAndCombine", "WanImageToVideo"}
 # Inputs that carry models, images and latents, never text: the walk from a sampler's
 # conditioning stops there, so a loader is never "negative" (its file names stay checked).
 PLUMBING = {"model", "clip", "vae", "clip_vision", "control_net", "style_model",
             "upscale_model", "image", "images", "pixels", "mask", "latent", "latent_image",
             "samples", "noise", "sampler", "sigmas", "guider"}
-# Widgets whose values are choices, not text (nodes.py KSampler, ImageScale, ...).
-ENUM_INPUTS = {"sampler_name", "scheduler", "control_after_generate", "upscale_method", "crop"}
+# Inputs of known classes whose text never reaches a text encoder: not prompt-checked. Only
+# by class: an unknown class's "filename_prefix" may well feed an encoder.
+_SAVERS = ("SaveImage", "SaveAnimatedWEBP", "SaveAnimatedPNG", "SaveSVGNode", "SaveLatent",
+           "SaveAudio", "SaveAudioMP3", "SaveAudioOpus", "SaveVideo", "SaveWEBM", "SaveGLB",
+           "CheckpointSave", "ImageOnlyCheckpointSave", "CLIPSave", "VAESave", "ModelSave",
+           "LoraSave", "SaveLoRANode")
+NOT_PROMPTS: Dict[str, frozenset] = {
+    **{saver: frozenset({"filename_prefix"}) for saver in _SAVERS},
+    "LoadImage": frozenset({"image"}), "LoadImageOutput": frozenset({"image"}),
+    "LoadImageMask": frozenset({"image", "channel"}),
+    # nodes/image_nodes.py: a TOML policy override, read by the node itself
+    "ConsentGuardCheckImage": frozenset({"policy_override"}),
+    "ConsentGuardPreviewImage": frozenset({"policy_override"}),
+    "ConsentGuardSaveImage": frozenset({"policy_override", "filename_prefix"}),
+}
+# Fixed lists of choices of stock nodes, for when ComfyUI's class list is not there to give
+# them (the tests' stand-ins); with it, every class's own lists are used instead.
+STOCK_CHOICES = {"KSampler": {"sampler_name", "scheduler"},
+                 "KSamplerAdvanced": {"sampler_name", "scheduler", "add_noise",
+                                      "return_with_leftover_noise"},
+                 "KSamplerSelect": {"sampler_name"}, "BasicScheduler": {"scheduler"},
+                 "ImageScale": {"upscale_method", "crop"}, "ImageScaleBy": {"upscale_method"},
+                 "LatentUpscale": {"upscale_method", "crop"},
+                 "LatentUpscaleBy": {"upscale_method"}}
 MODEL_FILE = re.compile(r"\.(safetensors|sft|ckpt|pt|pth|bin|gguf|onnx)$", re.IGNORECASE)
 # Backend string nodes whose output is known without running them (comfy_extras/
 # nodes_primitive.py PrimitiveString(Multiline): value; nodes_string.py StringConcatenate:
 # delimiter.join((string_a, string_b))). Other STRING outputs are computed at run time:
-# ConsentGuardCheckPrompt covers those.
+# ConsentGuardCheckPrompt (and, in enforce mode, the text encoders' own check) covers those.
 STRING_SOURCES = {"PrimitiveString", "PrimitiveStringMultiline", "StringConcatenate"}
+
+
+class TooMuchText(Exception):
+    """A submission over the bounds: refused whole, with this message."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +174,69 @@ def _link(prompt: dict, value) -> Optional[Tuple[str, int]]:
             and str(value[0]) in prompt:
         return str(value[0]), value[1]
     return None
+
+
+def _unwrap(value):
+    """What validate_inputs hands on: {"__value__": v} -> v, once (not recursively)."""
+    return value[WRAPPER] if isinstance(value, dict) and WRAPPER in value else value
+
+
+class _Budget:
+    """Characters read from lists and dicts and built by concatenation, per submission: a
+    deeply nested value or a doubling chain of concatenations must not hold the server."""
+
+    def __init__(self, limit: int = MAX_BUILT_CHARS):
+        self.left = limit
+
+    def spend(self, n: int) -> None:
+        self.left -= n
+        if self.left < 0:
+            raise TooMuchText(
+                f"Consent Guard reads at most {MAX_BUILT_CHARS} characters of text built from "
+                f"lists, dicts and joined strings in one submission, and this one has more, so "
+                f"nothing was queued")
+
+
+def _strings_inside(value, budget: _Budget) -> List[str]:
+    """Every string inside a dict or list (keys too: str() shows them), in order; no recursion,
+    so any depth is read."""
+    found, stack = [], [value]
+    while stack:
+        item = stack.pop()
+        budget.spend(1)
+        if isinstance(item, str):
+            budget.spend(len(item))
+            found.append(item)
+        elif isinstance(item, dict):
+            for key, sub in reversed(list(item.items())):
+                stack.append(sub)
+                if key != WRAPPER:
+                    stack.append(key)
+        elif isinstance(item, (list, tuple)):
+            stack.extend(reversed(item))
+    return found
+
+
+def input_text(value, budget: Optional[_Budget] = None) -> Optional[str]:
+    """The text a node can get from a widget value (not a link), or None when it holds none.
+    A string is itself (after a {"__value__": ...} wrapper). A dict or list is what a STRING
+    input receives, its str(), followed by each string inside it as it is (a custom input may
+    take the raw strings). Numbers and booleans hold no text."""
+    value = _unwrap(value)
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, (dict, list, tuple)):
+        return None
+    budget = budget or _Budget()
+    strings = _strings_inside(value, budget)
+    if not strings:
+        return None
+    try:
+        whole = str(value)
+    except RecursionError:  # validate_inputs fails to convert it too; the strings remain
+        whole = ""
+    budget.spend(len(whole))
+    return "\n".join([whole] + strings)
 
 
 def _node_classes() -> Optional[dict]:
@@ -129,14 +276,86 @@ def _choices(classes: Optional[dict], class_type: str, name: str) -> List:
     return []
 
 
-def _worth_checking(classes, class_type: str, name: str, value: str) -> bool:
-    if not value.strip() or name in ENUM_INPUTS:
+def _not_prompt(class_type: str, name: str) -> bool:
+    return name in NOT_PROMPTS.get(class_type, ())
+
+
+def _is_choice(classes, class_type: str, name: str, value, lists: Optional[dict] = None
+               ) -> bool:
+    """A value picked from the input's fixed list: not text. Model file names are (a LoRA's
+    name can say what it makes), so they stay checked. `lists`: {(class, input): choices},
+    filled as it goes, so each class's INPUT_TYPES() (file listings) runs once per submission."""
+    value = _unwrap(value)
+    if not isinstance(value, str) or MODEL_FILE.search(value):
         return False
-    # a choice from a fixed list is not text, but model file names are (e.g. a LoRA's name)
-    return bool(MODEL_FILE.search(value)) or value not in _choices(classes, class_type, name)
+    if classes is None:
+        return name in STOCK_CHOICES.get(class_type, ())
+    lists = {} if lists is None else lists
+    if (class_type, name) not in lists:
+        choices = _choices(classes, class_type, name)
+        try:
+            lists[(class_type, name)] = frozenset(choices)
+        except TypeError:  # an odd list (unhashable items): looked through as it is
+            lists[(class_type, name)] = tuple(choices)
+    return value in lists[(class_type, name)]
 
 
 # -- roles -----------------------------------------------------------------------------------
+
+def _literal_above(value, bound: float) -> bool:
+    """A widget value as validate_inputs turns it into a FLOAT, strictly above `bound`; a link,
+    an odd value or NaN is not (it may be anything at run time)."""
+    value = _unwrap(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return False
+    try:
+        number = float(value)
+    except (ValueError, OverflowError):
+        return False
+    return math.isfinite(number) and number > bound
+
+
+def _uses_cfg_pp(prompt: dict) -> bool:
+    """Any CFG++ sampler (k-diffusion *_cfg_pp steps along the negative's prediction)."""
+    for node in prompt.values():
+        if CFG_PP.search(_class_type(node)):
+            return True
+        name = _unwrap(_inputs(node).get("sampler_name"))
+        if isinstance(name, str) and CFG_PP.search(name):
+            return True
+    return False
+
+
+def _output_names(classes, node) -> Tuple[str, ...]:
+    _, names = _return_info(classes, _class_type(node))
+    return tuple(str(n).lower() for n in names)
+
+
+def _carries_through(classes, node, name: str) -> bool:
+    """Whether `name` (a role input) comes out again as an output of the same name, so the
+    walk from what uses that output decides its role."""
+    names = _output_names(classes, node)
+    if names:
+        return name in names
+    return classes is None and _class_type(node) in PASS_THROUGH
+
+
+def _root_role(prompt, node, name: str, cfg_pp: bool) -> str:
+    """The role a role input gives what feeds it: "negative" only for the negative input of a
+    known sampler or guider whose scales are literals above their bounds (or the Check Prompt
+    node's context input), else "positive"."""
+    class_type = _class_type(node)
+    if name not in NEGATIVE_INPUTS:
+        return "positive"
+    if class_type == CHECK_PROMPT_CLASS:
+        return "negative"  # only context for its check: it reaches no encoder through here
+    bounds = CFG_SAMPLERS.get(class_type)
+    inputs = _inputs(node)
+    if bounds and not cfg_pp and all(_literal_above(inputs.get(scale), bound)
+                                     for scale, bound in bounds.items()):
+        return "negative"
+    return "positive"
+
 
 def _passes_through(prompt, classes, node_id: str, output: int) -> Optional[str]:
     """For a node with positive/negative inputs reached through one of its outputs: the input
@@ -144,40 +363,74 @@ def _passes_through(prompt, classes, node_id: str, output: int) -> Optional[str]
     None when the output is something else (then every other input is followed)."""
     node = prompt[node_id]
     inputs = _inputs(node)
-    _, names = _return_info(classes, _class_type(node))
+    names = _output_names(classes, node)
     if output < len(names):
-        name = str(names[output]).lower()
+        name = names[output]
         return name if name in ROLE_INPUTS and name in inputs else None
     if not names and "positive" in inputs and "negative" in inputs and output in (0, 1):
         return ("positive", "negative")[output]  # the convention, when the class is unknown
     return None
 
 
-def _roles(prompt: dict, classes) -> Dict[str, str]:
-    reached: Dict[str, set] = {}
-    for node in prompt.values():
+Edge = Tuple[str, int, str, str]  # source id, output index, consumer id, input name
+
+
+def _edges(prompt: dict) -> List[Edge]:
+    """Every link of the prompt."""
+    found = []
+    for node_id, node in prompt.items():
         for name, value in _inputs(node).items():
-            link = _link(prompt, value) if name in ROLE_INPUTS else None
-            if link is None:
-                continue
-            role = "negative" if name in NEGATIVE_INPUTS else "positive"
-            stack, seen = [link], set()
-            while stack:
-                node_id, output = stack.pop()
-                if (node_id, output) in seen:
-                    continue
-                seen.add((node_id, output))
-                reached.setdefault(node_id, set()).add(role)
-                only = _passes_through(prompt, classes, node_id, output)
-                for src_name, src_value in _inputs(prompt[node_id]).items():
-                    if src_name in PLUMBING or (src_name != only if only else
-                                                src_name in ROLE_INPUTS):
-                        continue  # other role inputs are walked from their own start
-                    src = _link(prompt, src_value)
-                    if src is not None:
-                        stack.append(src)
-    return {node_id: "positive" if "positive" in roles else "negative"
-            for node_id, roles in reached.items()}
+            src = _link(prompt, value)
+            if src is not None:
+                found.append((src[0], src[1], str(node_id), name))
+    return found
+
+
+def _walk(prompt, classes, starts: List[Edge]) -> Tuple[set, set]:
+    """(every node whose output reaches one of `starts`, every link that was followed),
+    following conditioning back through combiners and pass-through nodes, never through
+    model/image/latent inputs. One walk for all starts of a role: linear in the graph."""
+    reached, followed, seen = set(), set(starts), set()
+    stack = [(src, out) for src, out, _, _ in starts]
+    while stack:
+        node_id, output = stack.pop()
+        if (node_id, output) in seen:
+            continue
+        seen.add((node_id, output))
+        reached.add(node_id)
+        only = _passes_through(prompt, classes, node_id, output)
+        for name, value in _inputs(prompt[node_id]).items():
+            if name in PLUMBING or (name != only if only else name in ROLE_INPUTS):
+                continue  # other role inputs are walked from their own start
+            src = _link(prompt, value)
+            if src is not None:
+                followed.add((src[0], src[1], node_id, name))
+                stack.append(src)
+    return reached, followed
+
+
+def node_roles(prompt: dict, classes: Optional[dict] = None) -> Dict[str, str]:
+    """{node id: "positive" | "negative"} for every node whose output reaches a role input
+    (see the module's docstring). A node is negative only when every link out of it was
+    followed by the walk back from the negative roots: one that also goes anywhere else (a
+    positive, an unknown node's conditioning input) makes it, and what feeds it, positive.
+    Nodes missing here reach no sampler: their texts are checked like positives. `classes`:
+    ComfyUI's NODE_CLASS_MAPPINGS (default: the running ComfyUI's, when there is one)."""
+    classes = _node_classes() if classes is None else classes
+    cfg_pp = _uses_cfg_pp(prompt)
+    edges = _edges(prompt)
+    starts: Dict[str, List[Edge]] = {"positive": [], "negative": []}
+    for edge in edges:
+        node = prompt[edge[2]]
+        if edge[3] in ROLE_INPUTS and not _carries_through(classes, node, edge[3]):
+            starts[_root_role(prompt, node, edge[3], cfg_pp)].append(edge)
+    negative, followed = _walk(prompt, classes, starts["negative"])
+    escapes = [e for e in edges if e[0] in negative and e not in followed]
+    positive, _ = _walk(prompt, classes, starts["positive"] + escapes)
+    return {**{n: "negative" for n in negative - positive}, **{n: "positive" for n in positive}}
+
+
+_roles = node_roles  # the earlier name
 
 
 # -- strings through links -------------------------------------------------------------------
@@ -188,49 +441,117 @@ def _is_string_link(prompt, classes, link) -> bool:
     return class_type in STRING_SOURCES or (link[1] < len(types) and types[link[1]] == "STRING")
 
 
-def _resolve(prompt, classes, link, seen=frozenset()) -> Tuple[str, bool]:
-    """(what is known before the run, whether part of it is computed at run time)."""
-    node_id = link[0]
-    if node_id in seen:
+class _Resolver:
+    """The text a string link carries, as far as it is known before the run: each string node
+    resolved once (memo), chains bounded in depth and in the characters they build."""
+
+    def __init__(self, prompt: dict, budget: _Budget):
+        self.prompt, self.budget = prompt, budget
+        self.memo: Dict[str, Tuple[str, bool]] = {}
+
+    def link(self, link, path=()) -> Tuple[str, bool]:
+        """(what is known before the run, whether part of it is computed at run time)."""
+        node_id = link[0]
+        if node_id in path:
+            return "", True  # a cycle: ComfyUI refuses it; nothing to read
+        if len(path) >= MAX_CHAIN:
+            raise TooMuchText(f"Consent Guard follows at most {MAX_CHAIN} string nodes linked "
+                              f"one into the next, and this submission has more, so nothing "
+                              f"was queued")
+        if node_id not in self.memo:
+            self.memo[node_id] = self._node(node_id, path + (node_id,))
+        return self.memo[node_id]
+
+    def _part(self, value, path) -> Tuple[str, bool]:
+        src = _link(self.prompt, value)
+        if src is not None:
+            return self.link(src, path)
+        if isinstance(value, list):
+            return "", True  # a broken link: validate_inputs refuses it
+        return input_text(value, self.budget) or "", False
+
+    def _node(self, node_id: str, path) -> Tuple[str, bool]:
+        node = self.prompt[node_id]
+        inputs, class_type = _inputs(node), _class_type(node)
+        if class_type in ("PrimitiveString", "PrimitiveStringMultiline"):
+            return self._part(inputs.get("value", ""), path)
+        if class_type == "StringConcatenate":
+            (a, ra), (b, rb), (d, rd) = (self._part(inputs.get(k, ""), path) for k in
+                                         ("string_a", "string_b", "delimiter"))
+            joined = d.join((a, b))
+            self.budget.spend(len(joined))
+            return joined, ra or rb or rd
         return "", True
-    node = prompt[node_id]
-    inputs, class_type = _inputs(node), _class_type(node)
 
-    def part(value) -> Tuple[str, bool]:
-        if isinstance(value, str):
-            return value, False
-        src = _link(prompt, value)
-        return _resolve(prompt, classes, src, seen | {node_id}) if src else ("", True)
 
-    if class_type in ("PrimitiveString", "PrimitiveStringMultiline"):
-        return part(inputs.get("value", ""))
-    if class_type == "StringConcatenate":
-        (a, ra), (b, rb), (d, rd) = (part(inputs.get(k, "")) for k in
-                                     ("string_a", "string_b", "delimiter"))
-        return d.join((a, b)), ra or rb or rd
-    return "", True
+def _consumers(prompt: dict) -> Dict[str, List[Tuple[str, str]]]:
+    """{source node id: [(consumer node id, input name)]} for every link."""
+    users: Dict[str, List[Tuple[str, str]]] = {}
+    for node_id, node in prompt.items():
+        for name, value in _inputs(node).items():
+            src = _link(prompt, value)
+            if src is not None:
+                users.setdefault(src[0], []).append((str(node_id), name))
+    return users
+
+
+def _feeds_only_non_prompts(prompt: dict) -> set:
+    """String nodes (STRING_SOURCES) whose text goes nowhere but NOT_PROMPTS inputs, directly
+    or through other such string nodes: e.g. a PrimitiveStringMultiline holding a node's
+    policy_override. A string node that feeds nothing is not among them (checked, strict)."""
+    users = _consumers(prompt)
+    decided: Dict[str, bool] = {}
+
+    def only_non_prompts(node_id: str, path=()) -> bool:
+        if node_id in decided:
+            return decided[node_id]
+        ok = _class_type(prompt[node_id]) in STRING_SOURCES and bool(users.get(node_id)) \
+            and len(path) < MAX_CHAIN and node_id not in path
+        for user_id, name in users.get(node_id, ()) if ok else ():
+            user_class = _class_type(prompt[user_id])
+            if not (_not_prompt(user_class, name) or
+                    only_non_prompts(user_id, path + (node_id,))):
+                ok = False
+                break
+        decided[node_id] = ok
+        return ok
+
+    return {node_id for node_id in prompt if only_non_prompts(str(node_id))}
 
 
 def collect_prompt_texts(prompt: dict) -> List[PromptText]:
-    """Every string of the API-format prompt worth checking: each node's own text widgets, and
-    for each string link into a node, the text it carries as far as it is known before the
-    run (primitives and concatenations resolved; the rest marked `runtime`)."""
+    """Every string of the API-format prompt worth checking: each node's own text widgets
+    (input_text: wrapped, dict and list values too), and for each string link into a node, the
+    text it carries as far as it is known before the run (primitives and concatenations
+    resolved; the rest marked `runtime`). Choices, NOT_PROMPTS inputs and string nodes feeding
+    only those are left out. Raises TooMuchText past the bounds."""
     classes = _node_classes()
-    roles = _roles(prompt, classes)
+    roles = node_roles(prompt, classes)
+    budget = _Budget()
+    resolver = _Resolver(prompt, budget)
+    skipped_nodes = _feeds_only_non_prompts(prompt)
+    lists: dict = {}
     texts: List[PromptText] = []
     for node_id, node in prompt.items():
         node_id, class_type = str(node_id), _class_type(node)
+        if node_id in skipped_nodes:
+            continue
         role = roles.get(node_id, "unknown")
         for name, value in _inputs(node).items():
-            if isinstance(value, str):
-                if _worth_checking(classes, class_type, name, value):
-                    texts.append(PromptText(node_id, class_type, name, value, role))
+            if _not_prompt(class_type, name):
                 continue
             link = _link(prompt, value)
-            if link is None or class_type in STRING_SOURCES \
-                    or not _is_string_link(prompt, classes, link):
+            if link is None and isinstance(value, list):
+                continue  # validate_inputs takes every list as a link and fails a false one
+            if link is None:
+                text = input_text(value, budget)
+                if text and text.strip() and \
+                        not _is_choice(classes, class_type, name, value, lists):
+                    texts.append(PromptText(node_id, class_type, name, text, role))
                 continue
-            text, runtime = _resolve(prompt, classes, link)
+            if class_type in STRING_SOURCES or not _is_string_link(prompt, classes, link):
+                continue
+            text, runtime = resolver.link(link)
             texts.append(PromptText(node_id, class_type, name, text, role, runtime))
     return texts
 
@@ -239,13 +560,15 @@ def collect_prompt_texts(prompt: dict) -> List[PromptText]:
 
 _cache: "OrderedDict[tuple, tuple]" = OrderedDict()  # key -> (engine, verdict)
 _cache_lock = threading.Lock()
-CACHE_SIZE = 512
+CACHE_SIZE = 1024
 
 
-def check_text(engine, text: str, negative: Optional[str]) -> Verdict:
+def check_text(engine, text: str, negative: Optional[str], state: Optional[tuple] = None
+               ) -> Verdict:
     """engine.check_prompt, remembered per engine, policy and registry state (a re-queued
-    workflow is not checked again); a check that raises blocks (fail closed)."""
-    key = (id(engine), checks_state(), text, negative)
+    workflow is not checked again); a check that raises blocks (fail closed). `state`:
+    comfy_bridge.checks_state(), when the caller has it already (it reads files)."""
+    key = (id(engine), checks_state() if state is None else state, text, negative)
     with _cache_lock:
         hit = _cache.get(key)
         if hit is not None and hit[0] is engine:  # the engine is kept, so its id is not reused
@@ -264,60 +587,158 @@ def check_text(engine, text: str, negative: Optional[str]) -> Verdict:
     return verdict
 
 
+REFUSED = "the policy does not allow it"  # the same for every category: see the docstring
+
+
+def refused_message(where: str) -> str:
+    """What the user is told about a text the policy refuses: where, never why."""
+    return f"Consent Guard refuses the text of {where}: {REFUSED}"
+
+
 PLAIN = {"minor_sexual": "sexual content involving minors (never allowed)",
          "protected_identity": "a protected person named in a sexual prompt",
          "undress_request": "a request to undress someone",
          "sexual_explicit": "sexual_explicit", "sexual_suggestive": "sexual_suggestive"}
 
 
-def _categories(verdict: Verdict) -> str:
-    """What was found, by policy category only, in plain words for the sensitive ones: never
-    a label or the text (a protected person's name must not be echoed)."""
+def reasons_in_words(verdict: Verdict) -> str:
+    """For the admin (the audit note): what was found, by policy category, in plain words;
+    never a label or the text. Not for the user (it tells who is enrolled)."""
     cats = sorted({r.category for r in verdict.reasons})
     return ", ".join(PLAIN.get(c, c) for c in cats) or verdict.decision.value
+
+
+_categories = reasons_in_words  # the earlier name
 
 
 def _where(t: PromptText) -> str:
     return f"node {t.node_id} ({t.class_type}), input '{t.input_name}'"
 
 
+def _submission_verdict(verdicts: List[Verdict]) -> Verdict:
+    """All the checks of one submission as one audit record: the strictest decision, every
+    reason once (identity ids included: audit.build lists them), the first error."""
+    reasons = tuple(dict.fromkeys(r for v in verdicts for r in v.reasons))
+    rules = [v.rule for v in verdicts if not v.allowed and v.rule] or \
+        [v.rule for v in verdicts[:1] if v.rule]
+    scores = [float(v.scores.get("prompt_classifier", 0.0)) for v in verdicts]
+    return Verdict(Decision.strictest(v.decision for v in verdicts), reasons,
+                   rule="; ".join(dict.fromkeys(rules)),
+                   error=next((v.error for v in verdicts if v.error), None),
+                   scores={"prompt_classifier": max(scores, default=0.0)})
+
+
+def _limit_verdict(why: str) -> Verdict:
+    return Verdict(Decision.BLOCK, (Reason("prompt_gate", "over_limit", 1.0, "limit",
+                                           Decision.BLOCK),), rule=f"prompt gate: {why}")
+
+
+def _bounded(texts: List[str], negative: Optional[str]) -> None:
+    """Refuse (TooMuchText) a submission over MAX_TEXTS distinct texts or MAX_CHARS."""
+    chars = sum(map(len, texts)) + len(negative or "")
+    if len(texts) > MAX_TEXTS or chars > MAX_CHARS:
+        raise TooMuchText(
+            f"Consent Guard checks at most {MAX_TEXTS} different texts and {MAX_CHARS} "
+            f"characters in one submission; this one has {len(texts)} texts and {chars} "
+            f"characters, so nothing was queued. Queue it in smaller parts")
+
+
+def _note(texts: List[PromptText], checked: int, refused: List[Tuple[PromptText, Verdict]],
+          late: List[PromptText]) -> str:
+    """The audit record's note: counts, and for the admin each refused place with its real
+    reasons (at most 20 places)."""
+    parts = [f"prompt gate: {len(texts)} texts, {checked} distinct checked"]
+    if refused:
+        shown = [f"{_where(t)}: {reasons_in_words(v)}" for t, v in refused[:20]]
+        more = f"; and {len(refused) - 20} more" if len(refused) > 20 else ""
+        parts.append("refused " + "; ".join(shown) + more)
+    if late:
+        parts.append(f"{len(late)} computed at run time")
+    return ". ".join(parts)
+
+
+def _audit(engine, verdict: Verdict, note: str, client, prompt=None, negative=None
+           ) -> Optional[str]:
+    """The submission's one audit record; in enforce mode a record that cannot be written
+    refuses the submission (returns why)."""
+    try:
+        record(engine, "prompt", verdict, note=note, prompt=prompt, negative=negative,
+               client_id=client)
+    except ConsentGuardError as exc:
+        return f"{exc}. Nothing was queued."
+    return None
+
+
+def _refuse_whole(why: str, client) -> Dict[str, str]:
+    """A submission refused before its texts were checked (over the bounds): logged, audited
+    when the engine loads."""
+    log.warning("Consent Guard: prompt refused: %s", why)
+    try:
+        engine = get_engine()
+    except ConsentGuardError:
+        return {WHOLE_PROMPT: f"{why}."}
+    failed = _audit(engine, _limit_verdict(why), why, client)
+    return {WHOLE_PROMPT: failed or f"{why}."}
+
+
 def refusals(prompt: dict, client: Optional[str] = None) -> Dict[str, str]:
     """{node id: why} for every node whose text the policy blocks; empty when all is allowed.
-    Each decision goes to the audit log (`client`: the submitting ComfyUI client id)."""
-    texts = collect_prompt_texts(prompt)
+    Each distinct text is checked once; the submission gets one audit record (`client`: the
+    submitting ComfyUI client id)."""
+    try:
+        texts = collect_prompt_texts(prompt)
+    except TooMuchText as exc:
+        return _refuse_whole(str(exc), client)
     to_check = sorted((t for t in texts if t.role != "negative" and t.text.strip()),
                       key=lambda t: t.role != "positive")  # the prompts first, then the rest
     late = [t for t in texts if t.runtime and t.role != "negative"]
     if late:
-        log.info("Consent Guard: %s computed while the workflow runs; put a Consent Guard: "
-                 "Check Prompt node after %s to check it", "; ".join(map(_where, late)),
-                 "them" if len(late) > 1 else "it")
+        log.info("Consent Guard: %d text(s) computed while the workflow runs (first: %s); "
+                 "put a Consent Guard: Check Prompt node after them to check them",
+                 len(late), _where(late[0]))
     if not to_check:
         return {}
+    negative = "\n".join(dict.fromkeys(t.text for t in texts
+                                       if t.role == "negative" and t.text.strip())) or None
+    distinct = list(dict.fromkeys(t.text for t in to_check))
+    try:
+        _bounded(distinct, negative)
+    except TooMuchText as exc:
+        return _refuse_whole(str(exc), client)
     try:
         engine = get_engine()
     except ConsentGuardError as exc:
         return {WHOLE_PROMPT: f"Consent Guard cannot check prompts, so nothing was queued: {exc}"}
-    negative = "\n".join(dict.fromkeys(t.text for t in texts
-                                       if t.role == "negative" and t.text.strip())) or None
+    return _check_all(engine, texts, to_check, distinct, negative, late, client)
+
+
+def _check_all(engine, texts, to_check, distinct, negative, late, client) -> Dict[str, str]:
+    """Check each distinct text once (stopping at the first check that cannot run: the others
+    would fail alike), write the one audit record, and say which nodes are refused."""
+    state = checks_state()
+    verdicts: Dict[str, Verdict] = {}
+    for text in distinct:
+        verdicts[text] = verdict = check_text(engine, text, negative, state)
+        if verdict.error:
+            break
+    refused = [(t, verdicts[t.text]) for t in to_check
+               if t.text in verdicts and not verdicts[t.text].allowed]
+    shown = [t.text for t, _ in refused] or [t.text for t in to_check if t.role == "positive"]
+    failed = _audit(engine, _submission_verdict(list(verdicts.values())),
+                    _note(texts, len(verdicts), refused, late), client,
+                    prompt="\n".join(dict.fromkeys(shown)) or None, negative=negative)
+    if failed:
+        return {WHOLE_PROMPT: failed}
     found: Dict[str, List[str]] = {}
-    for t in to_check:
-        verdict = check_text(engine, t.text, negative)
-        try:
-            record(engine, "prompt", verdict, note=_where(t), prompt=t.text, negative=negative,
-                   client_id=client)
-        except ConsentGuardError as exc:  # enforce mode: nothing runs unlogged
-            return {WHOLE_PROMPT: f"{exc}. Nothing was queued."}
-        if verdict.error:  # the checker itself failed: the other texts would fail alike
-            why = f"Consent Guard could not check {_where(t)}: {verdict.error}"
-        elif not verdict.allowed:
-            why = f"Consent Guard refuses the text of {_where(t)}: {_categories(verdict)}"
-        else:
-            continue
-        log.warning("Consent Guard: prompt refused, %s", why)
+    for t, verdict in refused:
+        why = (f"Consent Guard could not check {_where(t)}: {verdict.error}" if verdict.error
+               else refused_message(_where(t)))
         found.setdefault(t.node_id, []).append(why)
         if verdict.error:
             break
+    if found:
+        log.warning("Consent Guard: prompt refused at %d node(s); the reasons are in the audit "
+                    "log", len(found))
     return {node_id: ". ".join(w.rstrip(". ") for w in whys) + ". Nothing was queued."
             for node_id, whys in found.items()}
 
@@ -403,14 +824,15 @@ class ConsentGuardCheckPrompt(_PolicyBound):
     def check(self, text, negative=None):
         engine = get_engine()
         verdict = check_text(engine, text, negative or None)
-        record(engine, "prompt", verdict, note="Check Prompt node", prompt=text,
-               negative=negative or None)
+        record(engine, "prompt", verdict, note=f"Check Prompt node: {reasons_in_words(verdict)}",
+               prompt=text, negative=negative or None)
         if verdict.error:
             raise ConsentGuardError("Consent Guard could not check this prompt, so the "
                                     f"workflow stops here: {verdict.error}")
-        if not verdict.allowed:
-            log.warning("Consent Guard: prompt refused at run time (%s)", _categories(verdict))
-            raise ConsentGuardError(f"Consent Guard refuses this prompt: {_categories(verdict)}.")
+        if not verdict.allowed:  # why is in the audit log only (see the module's docstring)
+            log.warning("Consent Guard: prompt refused at run time; the reason is in the audit "
+                        "log")
+            raise ConsentGuardError(f"Consent Guard refuses this prompt: {REFUSED}.")
         return (text,)
 
 
@@ -440,10 +862,10 @@ class ConsentGuardPromptRefusal(_PolicyBound):
 
 
 NODE_CLASS_MAPPINGS = {
-    "ConsentGuardCheckPrompt": ConsentGuardCheckPrompt,
+    CHECK_PROMPT_CLASS: ConsentGuardCheckPrompt,
     REFUSAL_CLASS: ConsentGuardPromptRefusal,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
-    "ConsentGuardCheckPrompt": "Consent Guard: Check Prompt",
+    CHECK_PROMPT_CLASS: "Consent Guard: Check Prompt",
     REFUSAL_CLASS: "Consent Guard: Prompt Refused (internal)",
 }

@@ -356,9 +356,7 @@ def role_of(prompt_id, unique_id) -> str:
     try:
         from . import prompt_guard
 
-        roles = getattr(prompt_guard, "text_roles", None)
-        roles = roles(prompt) if roles else prompt_guard._roles(prompt,
-                                                                prompt_guard._node_classes())
+        roles = prompt_guard.node_roles(prompt)
     except Exception:
         log.exception("Consent Guard: the roles of the running prompt could not be read")
         return "positive"
@@ -399,8 +397,8 @@ def check_encoder_text(text) -> None:
                                 f"so the workflow stops here: {verdict.error}")
     if not verdict.allowed:
         log.warning("Consent Guard (enforce): text refused at the encoder of %s", where)
-        raise ConsentGuardError(f"Consent Guard refuses the text that {where} encodes: the "
-                                f"policy does not allow it. The workflow stops here.")
+        raise ConsentGuardError(f"Consent Guard refuses the text that {where} encodes: "
+                                f"{prompt_guard.REFUSED}. The workflow stops here.")
 
 
 def wrap_tokenize(original: Callable, enforce_on: Callable[[], bool]):

@@ -260,3 +260,14 @@ def test_a_node_that_changes_its_input_in_place_has_its_output_checked(comfy, mo
     picture = batch(ALLOW)
     with pytest.raises(Exception, match=r"refused the image made by node 9 \(Scribbles\)"):
         run(Scribbles, image=picture)
+
+
+def test_a_negative_with_cfg_1_is_checked_at_the_encoder(comfy, monkeypatch):
+    """At cfg <= 1 the sampler follows the negative too (prompt_guard.node_roles)."""
+    pkg, base, home, server = comfy
+    engine = use_engine(monkeypatch, pkg)
+    refuse_word(monkeypatch, engine)
+    clip = sys.modules["comfy.sd"].CLIP()
+    running(server, sampler_graph(1.0))
+    with pytest.raises(Exception, match=r"refuses the text that node 1 \(CLIPTextEncode\)"):
+        run(CLIPTextEncode, unique_id="1", clip=clip, text="forbidden")

@@ -8,7 +8,8 @@ Data: ../shared/eval/faces/deepface (65 adult face photos in identity clusters) 
 1. Turned copies. Every deepface cluster is enrolled (scope `any`) from its first photo with
    the default face models; each other photo of the cluster is a probe, upright, turned 90 /
    180 / 270 degrees and colour-inverted. For each: the share the output check blocks, with
-   the upright search only (as before) and with the turned copies (now). Also how many of
+   the upright search only (as before) and with the turned copies (now); also turned and
+   inverted together. Also how many of
    the benign photos (none of these people) are blocked with the turned search (target 0).
 2. Its cost: the full output check per image, 10 identities enrolled, turned search on
    against off, as a ratio (interleaved rounds, same process).
@@ -53,6 +54,8 @@ TRANSFORMS = {
     "rot180": lambda rgb: np.ascontiguousarray(np.rot90(rgb, 2)),
     "rot270": lambda rgb: np.ascontiguousarray(np.rot90(rgb, 3)),
     "inverted": lambda rgb: 255 - rgb,
+    "rot90+inv": lambda rgb: 255 - np.ascontiguousarray(np.rot90(rgb, 1)),
+    "rot180+inv": lambda rgb: 255 - np.ascontiguousarray(np.rot90(rgb, 2)),
 }
 
 
@@ -256,6 +259,7 @@ def main() -> int:
     ap.add_argument("--shared", default=str(REPO.parent / "shared"))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--skip-faces", action="store_true")
+    ap.add_argument("--skip-sources", action="store_true")
     a = ap.parse_args()
     shared = Path(a.shared)
     if not (shared / "eval").is_dir():
@@ -263,7 +267,8 @@ def main() -> int:
         return 2
     if not a.skip_faces:
         turned_copies(shared, a.rounds)
-    source_checks(shared, a.rounds)
+    if not a.skip_sources:
+        source_checks(shared, a.rounds)
     return 0
 
 

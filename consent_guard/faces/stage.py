@@ -75,16 +75,21 @@ class FaceStage:
         return out
 
 
-TURNS = (1, 2, 3, "inverted")  # quarter turns counter-clockwise (np.rot90's k), colours
+# (quarter turns counter-clockwise, as np.rot90's k; colours inverted): every copy a chain of
+# stock rotate and invert nodes can make, upright and natural excepted
+TURNS = ((1, False), (2, False), (3, False), (0, True), (1, True), (2, True), (3, True))
 
 
 def turned(rgb: np.ndarray, how) -> np.ndarray:
-    return 255 - rgb if how == "inverted" else np.ascontiguousarray(np.rot90(rgb, how))
+    k, inverted = how
+    out = np.rot90(rgb, k) if k else rgb
+    return 255 - out if inverted else np.ascontiguousarray(out)
 
 
 def box_back(box: tuple, how, width: int, height: int) -> tuple:
     """A box (x, y, w, h) found in turned(rgb, how), in rgb's own pixels (width x height)."""
     x, y, w, h = box
+    how = how[0]  # inverting colours moves nothing
     if how == 1:  # turned (x', y') came from (width - y', x')
         return (width - y - h, x, h, w)
     if how == 2:
@@ -99,8 +104,8 @@ PREPASS_SIZE = 320  # the turned copies are first searched for faces this small
 
 def turned_findings(stage: "FaceStage", rgb: np.ndarray, to_full: float = 1.0
                     ) -> List[FaceFinding]:
-    """Protected people in copies of `rgb` turned 90, 180 or 270 degrees or with inverted
-    colours: what a rotated or inverted picture of someone looks like once it is turned back.
+    """Protected people in copies of `rgb` turned 90, 180 or 270 degrees, with inverted colours,
+    or both: what a rotated or inverted picture of someone looks like once it is turned back.
     A face detector and the embedder's alignment only work on faces near upright, in natural
     colours. Each turned copy is first searched for faces at PREPASS_SIZE (the cheap pass:
     about a quarter of a detection at the usual size); only a copy where that finds one is

@@ -138,22 +138,14 @@ def gate_images(images, where: str, whole: bool = False):
         first = verdicts[blocked[0] - 1]
         raise ConsentGuardError(
             f"Consent Guard (enforce mode) blocked {len(blocked)} of {len(frames)} image(s) "
-            f"going into {where}, so nothing was saved or shown: {_plain(first)}")
+            f"going into {where}, so nothing was saved or shown: {sources.plain(first)}")
     for i in blocked:
         log.warning("Consent Guard (enforce): %s image %d of %d left out (%s)", where, i,
-                    len(frames), _plain(verdicts[i - 1]))
+                    len(frames), sources.plain(verdicts[i - 1]))
     out = frames_to_tensor([engine.render(f, v) for f, v in kept])
     sources.CACHE.add(sources.digest(out), now)  # what the policy lets through, as it is
     _remember(out)
     return out
-
-
-def _plain(verdict) -> str:
-    """The reason in words, for messages: minors and protected people by category only."""
-    cats = sorted({r.category for r in verdict.reasons})
-    if any(c.startswith("minor") for c in cats):
-        return "an explicit image of someone who may be a minor"
-    return verdict.summary()
 
 
 def _gate_video(video, where: str):

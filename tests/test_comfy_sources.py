@@ -271,3 +271,17 @@ def test_a_negative_with_cfg_1_is_checked_at_the_encoder(comfy, monkeypatch):
     running(server, sampler_graph(1.0))
     with pytest.raises(Exception, match=r"refuses the text that node 1 \(CLIPTextEncode\)"):
         run(CLIPTextEncode, unique_id="1", clip=clip, text="forbidden")
+
+
+def test_refusals_in_enforce_mode_do_not_say_who(comfy, monkeypatch):
+    pkg, base, home, server = comfy
+    engine = use_engine(monkeypatch, pkg)
+    who = Verdict(Decision.BLOCK, reasons=(Reason("face_match", "id_0123abcd", 0.9,
+                                                  "protected_identity", Decision.BLOCK),))
+    monkeypatch.setattr(engine, "check_images", lambda px, *a, **k: [who] * len(px))
+    for node, inputs in ((core("SaveImage"), {"images": batch(ALLOW), "filename_prefix": "x"}),
+                         (core("VAEDecode"), {"samples": {"samples": None},
+                                              "vae": lambda s: batch(ALLOW)})):
+        with pytest.raises(Exception) as err:
+            run(node, **inputs)
+        assert "protected" in str(err.value) and "id_0123abcd" not in str(err.value)

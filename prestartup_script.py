@@ -13,7 +13,9 @@ with a missing or unapproved policy). So an import error in the plugin, a missin
 a broken model folder cannot leave ComfyUI running unprotected: POST /prompt answers 400 with a
 message that says why. It does so by wrapping `execution.validate_prompt` the moment ComfyUI
 imports `execution` (an import hook), without importing anything heavy itself: importing torch
-here would come before ComfyUI sets up CUDA from its arguments.
+here would come before ComfyUI sets up CUDA from its arguments. Uploads and /view are refused
+the same way until then (a middleware put on `server.PromptServer`'s app when ComfyUI imports
+`server`): the plugin's own guard of those routes (nodes/http_guard.py) may be what is missing.
 
 This file must not import the plugin: it has to work when the plugin is what is broken.
 """
@@ -140,14 +142,63 @@ def _guard(execution) -> None:
     execution.validate_prompt = validate_prompt
 
 
+UPLOAD_ROUTES = ("/upload/", "/view")  # server.py upload_image, upload_mask, view_image
+
+
+async def _uploads_refused(request, handler):
+    """An aiohttp middleware: while enforce mode is on and the plugin has not armed (so its own
+    guard of uploads and /view, nodes/http_guard.py, may not be there), uploads and /view are
+    refused: a photo uploaded now would be served back unchecked."""
+    st = sys.modules.get(STATE_MODULE)
+    path = request.path[4:] if request.path.startswith("/api/") else request.path
+    if st is None or st.armed or not st.enforce_at_boot or not path.startswith(UPLOAD_ROUTES):
+        return await handler(request)
+    from aiohttp import web
+
+    message = ("Consent Guard enforce mode is on, but its protection is not in place, so "
+               "uploads and /view are refused: " + st.problem)
+    return web.json_response({"error": message}, status=403)
+
+
+_uploads_refused.__middleware_version__ = 1  # what aiohttp's @web.middleware marks: new style
+
+
+def _guard_server(server) -> None:
+    """Wrap server.PromptServer.__init__ (which builds `self.app`) so that the app gets the
+    middleware above before it starts."""
+    cls = server.PromptServer
+    if getattr(cls.__init__, "consent_guard_hook", False):
+        return
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        try:
+            self.app.middlewares.append(_uploads_refused)
+        except Exception:  # the plugin's own guard (and doctor) still report what is missing
+            log.exception("Consent Guard: the prestartup upload guard was not installed")
+
+    __init__.consent_guard_hook = True
+    cls.__init__ = __init__
+
+
+GUARDS = {"execution": _guard, "server": _guard_server}
+
+
 class _GuardExecution(importlib.abc.MetaPathFinder):
-    """Finds `execution` like the other finders would, and guards it once it has run."""
+    """Finds `execution` and `server` like the other finders would, and guards each once it
+    has run."""
 
     def find_spec(self, name, path=None, target=None):
-        if name != "execution":
+        if name not in GUARDS or name in self.done:
             return None
-        sys.meta_path.remove(self)
+        self.done.add(name)
+        if self.done >= set(GUARDS):
+            sys.meta_path.remove(self)
         for finder in sys.meta_path:
+            if finder is self:
+                continue
             find = getattr(finder, "find_spec", None)
             spec = find(name, path, target) if find else None
             if spec is not None and spec.loader is not None:
@@ -155,10 +206,11 @@ class _GuardExecution(importlib.abc.MetaPathFinder):
         else:
             return None
         run = spec.loader.exec_module
+        guard = GUARDS[name]
 
         def exec_module(module):
             run(module)
-            _guard(module)
+            guard(module)
 
         spec.loader.exec_module = exec_module
         return spec
@@ -168,10 +220,15 @@ def install() -> None:
     home = _home()
     enforce, problem = _expected_policy(home, *_enforce_at_boot(home))
     _state(enforce, problem)
-    if "execution" in sys.modules:
-        _guard(sys.modules["execution"])
-    elif not any(isinstance(f, _GuardExecution) for f in sys.meta_path):
-        sys.meta_path.insert(0, _GuardExecution())
+    finder = _GuardExecution()
+    finder.done = set()
+    for name, guard in GUARDS.items():
+        if name in sys.modules:
+            guard(sys.modules[name])
+            finder.done.add(name)
+    if finder.done != set(GUARDS) and \
+            not any(isinstance(f, _GuardExecution) for f in sys.meta_path):
+        sys.meta_path.insert(0, finder)
     if enforce:
         log.info("Consent Guard: enforce mode; submissions are refused until the plugin has "
                  "loaded and armed its hooks")

@@ -382,3 +382,54 @@ def test_doctor_reports_the_admins_record(install):
     (home / "policy.toml").rename(home / "policy.moved")
     c = run_doctor(comfy, home)["admin's record"]
     assert c.status == doctor.FAIL and "missing" in c.detail
+
+
+def test_prestartup_guard_refuses_uploads_until_the_plugin_arms(tmp_path, monkeypatch):
+    """server.py's PromptServer gets a middleware when ComfyUI imports `server`: uploads and
+    /view answer 403 while enforce mode is on and the plugin has not armed."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "policy.toml").write_text("enforce = true\n")
+    monkeypatch.setenv("CONSENT_GUARD_HOME", str(home))
+    for name in ("_consent_guard_enforce", "execution", "server"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    aiohttp, web = types.ModuleType("aiohttp"), types.ModuleType("aiohttp.web")
+    web.json_response = lambda body, status=200: (status, body)
+    aiohttp.web = web
+    monkeypatch.setitem(sys.modules, "aiohttp", aiohttp)
+    monkeypatch.setitem(sys.modules, "aiohttp.web", web)
+    fake = tmp_path / "comfy"
+    fake.mkdir()
+    (fake / "server.py").write_text(
+        "import types\n"
+        "class PromptServer:\n"
+        "    def __init__(self, loop=None):\n"
+        "        self.app = types.SimpleNamespace(middlewares=[])\n")
+    monkeypatch.syspath_prepend(str(fake))
+    spec = importlib.util.spec_from_file_location("cg_prestartup3", REPO / "prestartup_script.py")
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    finders = [f for f in sys.meta_path if type(f).__name__ == "_GuardExecution"]
+    try:
+        import server
+
+        (middleware,) = server.PromptServer().app.middlewares
+        assert middleware.__middleware_version__ == 1  # aiohttp calls it (request, handler)
+
+        async def handler(request):
+            return (200, "served")
+
+        def ask(path):
+            return asyncio.run(middleware(types.SimpleNamespace(path=path), handler))
+
+        for path in ("/upload/image", "/api/upload/mask", "/view", "/api/view"):
+            status, body = ask(path)
+            assert status == 403 and "protection is not in place" in body["error"], path
+        assert ask("/queue") == (200, "served")
+        sys.modules["_consent_guard_enforce"].armed = True
+        assert ask("/upload/image") == (200, "served")
+    finally:
+        for f in finders:
+            if f in sys.meta_path:
+                sys.meta_path.remove(f)
+        sys.modules.pop("server", None)
+        sys.modules.pop("_consent_guard_enforce", None)

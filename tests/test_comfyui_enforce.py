@@ -161,6 +161,19 @@ def test_7_a_plugin_that_cannot_import_leaves_comfyui_refusing(tmp_path, comfy):
             "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0],
                                                         "filename_prefix": "x"}}})
         assert status == 400 and body["error"]["type"] == "consent_guard_not_active", body
+        # uploads and /view are refused too: the plugin's own guard of them is not there
+        boundary = "cgbroken"
+        data = (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; '
+                f'filename="x.jpg"\r\n\r\n').encode() + \
+            (base / "input" / "t1.jpg").read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+        for path, kwargs in (("/upload/image", {"data": data, "method": "POST", "headers": {
+                "Content-Type": f"multipart/form-data; boundary={boundary}"}}),
+                ("/api/view?filename=t1.jpg&type=input", {})):
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(urllib.request.Request(other.url + path, **kwargs),
+                                       timeout=30)
+            assert err.value.code == 403, path
+        assert sorted(p.name for p in (broken / "input").iterdir()) == ["t1.jpg"]
         checks = {c.name: c for c in doctor.run(home, broken, url=other.url)}
         assert checks["plugin loaded"].status == doctor.FAIL
     finally:

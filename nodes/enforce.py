@@ -53,6 +53,7 @@ from typing import Dict, List, Optional
 
 
 from . import comfy_bridge, image_nodes, sources
+from .pure_transforms import is_stock
 from .comfy_bridge import ConsentGuardError, frames_to_tensor, tensor_to_frames
 
 log = logging.getLogger("consent_guard")
@@ -271,6 +272,8 @@ def _wrap_get_output_data(original):
         finally:
             sources.current.reset(run_token)
             _gated.reset(gated_token)
+        if (visual and is_stock(cls)) or name in OWN_NODES:
+            _written_after_check(result, since)
         if saves:
             removed = sweep(saves, since, name)
             if removed:
@@ -279,6 +282,24 @@ def _wrap_get_output_data(original):
         return result
     get_output_data.consent_guard_hook = True
     return get_output_data
+
+
+def _written_after_check(result, since: float) -> None:
+    """The files a stock saver (or one of ours) wrote from pictures the gate let through, as
+    its UI result lists them ({"filename", "subfolder", "type"}): /view need not check them
+    again (nodes/http_guard.py)."""
+    import folder_paths
+
+    from . import http_guard
+
+    ui = result[1] if isinstance(result, tuple) and len(result) > 1 else None
+    for item in (ui or {}).get("images", []) if isinstance(ui, dict) else []:
+        try:
+            folder = folder_paths.get_directory_by_type(item.get("type", "output"))
+            path = Path(folder) / item.get("subfolder", "") / item["filename"]
+        except Exception:
+            continue
+        http_guard.remember_written(path, since)
 
 
 def _wrap_get_output_from_returns(original):

@@ -477,6 +477,20 @@ def file_refusal(path: Path) -> Optional[Refusal]:
     return refusal
 
 
+def remember_written(path: Path, since: float) -> bool:
+    """A file a saver just wrote from pictures the gate let through (enforce.py): /view serves
+    it without checking it again, until it, the policy or the registry changes. Only a file
+    written since `since`; False when it cannot be remembered (then /view checks it)."""
+    try:
+        if os.stat(path).st_mtime < since:
+            return False
+        key = file_key(path) + (comfy_bridge.checks_state(), id(image_nodes.get_engine()))
+    except Exception:
+        return False
+    CACHE.put(key, None)
+    return True
+
+
 def judge_file(path: Path) -> Optional[Refusal]:
     """The output check of every frame and alpha of an image file; audio passes; anything
     else is refused, since what it may show cannot be checked here."""

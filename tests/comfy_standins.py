@@ -28,6 +28,9 @@ def make_folder_paths(base: Path) -> types.ModuleType:
         os.makedirs(d, exist_ok=True)
 
     fp.get_output_directory = lambda: fp.output_directory
+    fp.get_directory_by_type = lambda type_name: {
+        "output": fp.output_directory, "temp": fp.temp_directory,
+        "input": os.path.join(str(base), "input")}.get(type_name)
     fp.get_temp_directory = lambda: fp.temp_directory
     fp.get_user_directory = lambda: fp.user_directory
 

@@ -285,3 +285,21 @@ def test_refusals_in_enforce_mode_do_not_say_who(comfy, monkeypatch):
         with pytest.raises(Exception) as err:
             run(node, **inputs)
         assert "protected" in str(err.value) and "id_0123abcd" not in str(err.value)
+
+
+def test_what_a_stock_saver_wrote_after_the_gate_is_served_without_a_second_check(
+        comfy, monkeypatch):
+    pkg, base, home, server = comfy
+    use_engine(monkeypatch, pkg)
+    http_guard = sys.modules[PKG + ".nodes.http_guard"]
+    http_guard.CACHE.clear()
+    run(core("SaveImage"), images=batch(ALLOW), filename_prefix="seen")
+    (written,) = (base / "output").glob("seen_*.png")
+
+    def judged(path):
+        raise AssertionError("checked again")
+    monkeypatch.setattr(http_guard, "judge_file", judged)
+    assert http_guard.file_refusal(written) is None
+    written.write_bytes(written.read_bytes() + b"changed")  # another file now: checked again
+    with pytest.raises(AssertionError, match="checked again"):
+        http_guard.file_refusal(written)

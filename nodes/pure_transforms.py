@@ -15,7 +15,15 @@ Not here, on purpose (they are sources, so what they make is checked):
 * nodes that combine several pictures into one, where a picture may emerge that none of the
   parts showed (tiles put back together): ImageCompositeMasked, ImageBlend, ImageStitch,
   PorterDuffImageComposite, JoinImageWithAlpha, MaskComposite, ImageYUVToRGB;
+* nodes that can turn a picture no detector reads into one it would read: channel
+  extractors (ImageToMask, SplitImageWithAlpha, ImageRGBToYUV: a face hidden in the blue or a
+  chroma channel of another photo becomes a grayscale face) and contrast amplifiers
+  (ThresholdMask, ImageColorToMask: a face hidden as tiny differences around one grey level
+  becomes a black-and-white face; ImageSharpen, up to 6x contrast per node, chained);
 * every node of a custom pack.
+
+What stays here moves, scales, blurs, inverts, batches or crops the pixels it is given, so
+nothing comes out that a check of its inputs did not see.
 """
 from __future__ import annotations
 
@@ -39,23 +47,17 @@ PURE_TRANSFORMS = {
     "ImageScaleToMaxDimension": "comfy_extras/nodes_images.py ImageScaleToMaxDimension",
     # comfy_extras/nodes_mask.py
     "MaskToImage": "comfy_extras/nodes_mask.py MaskToImage.mask_to_image",
-    "ImageToMask": "comfy_extras/nodes_mask.py ImageToMask.image_to_mask",
-    "ImageColorToMask": "comfy_extras/nodes_mask.py ImageColorToMask.image_to_mask",
     "SolidMask": "comfy_extras/nodes_mask.py SolidMask.solid (no image input)",
     "InvertMask": "comfy_extras/nodes_mask.py InvertMask.invert",
     "CropMask": "comfy_extras/nodes_mask.py CropMask.crop",
     "FeatherMask": "comfy_extras/nodes_mask.py FeatherMask.feather",
     "GrowMask": "comfy_extras/nodes_mask.py GrowMask.expand_mask",
-    "ThresholdMask": "comfy_extras/nodes_mask.py ThresholdMask.image_to_mask",
     # comfy_extras/nodes_post_processing.py (V3 nodes: node_id is the name)
     "ImageBlur": "comfy_extras/nodes_post_processing.py Blur",
     "ImageQuantize": "comfy_extras/nodes_post_processing.py Quantize",
-    "ImageSharpen": "comfy_extras/nodes_post_processing.py Sharpen",
     "ImageScaleToTotalPixels": "comfy_extras/nodes_post_processing.py ImageScaleToTotalPixels",
     # comfy_extras/nodes_morphology.py, nodes_compositing.py
     "Morphology": "comfy_extras/nodes_morphology.py Morphology",
-    "ImageRGBToYUV": "comfy_extras/nodes_morphology.py ImageRGBToYUV",
-    "SplitImageWithAlpha": "comfy_extras/nodes_compositing.py SplitImageWithAlpha",
 }
 
 STOCK_MODULES = ("nodes", "comfy_extras.")

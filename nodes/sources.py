@@ -250,6 +250,11 @@ def check_picture(kind: str, tensor, where: str, allow_censor: bool = False):
         raise ConsentGuardError(f"Consent Guard could not check the {what} made by {where}, so "
                                 f"the workflow stops here: {failed[0].error}")
     if all(v.allowed for v in verdicts):
+        if binary_face(engine, frames):
+            raise ConsentGuardError(
+                f"Consent Guard (enforce mode) refused the {what} made by {where}, so the "
+                f"workflow stops here: it shows a face in two tones only, and whether that is "
+                f"a protected person cannot be told from such a picture")
         CACHE.add(key, now)
         return tensor
     blocked = [i for i, v in enumerate(verdicts) if v.decision.value == "block"]
@@ -262,6 +267,35 @@ def check_picture(kind: str, tensor, where: str, allow_censor: bool = False):
     out = frames_to_tensor([engine.render(f, v) for f, v in zip(frames, verdicts)])
     CACHE.add(digest(out), now)
     return out
+
+
+BINARY_SHARE = 0.95  # of the pixels at the two commonest values: a two-tone picture
+
+
+def two_tone(frame: np.ndarray) -> bool:
+    """Whether a frame is (nearly) all two values: what a threshold or a colour-to-mask makes.
+    Face recognition cannot tell who a two-tone face is (measured: the astronaut thresholded
+    at its median matched her own photo at 0.13 cosine, under the 0.40 threshold)."""
+    small = np.asarray(frame[::4, ::4]).mean(axis=-1) if frame.ndim == 3 else frame[::4, ::4]
+    values, counts = np.unique(np.round(small * 255), return_counts=True)
+    return len(values) >= 2 and np.sort(counts)[-2:].sum() >= BINARY_SHARE * small.size
+
+
+def binary_face(engine, frames: List[np.ndarray]) -> bool:
+    """A two-tone picture with a face in it while someone is protected: a way to carry a
+    person's likeness (a face hidden as two nearly equal grey levels, then thresholded) that
+    no identity check can judge, so enforce mode refuses it."""
+    flat = [f for f in frames if two_tone(f)]
+    if not flat:
+        return False
+    stage = engine.face_stage()
+    if stage is None:
+        return False
+    from ..consent_guard.faces.stage import detect_faces
+    from ..consent_guard.imageio import to_rgb_uint8
+
+    return any(stage.matchable(detect_faces(stage.detector, to_rgb_uint8(f), stage.detect_size))
+               for f in flat)
 
 
 def plain(verdict) -> str:

@@ -303,3 +303,40 @@ def test_what_a_stock_saver_wrote_after_the_gate_is_served_without_a_second_chec
     written.write_bytes(written.read_bytes() + b"changed")  # another file now: checked again
     with pytest.raises(AssertionError, match="checked again"):
         http_guard.file_refusal(written)
+
+
+def test_a_two_tone_face_is_refused_while_someone_is_protected(comfy, monkeypatch, tmp_path):
+    """A threshold of a face hidden as two nearly equal grey levels: recognition cannot tell
+    who it is, so enforce mode refuses a two-tone picture with a face in it."""
+    from consent_guard import Engine, Policy
+    from consent_guard.faces.backends import FaceBackend
+    from consent_guard.registry import Consent, Registry
+    from conftest import FakeFaces, FakeParts, FakeScorer
+
+    pkg, base, home, server = comfy
+    two_tone = np.full((64, 64, 3), 255, np.uint8)
+    two_tone[20:40, 10:50] = 0
+    two_tone[0, 0, 0] = 0  # the fakes' key: a face is found in it
+    faces = FakeFaces({0: ["stranger"]})
+
+    def engine_with(registry):
+        engine = Engine(Policy(enforce=True), parts=FakeParts(), scorer=FakeScorer(),
+                        registry=registry, face_backend=FaceBackend("fake", faces, faces))
+        monkeypatch.setattr(sys.modules[PKG + ".nodes.image_nodes"], "get_engine",
+                            lambda: engine)
+        sources_module().CACHE.clear()
+
+    picture = torch.from_numpy(two_tone.astype(np.float32) / 255)[None]
+    engine_with(None)  # nobody enrolled: nothing to protect
+    sources_module().check_picture("IMAGE", picture, "here")
+    reg = Registry.create(tmp_path / "identities.db", "two tone passphrase")
+    reg.add("Alice", "any", Consent("Alice"), {"fake-000000000001": FakeFaces.vector("alice")[None]})
+    try:
+        engine_with(reg)
+        with pytest.raises(Exception, match="two tones"):
+            sources_module().check_picture("IMAGE", picture, "here")
+        photo = keyed_image(0, (64, 64))  # the same face, in a photo of many tones
+        sources_module().check_picture("IMAGE", torch.from_numpy(
+            photo.astype(np.float32) / 255)[None], "here")
+    finally:
+        reg.close()

@@ -119,3 +119,37 @@ def test_status_lists_the_source_hooks(comfy):
     hooks = server.get("/api/consent_guard/status")["hooks"]
     for name in ("execution.get_output_from_returns", "comfy.sd.CLIP.tokenize"):
         assert hooks.get(name) == "installed", hooks
+
+
+def hidden_pictures(base: Path) -> None:
+    """Two pictures that hide the probe from a detector: in the blue channel of another photo,
+    and as grey levels 127/128 (a face a threshold brings back)."""
+    probe = np.asarray(Image.open(base / "input" / "probe.png").convert("L"), dtype=np.uint8)
+    other = np.asarray(Image.open(base / "input" / "t1.jpg").convert("RGB")
+                       .resize(probe.shape[::-1]))
+    mixed = other.copy()
+    mixed[..., 2] = probe
+    Image.fromarray(mixed).save(base / "input" / "in_blue.png")
+    flat = np.where(probe > np.median(probe), 128, 127).astype(np.uint8)
+    Image.fromarray(np.stack([flat] * 3, -1)).save(base / "input" / "in_grey.png")
+
+
+@pytest.mark.parametrize("name, graph", [
+    ("the blue channel of another photo", {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "in_blue.png"}},
+        "2": {"class_type": "ImageToMask", "inputs": {"image": ["1", 0], "channel": "blue"}},
+        "3": {"class_type": "MaskToImage", "inputs": {"mask": ["2", 0]}},
+        "4": save(["3", 0])}),
+    ("two grey levels, thresholded", {
+        "1": {"class_type": "LoadImageMask", "inputs": {"image": "in_grey.png",
+                                                         "channel": "red"}},
+        "2": {"class_type": "ThresholdMask", "inputs": {"mask": ["1", 0], "value": 0.5}},
+        "3": {"class_type": "MaskToImage", "inputs": {"mask": ["2", 0]}},
+        "4": save(["3", 0])}),
+])
+def test_a_hidden_protected_face_is_refused_where_a_node_reveals_it(comfy, name, graph):
+    server, base, home = comfy
+    hidden_pictures(base)
+    messages = refused(run(server, graph))
+    assert "protected" in messages, messages
+    assert [f for f in files(base / "output") if f.startswith("leak")] == []

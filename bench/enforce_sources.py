@@ -223,7 +223,7 @@ def source_checks(shared: Path, rounds: int) -> None:
 
         def __enter__(self):
             self.saved = sources.check_inputs, sources.check_outputs
-            sources.check_inputs = lambda cls, data, where: (data, True)
+            sources.check_inputs = lambda cls, data, where, pure=False: (data, True)
             sources.check_outputs = lambda cls, output, run, has_subgraph=False: output
 
         def __exit__(self, *exc):
@@ -231,6 +231,7 @@ def source_checks(shared: Path, rounds: int) -> None:
 
     def timed(fn):
         sources.CACHE.clear()
+        sources.DERIVED.clear()
         t = time.perf_counter()
         for i in range(n):
             fn(i)

@@ -130,6 +130,11 @@ def gate_images(images, where: str, whole: bool = False):
         raise ConsentGuardError(f"Consent Guard could not check the images going into {where}, "
                                 f"so nothing was saved or shown: {failed[0].error}")
     if all(v.allowed for v in verdicts):
+        if sources.binary_face(engine, frames):
+            raise ConsentGuardError(
+                f"Consent Guard (enforce mode) refused the images going into {where}, so "
+                f"nothing was saved or shown: a face in two tones only, and whether that is a "
+                f"protected person cannot be told from such a picture")
         sources.CACHE.add(key, now)
         _remember(images)
         return images
@@ -260,7 +265,7 @@ def _wrap_get_output_data(original):
                 input_data_all, visual = gate_inputs(name, input_data_all)
             # every picture the node is handed was checked where it was made, or is now
             input_data_all, run.inputs_have_tensors = sources.check_inputs(
-                cls, input_data_all, run.name)
+                cls, input_data_all, run.name, run.pure)
             saves: List[tuple] = []
             token = _saves.set(None if visual else saves)
             since = time.time() - 1.0  # file times may be coarse

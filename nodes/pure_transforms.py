@@ -27,6 +27,9 @@ nothing comes out that a check of its inputs did not see.
 """
 from __future__ import annotations
 
+import os
+import sys
+
 # name in NODE_CLASS_MAPPINGS -> where ComfyUI defines it
 PURE_TRANSFORMS = {
     # nodes.py
@@ -64,8 +67,17 @@ STOCK_MODULES = ("nodes", "comfy_extras.")
 
 
 def is_stock(cls) -> bool:
+    """ComfyUI's own class: defined in nodes.py, or in comfy_extras/, which nodes.py
+    load_custom_node loads under the file's path without its suffix as the module name
+    (e.g. "/opt/ComfyUI/comfy_extras/nodes_images"), not as "comfy_extras.nodes_images"."""
     module = getattr(cls, "__module__", "") or ""
-    return module == "nodes" or module.startswith("comfy_extras.")
+    if module == "nodes" or module.startswith("comfy_extras."):
+        return True
+    nodes_file = getattr(sys.modules.get("nodes"), "__file__", None)
+    if not nodes_file or not os.path.isabs(module):
+        return False
+    extras = os.path.join(os.path.dirname(os.path.abspath(nodes_file)), "comfy_extras")
+    return os.path.dirname(os.path.normpath(module)) == os.path.normpath(extras)
 
 
 def pure_classes(node_class_mappings: dict) -> frozenset:

@@ -9,9 +9,16 @@ execution.get_output_data and execution.get_output_from_returns, ComfyUI a125cd8
    is not in the verdict cache (ComfyUI reused a node's output from an earlier run, a custom
    node made it in a way we did not see) is checked now. A refused one stops the workflow.
 2. After it runs, every IMAGE and MASK it made is checked, unless the node is a known pure
-   transform (nodes/pure_transforms.py): its inputs were checked in step 1, so what it makes
-   of them is allowed too. A refused one stops the workflow there, with the reason; a
-   censored one is replaced by its censored copy.
+   transform (nodes/pure_transforms.py). A refused one stops the workflow there, with the
+   reason; a censored one is replaced by its censored copy.
+
+A pure transform's output is not taken as allowed, only as *derived* from checked pictures:
+another pure transform may use it unchecked (a chain of rotate, scale and crop costs no check
+in between), but any other node, every saver and /view check it. Scaling and cropping can
+reveal what the check of the input could not see (red team, on the real ComfyUI: a face
+3 px tall in the detector's copy of a 16384 px strip, cropped out by Image Scale's centre
+crop; a second picture hidden in every fourth pixel of a cat photo, picked out by
+nearest-neighbour downscaling; a 128 px copy upscaled until it could be matched).
 
 A MASK is checked as a grayscale image. Verdicts are cached by a digest of the tensor's bytes
 (SHA-256), for as long as the policy and the identity registry are unchanged, so a picture is
@@ -103,7 +110,8 @@ class VerdictCache:
             self._ok.clear()
 
 
-CACHE = VerdictCache()
+CACHE = VerdictCache()    # pictures found allowed
+DERIVED = VerdictCache()  # pure transforms of allowed or derived pictures (not allowed)
 
 
 def state():
@@ -309,11 +317,12 @@ def plain(verdict) -> str:
     return verdict.summary()
 
 
-def check_inputs(cls, input_data_all: dict, where: str) -> Tuple[dict, bool]:
+def check_inputs(cls, input_data_all: dict, where: str, pure: bool = False
+                 ) -> Tuple[dict, bool]:
     """Step 1: every picture among a node's inputs is checked (or found in the cache); a
-    top-level RGB IMAGE the policy censors is replaced by its censored copy. Returns the
-    inputs and whether any holds a tensor at all (images, masks, latents: an output node
-    handed one must not print it as text)."""
+    top-level RGB IMAGE the policy censors is replaced by its censored copy. A pure transform
+    (`pure`) also takes derived pictures unchecked. Returns the inputs and whether any holds a
+    tensor at all (images, masks, latents: an output node handed one must not print it)."""
     kinds = input_kinds(cls)
     any_tensor = False
     out = {}
@@ -325,14 +334,17 @@ def check_inputs(cls, input_data_all: dict, where: str) -> Tuple[dict, bool]:
         for value in listed:
             if has_tensor(value):
                 any_tensor = True
-                value = _checked(value, kind, f"{where} (input '{name}')")
+                value = _checked(value, kind, f"{where} (input '{name}')", pure)
             new.append(value)
         out[name] = new if isinstance(values, list) else new[0]
     return out, any_tensor
 
 
-def _checked(value, kind: Optional[str], where: str):
+def _checked(value, kind: Optional[str], where: str, pure: bool = False):
     found = pictures(value, kind)
+    if pure:
+        now = state()
+        found = [(k, t) for k, t in found if not DERIVED.allowed(digest(t), now)]
     if len(found) == 1 and found[0][1] is value:
         return check_picture(found[0][0], value, where, allow_censor=True)
     for pkind, tensor in found:
@@ -343,7 +355,7 @@ def _checked(value, kind: Optional[str], where: str):
 def check_outputs(cls, output, run: Optional[NodeRun], has_subgraph: bool = False):
     """Step 2: the output lists as execution.get_output_from_returns made them ([slot][call]),
     with every picture checked (censored copies put in place of a top-level RGB IMAGE);
-    a pure transform's outputs are only added to the cache."""
+    a pure transform's outputs are only noted as derived."""
     where = run.name if run is not None else f"a {getattr(cls, '__name__', 'node')} node"
     pure = run is not None and run.pure
     if has_subgraph:  # [(new_graph, result)]: links to new nodes are checked when they run
@@ -374,7 +386,7 @@ def check_outputs(cls, output, run: Optional[NodeRun], has_subgraph: bool = Fals
 
 def _after(kind: str, tensor, where: str, pure: bool) -> None:
     if pure:
-        CACHE.add(digest(tensor), state())
+        DERIVED.add(digest(tensor), state())
     else:
         check_picture(kind, tensor, where)
 

@@ -72,7 +72,7 @@ def test_rotating_an_unchecked_picture_does_not_get_it_past_the_saver(comfy, mon
         run(core("ImageInvert"), image=batch(BLOCK))
 
 
-def test_pure_transforms_of_checked_pictures_are_not_checked_again(comfy, monkeypatch):
+def test_a_chain_of_pure_transforms_is_checked_once_where_it_is_used(comfy, monkeypatch):
     pkg, base, home, server = comfy
     engine = use_engine(monkeypatch, pkg)
     calls = counting(engine)
@@ -81,9 +81,30 @@ def test_pure_transforms_of_checked_pictures_are_not_checked_again(comfy, monkey
     assert calls == [2]
     rotated = run(core("ImageRotate"), image=made, rotation="180 degrees")[0][0][0]
     inverted = run(core("ImageInvert"), image=rotated)[0][0][0]
+    assert calls == [2]  # nothing checked between the two pure transforms
     run(core("SaveImage"), images=inverted, filename_prefix="ok")
-    assert calls == [2]  # decoded once, checked once; the saver found it in the cache
+    assert calls == [2, 2]  # the saver checks what the chain made
     assert len(files(base / "output")) == 2
+    run(core("SaveImage"), images=made, filename_prefix="again")
+    assert calls == [2, 2]  # the decoder's own output: found in the cache
+
+
+def test_what_a_pure_transform_reveals_is_checked_where_it_is_used(comfy, monkeypatch):
+    """Scaling and cropping can bring out what the check of the input could not see (a face
+    too small in the detector's copy, a picture hidden in every fourth pixel). Here the
+    fakes' key sits in the bottom-right corner: a half turn brings it to the top left."""
+    pkg, base, home, server = comfy
+    use_engine(monkeypatch, pkg)
+    hidden = batch(ALLOW)
+    hidden[0, -1, -1, 0] = BLOCK / 255
+    made = run(core("VAEDecode"), samples={"samples": None}, vae=lambda s: hidden)[0][0][0]
+    revealed = run(core("ImageRotate"), image=made, rotation="180 degrees")[0][0][0]
+    with pytest.raises(Exception, match=r"blocked 1 of 1 image"):
+        run(core("SaveImage"), images=revealed, filename_prefix="leak")
+    with pytest.raises(Exception, match=r"VAEDecode\) \(input 'samples'\)|refused"):
+        run(core("VAEDecode"), samples={"samples": None, "pixels": revealed},
+            vae=lambda s: batch(ALLOW))
+    assert files(base / "output") == []
 
 
 def test_a_custom_class_under_a_stock_name_is_not_a_pure_transform(comfy, monkeypatch):
@@ -340,3 +361,23 @@ def test_a_two_tone_face_is_refused_while_someone_is_protected(comfy, monkeypatc
             photo.astype(np.float32) / 255)[None], "here")
     finally:
         reg.close()
+
+
+def test_stock_classes_are_known_by_where_comfyui_loaded_them(comfy, monkeypatch, tmp_path):
+    """nodes.py load_custom_node names a comfy_extras module by its file path, not
+    "comfy_extras.nodes_images" (seen on the real ComfyUI)."""
+    pkg, base, home, server = comfy
+    from importlib import import_module
+
+    is_stock = import_module(PKG + ".nodes.pure_transforms").is_stock
+    monkeypatch.setattr(sys.modules["nodes"], "__file__", str(tmp_path / "ComfyUI" / "nodes.py"),
+                        raising=False)
+
+    def made_in(module):
+        return type("ImageCrop", (), {"__module__": module})
+
+    assert is_stock(made_in(str(tmp_path / "ComfyUI" / "comfy_extras" / "nodes_images")))
+    assert is_stock(made_in("nodes"))
+    assert not is_stock(made_in(str(tmp_path / "ComfyUI" / "custom_nodes" / "nodes_images")))
+    assert not is_stock(made_in(str(tmp_path / "elsewhere" / "comfy_extras" / "nodes_images")))
+    assert not is_stock(made_in("my_pack.nodes"))

@@ -153,3 +153,56 @@ def test_a_hidden_protected_face_is_refused_where_a_node_reveals_it(comfy, name,
     messages = refused(run(server, graph))
     assert "protected" in messages, messages
     assert [f for f in files(base / "output") if f.startswith("leak")] == []
+
+
+def revealing_pictures(base: Path) -> None:
+    """Pictures that pass the check as they are, from which a stock scale or batch node
+    brings the probe back (found by red-teaming this plugin)."""
+    from conftest import package_file
+
+    face = Image.open(base / "input" / "probe.png").convert("RGB").resize((512, 512))
+    strip = Image.new("RGB", (16384, 512), (128, 128, 128))
+    strip.paste(face, (7936, 0))  # 3 px tall in the detector's 640 px copy
+    strip.save(base / "input" / "strip.png")
+    cat = np.array(Image.open(package_file("skimage", "data/chelsea.png")).convert("RGB")
+                   .resize((2048, 2048)))
+    cat[2::4, 2::4] = np.asarray(face)  # what nearest-neighbour downscaling by 4 picks
+    Image.fromarray(cat).save(base / "input" / "cat.png")
+    face.resize((128, 128), Image.Resampling.LANCZOS).save(base / "input" / "tiny.png")
+
+
+def scale_to_512(name, method="nearest-exact", crop="disabled"):
+    return {"1": {"class_type": "LoadImage", "inputs": {"image": name}},
+            "2": {"class_type": "ImageScale", "inputs": {
+                "image": ["1", 0], "upscale_method": method, "width": 512, "height": 512,
+                "crop": crop}},
+            "3": save(["2", 0])}
+
+
+@pytest.mark.parametrize("name, graph", [
+    ("a face in a long strip, centre-cropped", scale_to_512("strip.png", crop="center")),
+    ("a face in every fourth pixel of a cat", scale_to_512("cat.png")),
+    ("a 128 px copy, upscaled", scale_to_512("tiny.png", method="lanczos")),
+])
+def test_what_a_pure_transform_reveals_is_checked_at_the_saver(comfy, name, graph):
+    server, base, home = comfy
+    revealing_pictures(base)
+    messages = refused(run(server, graph))
+    assert "protected" in messages, messages
+    assert [f for f in files(base / "output") if f.startswith("leak")] == []
+
+
+def test_a_batch_that_reveals_a_face_saves_only_the_other_frame(comfy):
+    """Image Batch scales and centre-crops its second image to the first's size."""
+    server, base, home = comfy
+    revealing_pictures(base)
+    hist = run(server, {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "strip.png"}},
+        "2": {"class_type": "EmptyImage", "inputs": {"width": 512, "height": 512,
+                                                      "batch_size": 1, "color": 0}},
+        "3": {"class_type": "ImageBatch", "inputs": {"image1": ["2", 0], "image2": ["1", 0]}},
+        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0],
+                                                    "filename_prefix": "batched"}}})
+    assert hist["status"]["status_str"] == "success", hist["status"]
+    saved = sorted((base / "output").glob("batched_*.png"))
+    assert len(saved) == 1 and not np.asarray(Image.open(saved[0])).any()  # the empty one

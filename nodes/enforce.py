@@ -266,6 +266,7 @@ def _wrap_get_output_data(original):
             # every picture the node is handed was checked where it was made, or is now
             input_data_all, run.inputs_have_tensors = sources.check_inputs(
                 cls, input_data_all, run.name, run.pure)
+            sources.check_api_text(cls, input_data_all)  # text sent to another service
             saves: List[tuple] = []
             token = _saves.set(None if visual else saves)
             since = time.time() - 1.0  # file times may be coarse

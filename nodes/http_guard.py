@@ -548,9 +548,30 @@ def flac_picture(head: bytes) -> bool:
     return True  # metadata longer than we read: it may hold one
 
 
+# Files a browser renders with pictures in them that Pillow cannot open (an SVG or a page
+# can carry a photo as a data: URL): refused in the user folder, by name or by content.
+MARKUP_SUFFIXES = {".svg", ".svgz", ".html", ".htm", ".xhtml", ".xml", ".mht", ".mhtml"}
+MARKUP_HEADS = (b"<svg", b"<?xml", b"<!doctype html", b"<html")
+
+
+def is_markup(name: str, head: bytes) -> bool:
+    """An SVG, HTML or XML file: by its name, or by its first bytes (after blanks)."""
+    return Path(name).suffix.lower() in MARKUP_SUFFIXES or \
+        head[:1024].lstrip().lower().startswith(MARKUP_HEADS)
+
+
 def userdata_refusal(path: Path) -> Optional[Refusal]:
-    """GET /userdata/{file}: an image is checked like /view, a video refused, other files
-    (workflows, settings) pass."""
+    """GET /userdata/{file}: an image is checked like /view, a video or markup (SVG, HTML)
+    refused, other files (workflows, settings) pass."""
+    try:
+        with open(path, "rb") as fp:
+            head = fp.read(1024)
+    except OSError as exc:
+        return Refusal(403, f"Consent Guard (enforce mode) cannot read {path.name}: {exc}")
+    if is_markup(path.name, head):
+        return Refusal(403, f"Consent Guard (enforce mode) does not serve SVG or HTML files "
+                            f"from the user folder ({path.name}): they can carry pictures it "
+                            f"cannot check.")
     try:
         with open_image(path, path.name):
             pass
@@ -571,9 +592,11 @@ async def guard_userdata_post(request) -> Optional[Refusal]:
     (request.read() keeps the body for the handler's own read.)"""
     name = request.match_info.get("file", "") if hasattr(request, "match_info") else ""
     body = await request.read()
-    if await in_worker(is_picture, body) or Path(name).suffix.lower() in enforce.VIDEO_SUFFIXES:
-        return Refusal(403, "Consent Guard (enforce mode) does not accept images or videos "
-                            "into the user folder; upload images to the input folder instead.")
+    if await in_worker(is_picture, body) or Path(name).suffix.lower() in enforce.VIDEO_SUFFIXES \
+            or is_markup(name, body[:1024]):
+        return Refusal(403, "Consent Guard (enforce mode) does not accept images, videos, SVG "
+                            "or HTML into the user folder; upload images to the input folder "
+                            "instead.")
     return None
 
 

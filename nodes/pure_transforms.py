@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Optional
 
 # name in NODE_CLASS_MAPPINGS -> where ComfyUI defines it
 PURE_TRANSFORMS = {
@@ -66,18 +67,35 @@ PURE_TRANSFORMS = {
 STOCK_MODULES = ("nodes", "comfy_extras.")
 
 
-def is_stock(cls) -> bool:
-    """ComfyUI's own class: defined in nodes.py, or in comfy_extras/, which nodes.py
-    load_custom_node loads under the file's path without its suffix as the module name
-    (e.g. "/opt/ComfyUI/comfy_extras/nodes_images"), not as "comfy_extras.nodes_images"."""
+def _comfy_folder(cls) -> Optional[str]:
+    """Which of ComfyUI's own folders (comfy_extras, comfy_api_nodes) defines a class: nodes.py
+    load_custom_node loads their files under the file's real path without its suffix as the
+    module name (e.g. "/opt/ComfyUI/comfy_extras/nodes_images")."""
     module = getattr(cls, "__module__", "") or ""
-    if module == "nodes" or module.startswith("comfy_extras."):
-        return True
+    for folder in ("comfy_extras", "comfy_api_nodes"):
+        if module.startswith(folder + "."):
+            return folder
     nodes_file = getattr(sys.modules.get("nodes"), "__file__", None)
     if not nodes_file or not os.path.isabs(module):
-        return False
-    extras = os.path.join(os.path.dirname(os.path.abspath(nodes_file)), "comfy_extras")
-    return os.path.dirname(os.path.normpath(module)) == os.path.normpath(extras)
+        return None
+    root = os.path.dirname(os.path.realpath(nodes_file))
+    where = os.path.dirname(os.path.realpath(module))
+    for folder in ("comfy_extras", "comfy_api_nodes"):
+        if where == os.path.join(root, folder):
+            return folder
+    return None
+
+
+def is_stock(cls) -> bool:
+    """ComfyUI's own class, from nodes.py or comfy_extras/."""
+    module = getattr(cls, "__module__", "") or ""
+    return module == "nodes" or _comfy_folder(cls) == "comfy_extras"
+
+
+def is_api_node(cls) -> bool:
+    """One of ComfyUI's API nodes (comfy_api_nodes/): it sends its text to another service,
+    without a CLIP tokenizer, and gets pictures back."""
+    return _comfy_folder(cls) == "comfy_api_nodes"
 
 
 def pure_classes(node_class_mappings: dict) -> frozenset:

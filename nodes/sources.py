@@ -44,7 +44,7 @@ import numpy as np
 
 from . import comfy_bridge, image_nodes
 from .comfy_bridge import ConsentGuardError, frames_to_tensor
-from .pure_transforms import pure_classes
+from .pure_transforms import is_api_node, pure_classes
 
 log = logging.getLogger("consent_guard")
 
@@ -431,20 +431,60 @@ def check_encoder_text(text) -> None:
     run = current.get()
     if run is not None and role_of(run.prompt_id, run.unique_id) == "negative":
         return
+    _check_text(text, None, run.name if run is not None else "a text encoder", "encodes")
+
+
+def _check_text(text: str, negative: Optional[str], where: str, verb: str) -> None:
     from . import prompt_guard
 
     engine = image_nodes.get_engine()
-    verdict = prompt_guard.check_text(engine, text, None)
-    where = run.name if run is not None else "a text encoder"
-    image_nodes.record(engine, "prompt", verdict, note=f"{where}: text at the encoder",
-                       prompt=text)
+    verdict = prompt_guard.check_text(engine, text, negative)
+    image_nodes.record(engine, "prompt", verdict, note=f"{where}: text it {verb}",
+                       prompt=text, negative=negative)
     if verdict.error:
-        raise ConsentGuardError(f"Consent Guard could not check the text that {where} encodes, "
+        raise ConsentGuardError(f"Consent Guard could not check the text that {where} {verb}, "
                                 f"so the workflow stops here: {verdict.error}")
     if not verdict.allowed:
-        log.warning("Consent Guard (enforce): text refused at the encoder of %s", where)
-        raise ConsentGuardError(f"Consent Guard refuses the text that {where} encodes: "
+        log.warning("Consent Guard (enforce): text refused at %s", where)
+        raise ConsentGuardError(f"Consent Guard refuses the text that {where} {verb}: "
                                 f"{prompt_guard.REFUSED}. The workflow stops here.")
+
+
+API_NEGATIVES = ("negative_prompt",)  # comfy_api_nodes: the services' own negative prompts
+MAX_STRINGS = 200  # strings read out of one API node's inputs
+
+
+def check_api_text(cls, input_data_all: dict) -> None:
+    """An API node (comfy_api_nodes/) sends its text to another service without a CLIP
+    tokenizer: every string among its inputs is checked as the encoder's text is (strings
+    built at run time included), its `negative_prompt` as the negative."""
+    if not is_api_node(cls):
+        return
+    negatives, texts = [], []
+    for name, values in (input_data_all or {}).items():
+        found = _strings(values)
+        (negatives if name in API_NEGATIVES else texts).extend(found)
+    negative = "\n".join(t for t in negatives if t.strip()) or None
+    run = current.get()
+    where = run.name if run is not None else getattr(cls, "__name__", "an API node")
+    for text in dict.fromkeys(t for t in texts if t.strip()):
+        _check_text(text, negative, where, "sends")
+
+
+def _strings(value, depth: int = 0, out: Optional[list] = None) -> List[str]:
+    out = [] if out is None else out
+    if len(out) >= MAX_STRINGS:
+        raise ConsentGuardError("Consent Guard (enforce mode) refuses an API node with more "
+                                f"than {MAX_STRINGS} strings among its inputs")
+    if isinstance(value, str):
+        out.append(value)
+    elif depth < MAX_DEPTH and isinstance(value, (list, tuple)):
+        for v in value:
+            _strings(v, depth + 1, out)
+    elif depth < MAX_DEPTH and isinstance(value, dict):
+        for v in value.values():
+            _strings(v, depth + 1, out)
+    return out
 
 
 def wrap_tokenize(original: Callable, enforce_on: Callable[[], bool]):

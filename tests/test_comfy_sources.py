@@ -381,3 +381,29 @@ def test_stock_classes_are_known_by_where_comfyui_loaded_them(comfy, monkeypatch
     assert not is_stock(made_in(str(tmp_path / "ComfyUI" / "custom_nodes" / "nodes_images")))
     assert not is_stock(made_in(str(tmp_path / "elsewhere" / "comfy_extras" / "nodes_images")))
     assert not is_stock(made_in("my_pack.nodes"))
+
+
+def test_an_api_node_has_its_text_checked_when_it_runs(comfy, monkeypatch):
+    """comfy_api_nodes send their prompt to another service without a CLIP tokenizer."""
+    pkg, base, home, server = comfy
+    engine = use_engine(monkeypatch, pkg)
+    refuse_word(monkeypatch, engine)
+
+    class OpenAIDalle3:
+        FUNCTION = "api_call"
+        RETURN_TYPES = ("IMAGE",)
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"prompt": ("STRING",), "negative_prompt": ("STRING",),
+                                 "seed": ("INT",)}}
+
+        def api_call(self, prompt, negative_prompt, seed):
+            return (batch(ALLOW),)
+
+    OpenAIDalle3.__module__ = "comfy_api_nodes.nodes_openai"
+    run(OpenAIDalle3, prompt="a quiet lake", negative_prompt="forbidden", seed=1)
+    with pytest.raises(Exception, match=r"refuses the text that node 9 \(OpenAIDalle3\) sends"):
+        run(OpenAIDalle3, prompt="built at run time: forbidden", negative_prompt="", seed=1)
+    OpenAIDalle3.__module__ = "my_pack.nodes"  # not an API node: its text is not read here
+    run(OpenAIDalle3, prompt="forbidden", negative_prompt="", seed=1)

@@ -88,3 +88,20 @@ def test_allowed_text_is_encoded(comfy):
     hist = run(server, graph("nQde", "quiet"))
     assert hist["status"]["status_str"] == "success", hist["status"]
     assert "characters encoded" in json.dumps(hist["outputs"]["2"])
+
+
+def test_text_an_api_node_would_send_is_checked_when_it_runs(comfy):
+    """comfy_api_nodes send their prompt to another service without a CLIP tokenizer: the
+    text built at run time is refused before the node runs (without an account it would
+    fail with "Unauthorized" otherwise, and with one the prompt would be sent)."""
+    server, home = comfy
+    hist = run(server, {
+        "1": {"class_type": "StringReplace", "inputs": {
+            "string": "a nQde woman", "find": "Q", "replace": "u"}},
+        "2": {"class_type": "OpenAIDalle3", "inputs": {
+            "prompt": ["1", 0], "seed": 1, "quality": "standard", "style": "natural",
+            "size": "1024x1024"}},
+        "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}}})
+    messages = json.dumps(hist["status"]["messages"])
+    assert hist["status"]["status_str"] == "error", hist["status"]
+    assert "refuses the text that node 2 (OpenAIDalle3) sends" in messages, messages

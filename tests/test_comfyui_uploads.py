@@ -215,6 +215,16 @@ def test_8_userdata_keeps_workflows_but_no_pictures(comfy):
     (user / "cg_planted.png").write_bytes(astronaut)  # put there by hand
     status, _, _ = send(urllib.request.Request(server.url + "/api/userdata/cg_planted.png"))
     assert status == 403
+    # an SVG carries the photo as a data: URL that a browser shows (red team)
+    import base64
+    svg = (b'<svg xmlns="http://www.w3.org/2000/svg"><image href="data:image/png;base64,'
+           + base64.b64encode(astronaut) + b'"/></svg>')
+    for path in ("/userdata/cg_a.svg?overwrite=true", "/api/userdata/cg_notes.txt"):
+        req = urllib.request.Request(server.url + path, data=svg, method="POST")
+        assert send(req)[0] == 403, path
+    (user / "cg_hand.svg").write_bytes(svg)
+    status, _, _ = send(urllib.request.Request(server.url + "/api/userdata/cg_hand.svg"))
+    assert status == 403
 
 
 def test_9_enforce_off_leaves_uploads_alone(comfy):

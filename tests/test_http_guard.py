@@ -484,7 +484,10 @@ def userdata(env, method, name, body=b"", handler=None):
 def test_userdata_takes_workflows_but_no_pictures(comfy):
     reply, handler = userdata(comfy, "POST", "workflows%2Fa.json", b'{"nodes": []}')
     assert handler.calls == 1
-    for name, body in (("x.json", png(NOBODY)), ("clip.mp4", b"\0" * 32)):
+    svg = (b'<svg xmlns="http://www.w3.org/2000/svg"><image href="data:image/png;base64,'
+           b'iVBORw0KGgo="/></svg>')
+    for name, body in (("x.json", png(NOBODY)), ("clip.mp4", b"\0" * 32), ("a.svg", svg),
+                       ("notes.txt", b"  " + svg), ("page.html", b"<p>hi</p>")):
         reply, handler = userdata(comfy, "POST", name, body)
         assert reply.status == 403 and handler.calls == 0, name
 
@@ -495,7 +498,9 @@ def test_userdata_serves_pictures_only_after_a_check(comfy):
     (user / "alice.png").write_bytes(png(ALICE))
     (user / "ok.png").write_bytes(png(NOBODY))
     (user / "w.json").write_bytes(b"{}")
-    for name, status in (("alice.png", 403), ("ok.png", 200), ("w.json", 200)):
+    (user / "a.svg").write_bytes(b'<svg xmlns="http://www.w3.org/2000/svg"></svg>')
+    for name, status in (("alice.png", 403), ("ok.png", 200), ("w.json", 200),
+                         ("a.svg", 403)):
         handler = Handler(FileResponse(user / name))
         reply, handler = userdata(comfy, "GET", name, handler=handler)
         assert handler.calls == 1 and reply.status == status, name

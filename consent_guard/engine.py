@@ -214,7 +214,7 @@ class Engine:
             # the minors rule never looks for faces on a smaller copy than the default
             size = max(self.policy.detect_size, DETECT_SIZE) if age_check \
                 else self.policy.detect_size
-            faces = detect_faces(detector, rgb, size)
+            faces = detect_faces(detector, rgb, size, self.policy.min_face_px / to_full)
             estimates = self.age_estimator().estimate(rgb, faces) if age_check and faces \
                 else [None] * len(faces)
             matched = {}

@@ -86,3 +86,29 @@ def test_turned_copies_without_faces_cost_one_small_detection_each(registry):
     assert v.decision is Decision.ALLOW
     assert faces.embedded == 1  # the upright stranger only
     assert sorted(sizes) == [320] * 7 + [640]
+
+
+class DarkBlock:
+    """A detector double that finds the dark block, when it is at least 10 px in the image
+    it is handed (as a real detector misses faces that small)."""
+
+    def detect(self, rgb):
+        from consent_guard.faces.base import Face
+
+        ys, xs = np.nonzero(np.asarray(rgb)[..., 0] < 64)
+        if len(xs) == 0 or min(np.ptp(xs), np.ptp(ys)) + 1 < 10:
+            return []
+        x, y, w, h = xs.min(), ys.min(), np.ptp(xs) + 1, np.ptp(ys) + 1
+        return [Face((float(x), float(y), float(w), float(h)), 0.9,
+                     np.tile(np.array([[x + w / 2, y + h / 2]], np.float32), (5, 1)))]
+
+
+def test_a_face_too_small_in_the_detectors_copy_of_a_long_strip_is_found_in_tiles():
+    from consent_guard.faces.stage import detect_faces
+
+    strip = np.full((512, 16384, 3), 128, np.uint8)
+    strip[100:300, 8000:8200] = 0  # 200 px: 8 px in the 640 px copy of the whole strip
+    assert detect_faces(DarkBlock(), strip, 640, tiles=False) == []
+    (face,) = detect_faces(DarkBlock(), strip, 640)
+    x, y, w, h = face.box
+    assert abs(x - 8000) < 8 and abs(y - 100) < 8 and abs(w - 200) < 12 and abs(h - 200) < 12

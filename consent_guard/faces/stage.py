@@ -19,16 +19,71 @@ from .matching import Gallery
 DETECT_SIZE = 640
 
 
-def detect_faces(detector: FaceDetector, rgb: np.ndarray, detect_size: int = DETECT_SIZE
-                 ) -> List[Face]:
-    """Faces in `rgb`'s pixels, found on a copy no larger than `detect_size`."""
+MIN_DETECTED = 10  # px: faces smaller than this in the detector's copy are not found
+MIN_FACE = 32  # px: the default smallest face to find (policy [faces] min_face_px)
+
+
+def detect_faces(detector: FaceDetector, rgb: np.ndarray, detect_size: int = DETECT_SIZE,
+                 min_face: float = MIN_FACE, tiles: bool = True) -> List[Face]:
+    """Faces in `rgb`'s pixels, found on a copy no larger than `detect_size`. When that copy
+    would shrink a face of `min_face` px below what the detector finds (a large or very long
+    picture: a face 3 px tall in the copy of a 16384 x 512 strip was missed), the picture is
+    also searched in overlapping tiles, each small enough for such a face to be found, unless
+    `tiles` is False (a cheap first pass)."""
     h, w = rgb.shape[:2]
     scale = detect_size / max(h, w)
     if scale >= 1.0:
         return detector.detect(rgb)
-    small = Image.fromarray(rgb).resize((max(1, round(w * scale)), max(1, round(h * scale))),
-                                        Image.Resampling.BILINEAR)
+    faces = _detect_scaled(detector, rgb, scale)
+    if not tiles or min_face * scale >= MIN_DETECTED:
+        return faces
+    side = int(detect_size * min_face / MIN_DETECTED)  # a tile's long side, in rgb's pixels
+    step = max(1, side * 3 // 4)  # a quarter overlap: a face up to side / 4 is whole in one
+    for y in _starts(h, side, step):
+        for x in _starts(w, side, step):
+            tile = rgb[y:y + side, x:x + side]
+            found = _detect_scaled(detector, tile, min(1.0, detect_size / max(tile.shape[:2])))
+            faces += [_moved(f, x, y) for f in found]
+    return _distinct(faces)
+
+
+def _detect_scaled(detector: FaceDetector, rgb: np.ndarray, scale: float) -> List[Face]:
+    if scale >= 1.0:
+        return detector.detect(np.ascontiguousarray(rgb))
+    h, w = rgb.shape[:2]
+    small = Image.fromarray(np.ascontiguousarray(rgb)).resize(
+        (max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BILINEAR)
     return [f.scaled(1.0 / scale) for f in detector.detect(np.asarray(small))]
+
+
+def _starts(length: int, side: int, step: int) -> List[int]:
+    if length <= side:
+        return [0]
+    starts = list(range(0, length - side, step))
+    return starts + [length - side]
+
+
+def _moved(face: Face, dx: int, dy: int) -> Face:
+    x, y, w, h = face.box
+    return Face((x + dx, y + dy, w, h), face.score,
+                (face.landmarks + np.array([dx, dy], np.float32)).astype(np.float32))
+
+
+def _distinct(faces: List[Face], iou: float = 0.4) -> List[Face]:
+    """One face for each place: the most confident of those that overlap."""
+    kept: List[Face] = []
+    for face in sorted(faces, key=lambda f: -f.score):
+        if not any(_iou(face.box, k.box) >= iou for k in kept):
+            kept.append(face)
+    return kept
+
+
+def _iou(a: tuple, b: tuple) -> float:
+    iw = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = a[2] * a[3] + b[2] * b[3] - inter
+    return inter / union if union > 0 else 0.0
 
 
 class FaceStage:
@@ -51,7 +106,7 @@ class FaceStage:
         `to_full` maps `rgb`'s pixels to the full image's (when it was decoded smaller).
         `turns`: also look for protected people in turned and inverted copies
         (turned_findings)."""
-        faces = detect_faces(self.detector, rgb, self.detect_size)
+        faces = detect_faces(self.detector, rgb, self.detect_size, self.min_face_px / to_full)
         found = self.match(rgb, self.matchable(faces, to_full), to_full)
         if turns and not any(f.identity for f in found):
             found += turned_findings(self, rgb, to_full)
@@ -115,9 +170,11 @@ def turned_findings(stage: "FaceStage", rgb: np.ndarray, to_full: float = 1.0
     hits: List[FaceFinding] = []
     for how in TURNS:
         copy = turned(rgb, how)
-        if not detect_faces(stage.detector, copy, min(PREPASS_SIZE, stage.detect_size)):
+        if not detect_faces(stage.detector, copy, min(PREPASS_SIZE, stage.detect_size),
+                            tiles=False):
             continue
-        faces = stage.matchable(detect_faces(stage.detector, copy, stage.detect_size), to_full)
+        faces = stage.matchable(detect_faces(stage.detector, copy, stage.detect_size,
+                                             stage.min_face_px / to_full), to_full)
         for face, finding in zip(faces, stage.match(copy, faces, to_full)):
             if finding.identity:
                 box = tuple(int(round(v * to_full)) for v in box_back(face.box, how, w, h))

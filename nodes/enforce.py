@@ -325,7 +325,8 @@ def _wrap_get_output_from_returns(original):
         if run is not None:
             run.digests.clear()  # the node may have changed its inputs in place
         output = sources.check_outputs(cls, output, run, has_subgraph)
-        if ui and "text" in ui and (run is None or run.inputs_have_tensors):
+        if ui and "text" in ui and (run is None or run.inputs_have_tensors or any(
+                "tensor(" in str(t) for t in ui["text"])):  # printed from deeper inside
             ui = dict(ui)
             ui["text"] = [TEXT_WITHHELD]
             log.warning("Consent Guard (enforce): %s would have shown tensor values as "

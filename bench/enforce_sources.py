@@ -8,8 +8,9 @@ Data: ../shared/eval/faces/deepface (65 adult face photos in identity clusters) 
 1. Turned copies. Every deepface cluster is enrolled (scope `any`) from its first photo with
    the default face models; each other photo of the cluster is a probe, upright, turned 90 /
    180 / 270 degrees and colour-inverted. For each: the share the output check blocks, with
-   the upright search only (as before) and with the turned copies (now); also turned and
-   inverted together. Also how many of
+   the upright search only (as before) and with the turned and cleaned copies (now); also
+   turned and inverted together, a grid of 1 px lines every 24 px, Gaussian noise sigma 40,
+   a 45 degree tilt (what a second red team got past matching). Also how many of
    the benign photos (none of these people) are blocked with the turned search (target 0).
 2. Its cost: the full output check per image, 10 identities enrolled, turned search on
    against off, as a ratio (interleaved rounds, same process).
@@ -56,7 +57,17 @@ TRANSFORMS = {
     "inverted": lambda rgb: 255 - rgb,
     "rot90+inv": lambda rgb: 255 - np.ascontiguousarray(np.rot90(rgb, 1)),
     "rot180+inv": lambda rgb: 255 - np.ascontiguousarray(np.rot90(rgb, 2)),
+    "grid24": lambda rgb: _grid(rgb, 24),
+    "noise40": lambda rgb: np.clip(rgb + np.random.default_rng(0).normal(0, 40, rgb.shape),
+                                   0, 255).astype(np.uint8),
+    "tilt45": lambda rgb: np.asarray(Image.fromarray(rgb).rotate(45, expand=True)),
 }
+
+
+def _grid(rgb, step):
+    out = rgb.copy()
+    out[::step], out[:, ::step] = 0, 0
+    return out
 
 
 def load(path: Path, side: int = 768) -> np.ndarray:

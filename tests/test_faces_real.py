@@ -157,3 +157,34 @@ def test_enrolling_the_same_face_twice_warns(sface, home, astronaut_png, monkeyp
     more = enrol_person(Policy(), home, PASS, name="", scope="", consent=None,
                         photos=[astronaut_png], add_to="One")
     assert all("One (" not in n for n in more.notes)  # their own photos are no lookalike
+
+
+def test_a_disguised_protected_face_is_still_matched(sface, astronaut_png, t1_jpg):
+    """What a red team got past matching (faces/stage.py turned_findings): a grid of 1 px
+    lines, scan lines, noise, salt and pepper, a 45 degree tilt, a half turn plus inversion.
+    Each was matched at 0.03-0.33 as given; the cleaned or turned copies match."""
+    from consent_guard.faces.matching import Gallery
+    from consent_guard.faces.stage import FaceStage
+
+    astro = Image.open(astronaut_png).convert("RGB")
+    emb, _ = embed_photos([rgb(astro)], [sface], 10**8)
+    gallery = Gallery(sface.embedder.model_id, emb[sface.embedder.model_id], [0],
+                      [("id_astronaut", "any")])
+    stage = FaceStage(sface.detector, sface.embedder, lambda: gallery)
+    x, noise = rgb(astro), np.random.default_rng(0)
+    grid = x.copy()
+    grid[::24], grid[:, ::24] = 0, 0
+    scan = x.copy()
+    scan[::8] = 0
+    pepper = x.copy()
+    m = noise.random(x.shape[:2])
+    pepper[m < 0.075], pepper[m > 0.925] = 0, 255
+    disguised = {"grid": grid, "scan lines": scan, "salt and pepper": pepper,
+                 "noise": np.clip(x + noise.normal(0, 40, x.shape), 0, 255).astype(np.uint8),
+                 "tilted 45": rgb(astro.rotate(45, expand=True)),
+                 "half turn, inverted": 255 - np.ascontiguousarray(np.rot90(x, 2))}
+    for name, picture in disguised.items():
+        found = stage.findings(picture, turns=True)
+        assert "id_astronaut" in [f.identity for f in found], name
+    strangers = stage.findings(rgb(t1_jpg), turns=True)
+    assert all(f.identity is None for f in strangers)

@@ -10,7 +10,7 @@ Data: ../shared/eval/faces/deepface (65 adult face photos in identity clusters) 
    180 / 270 degrees and colour-inverted. For each: the share the output check blocks, with
    the upright search only (as before) and with the turned and cleaned copies (now); also
    turned and inverted together, a grid of 1 px lines every 24 px, Gaussian noise sigma 40,
-   a 45 degree tilt (what a second red team got past matching). Also how many of
+   a 45 degree tilt, squashed to half height (what a second red team got past matching). Also how many of
    the benign photos (none of these people) are blocked with the turned search (target 0).
 2. Its cost: the full output check per image, 10 identities enrolled, turned search on
    against off, as a ratio (interleaved rounds, same process).
@@ -61,6 +61,8 @@ TRANSFORMS = {
     "noise40": lambda rgb: np.clip(rgb + np.random.default_rng(0).normal(0, 40, rgb.shape),
                                    0, 255).astype(np.uint8),
     "tilt45": lambda rgb: np.asarray(Image.fromarray(rgb).rotate(45, expand=True)),
+    "squash2": lambda rgb: np.asarray(Image.fromarray(rgb).resize(
+        (rgb.shape[1], rgb.shape[0] // 2))),
 }
 
 

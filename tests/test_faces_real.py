@@ -182,6 +182,7 @@ def test_a_disguised_protected_face_is_still_matched(sface, astronaut_png, t1_jp
     disguised = {"grid": grid, "scan lines": scan, "salt and pepper": pepper,
                  "noise": np.clip(x + noise.normal(0, 40, x.shape), 0, 255).astype(np.uint8),
                  "tilted 45": rgb(astro.rotate(45, expand=True)),
+                 "squashed to half its height": rgb(astro.resize((512, 256))),
                  "half turn, inverted": 255 - np.ascontiguousarray(np.rot90(x, 2))}
     for name, picture in disguised.items():
         found = stage.findings(picture, turns=True)

@@ -159,7 +159,8 @@ CLEAN_SIZE = 1024  # cleaned and tilted copies are made of a copy at most this l
 # Copies that undo what a picture was given to slip past matching (red team, round 2: a grid
 # of 1 px lines, scan lines, noise, salt and pepper, heavy JPEG, a 45 degree tilt; measured on
 # the astronaut: 0.03-0.33 cosine as given, 0.73-0.92 cleaned or tilted back)
-CLEANED = ("median", "blur", "tilt+45", "tilt-45")
+CLEANED = ("median", "blur", "tilt+45", "tilt-45", "taller", "wider")
+STRETCH = {"taller": (1, 2), "wider": (2, 1)}  # a picture squashed by half, stretched back
 
 
 def view_of(rgb: np.ndarray, how, scale: float = 1.0) -> np.ndarray:
@@ -172,6 +173,10 @@ def view_of(rgb: np.ndarray, how, scale: float = 1.0) -> np.ndarray:
         return np.asarray(img.filter(ImageFilter.MedianFilter(5 if scale > 0.5 else 3)))
     if how == "blur":
         return np.asarray(img.filter(ImageFilter.GaussianBlur(max(0.6, 1.5 * scale))))
+    if how in STRETCH:
+        fx, fy = STRETCH[how]
+        h, w = rgb.shape[:2]
+        return np.asarray(img.resize((w * fx, h * fy), Image.Resampling.BILINEAR))
     angle = 45 if how == "tilt+45" else -45
     return np.asarray(img.rotate(angle, resample=Image.Resampling.BILINEAR, expand=True,
                                  fillcolor=(128, 128, 128)))
@@ -193,7 +198,8 @@ def turned_findings(stage: "FaceStage", rgb: np.ndarray, to_full: float = 1.0
     slip past matching: turned 90, 180 or 270 degrees, with inverted colours, or both (TURNS:
     what a chain of stock rotate and invert nodes turns back), and cleaned or tilted
     (CLEANED: a median filter against lines and salt and pepper, a blur against noise and
-    heavy JPEG, 45 degree tilts). A face detector and the embedder's alignment only work on
+    heavy JPEG, 45 degree tilts, a picture squashed to half its height or width stretched
+    back). A face detector and the embedder's alignment only work on
     clean faces near upright, in natural colours. Each copy is first searched for faces at
     PREPASS_SIZE (the cheap pass); only a copy where that finds one is searched at the usual
     size, and its faces embedded and matched. Returns the findings that match someone,
@@ -215,6 +221,10 @@ def turned_findings(stage: "FaceStage", rgb: np.ndarray, to_full: float = 1.0
                 box = box_back(face.box, how, w, h)
             elif how in ("median", "blur"):
                 box = tuple(v / g for v in face.box)
+            elif how in STRETCH:
+                fx, fy = STRETCH[how]
+                bx, by, bw, bh = face.box
+                box = (bx / fx / g, by / fy / g, bw / fx / g, bh / fy / g)
             else:
                 box = (0, 0, w, h)
             hits.append(dataclasses.replace(

@@ -234,7 +234,7 @@ class Engine:
                 verdict = apply_minor_rule(verdict, findings, self.policy)
             if stage is not None:
                 if not any(f.identity for f in findings):  # turned or inverted copies
-                    findings += turned_findings(stage, rgb, to_full, faces)
+                    findings += turned_findings(stage, rgb, to_full)
                 verdict = apply_identity_rules(verdict, findings)
             return verdict
         except Exception as exc:  # fail closed

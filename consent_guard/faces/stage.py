@@ -78,15 +78,6 @@ def _distinct(faces: List[Face], iou: float = 0.4) -> List[Face]:
     return kept
 
 
-def _same_place(a: tuple, b: tuple) -> bool:
-    """Whether either box's centre lies inside the other (the same face, found at another
-    scale: boxes of one face differ in size between detections)."""
-    def inside(p, q):
-        cx, cy = p[0] + p[2] / 2, p[1] + p[3] / 2
-        return q[0] <= cx <= q[0] + q[2] and q[1] <= cy <= q[1] + q[3]
-    return inside(a, b) or inside(b, a)
-
-
 def _iou(a: tuple, b: tuple) -> float:
     iw = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
     ih = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
@@ -118,7 +109,7 @@ class FaceStage:
         faces = detect_faces(self.detector, rgb, self.detect_size, self.min_face_px / to_full)
         found = self.match(rgb, self.matchable(faces, to_full), to_full)
         if turns and not any(f.identity for f in found):
-            found += turned_findings(self, rgb, to_full, faces)
+            found += turned_findings(self, rgb, to_full)
         return found
 
     def matchable(self, faces: Sequence[Face], to_full: float = 1.0) -> List[Face]:
@@ -201,11 +192,8 @@ def _shrunk(rgb: np.ndarray, side: int) -> Tuple[np.ndarray, float]:
     return np.asarray(small), f
 
 
-SAME_PLACE = ("median", "blur")  # copies whose faces are where the picture's own are
-
-
-def turned_findings(stage: "FaceStage", rgb: np.ndarray, to_full: float = 1.0,
-                    upright: Sequence[Face] = ()) -> List[FaceFinding]:
+def turned_findings(stage: "FaceStage", rgb: np.ndarray, to_full: float = 1.0
+                    ) -> List[FaceFinding]:
     """Protected people in copies of `rgb` that undo what a picture may have been given to
     slip past matching: turned 90, 180 or 270 degrees, with inverted colours, or both (TURNS:
     what a chain of stock rotate and invert nodes turns back), and cleaned or tilted
@@ -214,26 +202,18 @@ def turned_findings(stage: "FaceStage", rgb: np.ndarray, to_full: float = 1.0,
     back). A face detector and the embedder's alignment only work on
     clean faces near upright, in natural colours. Each copy is first searched for faces at
     PREPASS_SIZE (the cheap pass); only a copy where that finds one is searched at the usual
-    size, and its faces embedded and matched; in a median or blurred copy, when every face of
-    the first pass is where one of `upright` (the faces already found in `rgb`) is, those are
-    embedded again without a new search. Returns the findings that match someone, boxes in
-    `rgb`'s pixels (times `to_full`); a tilted copy's finding gets the whole picture."""
+    size, and its faces embedded and matched. Returns the findings that match someone,
+    boxes in `rgb`'s pixels (times `to_full`); a tilted copy's finding gets the whole picture."""
     h, w = rgb.shape[:2]
     small, f = _shrunk(rgb, PREPASS_SIZE)
     hits: List[FaceFinding] = []
     for how in TURNS + CLEANED:
-        first = stage.detector.detect(np.ascontiguousarray(view_of(small, how, f)))
-        if not first:
+        if not stage.detector.detect(np.ascontiguousarray(view_of(small, how, f))):
             continue
         base, g = (rgb, 1.0) if isinstance(how, tuple) else _shrunk(rgb, CLEAN_SIZE)
         copy, scale = view_of(base, how, g), to_full / g
-        known = [u.scaled(g) for u in upright]
-        if how in SAME_PLACE and known and all(
-                any(_same_place(a.scaled(g / f).box, k.box) for k in known) for a in first):
-            faces = stage.matchable(known, scale)
-        else:
-            faces = stage.matchable(detect_faces(stage.detector, copy, stage.detect_size,
-                                                 stage.min_face_px / scale), scale)
+        faces = stage.matchable(detect_faces(stage.detector, copy, stage.detect_size,
+                                             stage.min_face_px / scale), scale)
         for face, finding in zip(faces, stage.match(copy, faces, scale)):
             if not finding.identity:
                 continue

@@ -23,7 +23,8 @@ in ComfyUI a125cd84 (0.3.64):
   it returns, new image files there are checked from disk and removed if not allowed, and new
   video files, which cannot be checked from disk here, are removed (fail closed).
 * nodes.py `LoadImage.load_image(self, image)` (LoadImageOutput inherits it): the loaded
-  frames go through the engine's input check; a refused photo stops the workflow.
+  picture and its mask are checked as sources (sources.check_picture, cached, so the
+  generic check of what the node made finds them); a refused photo stops the workflow.
 * latent_preview.py `get_previewer(device, latent_format)` returns None (no previews are
   made), and server.py `PromptServer.send_sync(event, data, sid)` drops the binary preview
   events (protocol.py BinaryEventTypes PREVIEW_IMAGE, UNENCODED_PREVIEW_IMAGE,

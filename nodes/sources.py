@@ -399,14 +399,23 @@ def role_of(prompt_id, unique_id) -> str:
     prompt = running_prompt(prompt_id)
     if prompt is None or unique_id is None:
         return "positive"
-    try:
-        from . import prompt_guard
+    hit = _roles.get(prompt_id)
+    if hit is not None and hit[0] is prompt:
+        roles = hit[1]
+    else:  # once per run, not once per text encoded (a caption set may hold thousands)
+        try:
+            from . import prompt_guard
 
-        roles = prompt_guard.node_roles(prompt)
-    except Exception:
-        log.exception("Consent Guard: the roles of the running prompt could not be read")
-        return "positive"
+            roles = prompt_guard.node_roles(prompt)
+        except Exception:
+            log.exception("Consent Guard: the roles of the running prompt could not be read")
+            return "positive"
+        _roles.clear()  # ComfyUI runs one prompt at a time
+        _roles[prompt_id] = (prompt, roles)
     return "negative" if roles.get(str(unique_id)) == "negative" else "positive"
+
+
+_roles: dict = {}  # prompt_id -> (the prompt, its node roles)
 
 
 def running_prompt(prompt_id) -> Optional[dict]:

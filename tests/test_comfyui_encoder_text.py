@@ -10,12 +10,10 @@ submission holds ("a nQde woman", "Q", "u") is allowed on its own."""
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import pytest
 
-from test_comfyui_integration import COMFYUI_DIR, REPO, Comfy, post_prompt, wait_done
+from test_comfyui_integration import COMFYUI_DIR, post_prompt, start, wait_done
 
 pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout")
 
@@ -48,15 +46,8 @@ NODE_CLASS_MAPPINGS = {"CGTestEncode": CGTestEncode}
 
 @pytest.fixture(scope="module")
 def comfy(tmp_path_factory):
-    base = tmp_path_factory.mktemp("comfy_base")
-    home = tmp_path_factory.mktemp("cg_home")
-    (home / "policy.toml").write_text("enforce = true\n")
-    (base / "custom_nodes").mkdir()
-    (base / "custom_nodes" / "consent_guard").symlink_to(REPO, target_is_directory=True)
-    (base / "custom_nodes" / "cg_test_encoder").mkdir()
-    (base / "custom_nodes" / "cg_test_encoder" / "__init__.py").write_text(ENCODER)
-    (base / "input").mkdir()
-    server = Comfy(base, home)
+    server, base, home = start(tmp_path_factory, "enforce = true\n",
+                               custom_nodes={"cg_test_encoder": ENCODER})
     yield server, home
     server.stop()
 

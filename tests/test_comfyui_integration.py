@@ -102,9 +102,10 @@ def comfy(tmp_path_factory):
     server.stop()
 
 
-def start(tmp_path_factory, policy: str = ""):
+def start(tmp_path_factory, policy: str = "", custom_nodes: dict = None):
     """A ComfyUI on a throwaway base directory whose custom_nodes/consent_guard is this repo,
-    with t1.jpg in input/ and `policy` in a fresh Consent Guard home."""
+    with t1.jpg in input/ and `policy` in a fresh Consent Guard home. `custom_nodes`: {folder
+    name: its __init__.py source}, test-only nodes put beside it."""
     from conftest import package_file
 
     base = tmp_path_factory.mktemp("comfy_base")
@@ -113,6 +114,9 @@ def start(tmp_path_factory, policy: str = ""):
         (home / "policy.toml").write_text(policy)
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / "consent_guard").symlink_to(REPO, target_is_directory=True)
+    for name, source in (custom_nodes or {}).items():
+        (base / "custom_nodes" / name).mkdir()
+        (base / "custom_nodes" / name / "__init__.py").write_text(source)
     (base / "input").mkdir()
     shutil.copy(package_file("insightface", "data/images/t1.jpg"), base / "input" / "t1.jpg")
     return Comfy(base, home), base, home

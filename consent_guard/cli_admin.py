@@ -1,6 +1,6 @@
 """`consent-guard admin ...` (the lock, and the admin's record of the approved policy and the
 registry: approve-policy, forget-registry; see expect.py) and `consent-guard doctor` (is
-protection active)."""
+protection active). Modules are imported by the command that needs them (a fast --help)."""
 from __future__ import annotations
 
 import argparse
@@ -10,15 +10,16 @@ import os
 import sys
 from pathlib import Path
 
-from . import admin, doctor, expect
-from .home import resolve_home
-from .registry import read_passphrase_file
+from .home import home_of
 
 ENV_ADMIN_PASSPHRASE = "CONSENT_GUARD_ADMIN_PASSPHRASE"
 EXIT_OK, EXIT_PROBLEM, EXIT_ERROR = 0, 1, 2
 
 
 def _ask(args, prompt: str, attr: str = "passphrase_file", confirm: bool = False) -> str:
+    from . import admin
+    from .registry import read_passphrase_file
+
     path = getattr(args, attr, None)
     if path:
         return read_passphrase_file(Path(path))
@@ -34,7 +35,9 @@ def _ask(args, prompt: str, attr: str = "passphrase_file", confirm: bool = False
 
 
 def cmd_admin(args) -> int:
-    home = resolve_home()
+    from . import admin
+
+    home = home_of(args)
     try:
         if args.admin_command == "status":
             st = admin.state(home)
@@ -66,6 +69,8 @@ def cmd_admin(args) -> int:
 def _as_admin(args, home: Path, what: str) -> None:
     """Once an admin passphrase is set, changing the admin's record needs it, lock or not:
     otherwise whoever swapped the policy could approve it too."""
+    from . import admin
+
     if admin.state(home).has_passphrase:
         if not admin.verify(home, _ask(args, "Admin passphrase: ")):
             raise admin.AdminLocked(f"Wrong admin passphrase: {what} refused.")
@@ -74,6 +79,7 @@ def _as_admin(args, home: Path, what: str) -> None:
 
 
 def _approve_policy(args, home: Path) -> int:
+    from . import expect
     from .policy import POLICY_FILENAME, load_policy
 
     _as_admin(args, home, "approving the policy")
@@ -91,6 +97,8 @@ def _approve_policy(args, home: Path) -> int:
 
 
 def _forget_registry(args, home: Path) -> int:
+    from . import expect
+
     _as_admin(args, home, "forgetting the registry")
     expect.forget_registry(home)
     print("the admin's record no longer expects an identity registry")
@@ -98,18 +106,34 @@ def _forget_registry(args, home: Path) -> int:
 
 
 def cmd_doctor(args) -> int:
-    checks = doctor.run(resolve_home(), Path(args.comfyui) if args.comfyui else None,
-                        url=args.url, user=args.user)
+    from . import doctor
+
+    choice = getattr(args, "home_choice", None)
+    home = home_of(args)
+    comfyui = Path(args.comfyui) if getattr(args, "comfyui", None) else \
+        (choice.comfyui if choice else None)  # the ComfyUI this package is installed in
+    checks = doctor.run(home, comfyui, url=args.url, user=args.user)
+    where = doctor.Check("home", doctor.INFO, f"{home} ({choice.reason if choice else 'given'})")
+    checks.insert(0, where)
+    fresh = doctor.not_set_up(home)
     if args.json:
         print(json.dumps([c.to_dict() for c in checks], indent=1))
     else:
         for c in checks:
-            fix = f"\n        fix: {c.fix}" if c.fix and c.status != doctor.OK else ""
+            # a set-up step's fix is the steps printed once at the end
+            shown = c.fix and c.status not in (doctor.OK, doctor.INFO, doctor.TODO)
+            fix = f"\n        fix: {c.fix}" if shown else ""
             print(f"[{c.status:4}] {c.name}: {c.detail}{fix}")
         failed = sum(c.status == doctor.FAIL for c in checks)
-        print("protection looks complete" if not failed else
-              f"{failed} problem(s): protection is not complete")
-    return EXIT_PROBLEM if any(c.status == doctor.FAIL for c in checks) else EXIT_OK
+        if fresh:
+            print(doctor.SETUP_STEPS.format(home=home))
+        if failed:
+            print(f"{failed} problem(s): protection is not complete")
+        elif not fresh:
+            print("protection looks complete")
+    if any(c.status == doctor.FAIL for c in checks) or fresh:
+        return EXIT_PROBLEM
+    return EXIT_OK
 
 
 def add_parser(sub) -> None:
@@ -134,7 +158,10 @@ def add_parser(sub) -> None:
     adm.set_defaults(func=cmd_admin)
 
     doc = sub.add_parser("doctor", help="is protection active on this ComfyUI install?")
-    doc.add_argument("--comfyui", metavar="DIR", help="the ComfyUI folder (custom_nodes, models)")
+    doc.add_argument("--comfyui", metavar="DIR", default=argparse.SUPPRESS,
+                     help="the ComfyUI folder (custom_nodes, models; default: the one this "
+                          "package is installed in); its user/consent_guard is the home unless "
+                          "$CONSENT_GUARD_HOME is set")
     doc.add_argument("--url", metavar="URL", help="a running ComfyUI, e.g. "
                                                   "http://127.0.0.1:8188")
     doc.add_argument("--user", metavar="NAME", help="the account people use ComfyUI as "

@@ -1,21 +1,23 @@
 """`consent-guard audit`: read the audit log (filters, JSON) and verify its hash chain, the
-records' MACs and the head that anchors both ends (see consent_guard/audit.py, "Anchoring")."""
+records' MACs and the head that anchors both ends (see consent_guard/audit.py, "Anchoring").
+audit.py is imported when the command runs, not with the CLI (a fast --help)."""
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
 
-from .audit import log_files, parse_when, read_records, verify_log
-from .audit import audit_path as _audit_path
-from .home import resolve_home
-from .policy import load_policy
+from .home import home_of
 
 EXIT_OK, EXIT_ERROR = 0, 2
 
 
 def cmd_audit(args) -> int:
-    home = resolve_home()
+    from .audit import audit_path as _audit_path
+    from .audit import log_files, parse_when, read_records
+    from .policy import load_policy
+
+    home = home_of(args)
     policy = load_policy(Path(args.policy) if args.policy else None, home=home)
     path = _audit_path(policy, home)
     since = None
@@ -58,6 +60,8 @@ def cmd_audit(args) -> int:
 def _verify(path: Path, files: list, enabled: bool) -> int:
     """Print each problem (stdout) and note (stderr); exit 2 when there is any problem. A
     missing log is a problem only when the head says records were written."""
+    from .audit import verify_log
+
     result = verify_log(path)
     if not files and not result.problems:
         if enabled:

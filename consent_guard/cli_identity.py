@@ -2,6 +2,8 @@
 
 Every change needs the admin passphrase: from --passphrase-file, $CONSENT_GUARD_PASSPHRASE, or
 typed at a prompt. Reading (list, match) also works with the key file beside the registry.
+The registry, the face code and numpy are imported by the command that needs them (a fast
+--help); SCOPES and ENV_PASSPHRASE are registry.py's (a test checks they agree).
 """
 from __future__ import annotations
 
@@ -12,18 +14,18 @@ import os
 import sys
 from pathlib import Path
 
-from .home import resolve_home
-from .identities import EnrolmentRefused, enrol_person, open_admin
-from .policy import load_policy
-from .registry import (ENV_PASSPHRASE, SCOPES, Consent, Registry, RegistryError,
-                       read_passphrase_file, registry_paths)
+from .home import home_of
 
 EXIT_OK, EXIT_MATCH, EXIT_ERROR = 0, 1, 2
+ENV_PASSPHRASE = "CONSENT_GUARD_PASSPHRASE"  # registry.ENV_PASSPHRASE
+SCOPES = ("explicit", "any")  # registry.SCOPES
 ENV_EXPORT_PASSPHRASE = "CONSENT_GUARD_EXPORT_PASSPHRASE"
 
 
 def _passphrase(args, confirm: bool = False, prompt: str = "Admin passphrase: ",
                 file_attr: str = "passphrase_file", env: str = ENV_PASSPHRASE) -> str:
+    from .registry import RegistryError, read_passphrase_file
+
     path = getattr(args, file_attr, None)
     if path:
         return read_passphrase_file(Path(path))
@@ -41,8 +43,11 @@ def _passphrase(args, confirm: bool = False, prompt: str = "Admin passphrase: ",
 
 
 def _context(args):
-    policy = load_policy(Path(args.policy) if args.policy else None, home=resolve_home())
-    db, key = registry_paths(policy, resolve_home())
+    from .policy import load_policy
+    from .registry import registry_paths
+
+    policy = load_policy(Path(args.policy) if args.policy else None, home=home_of(args))
+    db, key = registry_paths(policy, home_of(args))
     if args.registry:
         db = Path(args.registry)
         key = db.with_name(key.name)
@@ -57,26 +62,31 @@ def _model_dirs(args) -> tuple:
     return [root / "consent_guard"], [root / "insightface"]
 
 
-def _open_admin(args, db: Path, key: Path, create: bool = False) -> Registry:
+def _open_admin(args, db: Path, key: Path, create: bool = False):
     """The registry opened with the admin passphrase (created first when asked and absent)."""
+    from .identities import open_admin
+    from .registry import Registry
+
     if create and not db.exists():
         print(f"Creating the identity registry {db}. Choose the admin passphrase: it is "
               f"needed for every change and cannot be recovered.", file=sys.stderr)
         return open_admin(db, key, _passphrase(args, confirm=True),
                           key_file=not getattr(args, "no_key_file", False),
-                          home=resolve_home())
+                          home=home_of(args))
     return Registry.open(db, passphrase=_passphrase(args))
 
 
-def _open_reader(args, db: Path, key: Path) -> Registry:
+def _open_reader(args, db: Path, key: Path):
     """Read-only: listing and matching work on a registry this account cannot write."""
+    from .registry import Registry
+
     passphrase = None
     if args.passphrase_file or os.environ.get(ENV_PASSPHRASE):
         passphrase = _passphrase(args)
     return Registry.open(db, passphrase=passphrase, key_file=key, read_only=True)
 
 
-def _report_damaged(reg: Registry, what: str) -> int:
+def _report_damaged(reg, what: str) -> int:
     """Print each damaged row (skipped by `what`) on stderr; returns how many there were."""
     damaged = reg.damaged_rows()
     for row in damaged:
@@ -99,6 +109,13 @@ def cmd_init(args) -> int:
 
 
 def cmd_enroll(args) -> int:
+    from .cli import missing_paths, report_missing
+    from .identities import EnrolmentRefused, enrol_person
+    from .registry import Consent
+
+    missing = missing_paths(args.photos)
+    if missing:
+        return report_missing(f"identity {args.command_name}", missing)
     policy, db, key = _context(args)
     model_dirs, insight_dirs = _model_dirs(args)
     if not db.exists() and args.command_name == "enroll":
@@ -111,7 +128,7 @@ def cmd_enroll(args) -> int:
     consent = None if adding else Consent(args.consent_by, args.on_behalf_of or "",
                                           args.consent_date or _today(), args.note or "")
     try:
-        result = enrol_person(policy, resolve_home(), passphrase, name=args.name,
+        result = enrol_person(policy, home_of(args), passphrase, name=args.name,
                               scope=getattr(args, "scope", ""), consent=consent,
                               photos=args.photos, aliases=getattr(args, "alias", None) or (),
                               add_to=args.name if adding else "", model_dirs=model_dirs,
@@ -183,9 +200,11 @@ def cmd_revoke(args) -> int:
     return EXIT_OK
 
 
-def _revoke_target(reg: Registry, name_or_id: str) -> tuple:
+def _revoke_target(reg, name_or_id: str) -> tuple:
     """(id, display name) to revoke: a readable identity by name, alias or id, or a damaged
     identity row by its exact id (its name cannot be read, which is why it must go)."""
+    from .registry import RegistryError
+
     try:
         ident = reg.find(name_or_id)
         return ident.id, ident.name
@@ -196,9 +215,13 @@ def _revoke_target(reg: Registry, name_or_id: str) -> tuple:
 
 
 def cmd_match(args) -> int:
+    from .cli import missing_paths, report_missing
     from .engine import Engine
     from .imageio import ImageInputError, read_image_frames
 
+    missing = missing_paths(args.photos)
+    if missing:
+        return report_missing("identity match", missing)
     policy, db, key = _context(args)
     model_dirs, insight_dirs = _model_dirs(args)
     reg = _open_reader(args, db, key)

@@ -7,9 +7,17 @@ running ComfyUI on this machine, asks it what it loaded (GET /system_stats for C
 arguments, GET /consent_guard/status for the hooks, its engine's problem, and which home,
 policy sha256 and registry it runs with): any difference from the admin's own is a failure. Without
 a URL it looks for ComfyUI processes in /proc (Linux) to read their arguments.
+
+A machine where nothing is set up yet (no policy file, admin passphrase, admin's record or
+registry in the home) is "not set up yet" (status "todo", with the steps), not a list of
+failures. Who "can change" a file: the account named by --user; else, run as root, any
+account but root (an owner other than root, a group with other members, or anyone when it is
+world-writable); else whoever runs doctor.
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import os
 import stat
@@ -24,6 +32,17 @@ from . import admin, expect
 from .policy import POLICY_FILENAME, load_policy
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
+INFO, TODO = "info", "todo"  # TODO: a set-up step not taken yet (a fresh machine)
+SETUP_STEPS = (
+    "Consent Guard is not set up yet (nothing in {home}). To set it up, open ComfyUI and "
+    "follow Consent Guard's set-up dialog (admin passphrase, enforce mode, lock), or run:\n"
+    "  consent-guard admin set-passphrase\n"
+    "  consent-guard policy init        (then set enforce = true in {home}/policy.toml)\n"
+    "  consent-guard admin approve-policy\n"
+    "  consent-guard admin lock\n"
+    "and run `consent-guard doctor` again.")
+SETUP_FIX = ("set up Consent Guard: ComfyUI's Consent Guard set-up dialog, or consent-guard admin "
+             "set-passphrase; policy init (enforce = true); admin approve-policy; admin lock")
 DISABLING_FLAGS = ("--disable-all-custom-nodes", "--whitelist-custom-nodes")
 
 
@@ -55,11 +74,58 @@ def find_plugin(comfyui: Path) -> tuple:
     return active, disabled
 
 
+def not_set_up(home: Path) -> bool:
+    """Nothing of Consent Guard's state in the home yet: a fresh machine."""
+    from .registry import REGISTRY_FILENAME
+
+    names = (POLICY_FILENAME, admin.ADMIN_FILENAME, expect.EXPECT_FILENAME, REGISTRY_FILENAME)
+    return not any((Path(home) / name).exists() for name in names)
+
+
+def _is_root() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+@functools.lru_cache(maxsize=None)
+def _group_has_others(gid: int) -> bool:
+    """Whether an account other than root is in group `gid` (as a member or by its primary
+    group). An unknown group counts as having others: fail closed."""
+    import grp
+    import pwd
+
+    try:
+        names = set(grp.getgrgid(gid).gr_mem)
+    except KeyError:
+        return True
+    names |= {pw.pw_name for pw in pwd.getpwall() if pw.pw_gid == gid}
+    for name in names:
+        try:
+            if pwd.getpwnam(name).pw_uid != 0:
+                return True
+        except KeyError:
+            return True
+    return False
+
+
+def _changeable_by_non_root(path: Path) -> bool:
+    """For a root-run doctor: could any account but root change `path`? Root owning a 0700
+    folder or a 0600 file is the locked-down state; a file another account owns, or that a
+    group with other members or everyone may write, is not."""
+    st = path.stat()
+    if st.st_uid != 0:
+        return True  # its owner can write it, or chmod it and then write it
+    if st.st_mode & stat.S_IWOTH:
+        return True
+    return bool(st.st_mode & stat.S_IWGRP) and _group_has_others(st.st_gid)
+
+
 def _writable_by(path: Path, user: Optional[str]) -> bool:
-    """Whether `user` (default: whoever runs this) could change `path`: write it, or, for a
-    file in a folder it can write, replace it."""
-    if user is None or sys.platform == "win32":
+    """Whether `user` (default: whoever runs this; run as root: any other account) could
+    change `path`: write it, or, for a file in a folder it can write, replace it."""
+    if sys.platform == "win32":
         return os.access(path, os.W_OK)
+    if user is None:
+        return _changeable_by_non_root(path) if _is_root() else os.access(path, os.W_OK)
     import pwd
 
     pw = pwd.getpwnam(user)
@@ -87,6 +153,43 @@ def _guarded_paths(home: Path, plugin: Optional[Path], comfyui: Optional[Path]) 
             paths += [Path(root) / d for d in dirs]
             paths += [Path(root) / f for f in files if f.endswith((".py", ".toml", ".js"))]
     return [p for p in paths if p.exists()]
+
+
+INSTALL_MODELS = "consent-guard install-models (or python install.py in the plugin folder)"
+
+
+def runtime_checks() -> List[Check]:
+    """onnxruntime runs every model: without it each check fails (closed). OpenCV is not
+    needed (the face models run on onnxruntime): its presence or absence is information."""
+    import importlib.metadata as md
+
+    out = []
+    if importlib.util.find_spec("onnxruntime") is None:
+        out.append(Check("onnxruntime", FAIL, "not installed: no model can run, so every "
+                         "check fails closed", INSTALL_MODELS))
+    else:
+        builds = [f"{d} {md.version(d)}" for d in ("onnxruntime", "onnxruntime-gpu",
+                                                   "onnxruntime-directml", "onnxruntime-silicon",
+                                                   "onnxruntime-openvino") if _dist(d)]
+        out.append(Check("onnxruntime", OK, ", ".join(builds) or "installed"))
+    cv = [f"{d} {md.version(d)}" for d in ("opencv-python", "opencv-python-headless",
+                                           "opencv-contrib-python",
+                                           "opencv-contrib-python-headless") if _dist(d)]
+    found = importlib.util.find_spec("cv2") is not None
+    out.append(Check("OpenCV", INFO, (", ".join(cv) or "cv2") + " installed; Consent Guard "
+                     "does not need it" if found else "not installed; Consent Guard does not "
+                     "need it"))
+    return out
+
+
+def _dist(name: str) -> bool:
+    import importlib.metadata as md
+
+    try:
+        md.version(name)
+        return True
+    except md.PackageNotFoundError:
+        return False
 
 
 def _get_json(url: str, timeout: float = 3.0):
@@ -212,6 +315,8 @@ def run(home: Path, comfyui: Optional[Path] = None, url: Optional[str] = None,
     checks: List[Check] = []
     add = checks.append
     plugin = None
+    fresh = not_set_up(home)
+    later = SETUP_FIX
 
     # the plugin folder
     if comfyui is None:
@@ -242,10 +347,14 @@ def run(home: Path, comfyui: Optional[Path] = None, url: Optional[str] = None,
         policy = load_policy(home=home)
         src = policy.source or "built-in defaults (no policy file)"
         add(Check("policy", OK, src))
-        add(Check("enforce mode", OK if policy.enforce else FAIL,
-                  "on" if policy.enforce else "off: only workflows with Consent Guard nodes "
-                  "are checked", "" if policy.enforce else
-                  f"set enforce = true in {home / POLICY_FILENAME}"))
+        if fresh:
+            add(Check("enforce mode", TODO, "not set up yet: off, only workflows with Consent "
+                      "Guard nodes are checked", later))
+        else:
+            add(Check("enforce mode", OK if policy.enforce else FAIL,
+                      "on" if policy.enforce else "off: only workflows with Consent Guard "
+                      "nodes are checked", "" if policy.enforce else
+                      f"set enforce = true in {home / POLICY_FILENAME}"))
     except Exception as exc:
         add(Check("policy", FAIL, str(exc), "fix the policy file (consent-guard policy check)"))
 
@@ -254,7 +363,9 @@ def run(home: Path, comfyui: Optional[Path] = None, url: Optional[str] = None,
     if st.problem:
         add(Check("admin lock", FAIL, st.problem))
     elif not st.has_passphrase:
-        add(Check("admin lock", FAIL, "no admin passphrase set",
+        add(Check("admin lock", TODO if fresh else FAIL,
+                  "not set up yet: no admin passphrase" if fresh else "no admin passphrase set",
+                  later if fresh else
                   "consent-guard admin set-passphrase, then consent-guard admin lock"))
     else:
         add(Check("admin lock", OK if st.locked else WARN, "locked" if st.locked else
@@ -272,11 +383,13 @@ def run(home: Path, comfyui: Optional[Path] = None, url: Optional[str] = None,
         add(Check("models", FAIL if bad else OK,
                   "; ".join(r["error"] for r in bad) if bad else
                   f"{len(needed)} explicit-content models verified (sha256)",
-                  "python install.py" if bad else ""))
+                  INSTALL_MODELS if bad else ""))
         others = [r for r in rows if r not in needed and not r["ok"]]
         if others:
             add(Check("optional models", WARN, "; ".join(r["name"] for r in others) +
-                      " not verified", "python install.py"))
+                      " not verified", INSTALL_MODELS))
+        for check in runtime_checks():
+            add(check)
 
         expected = _check_expectation(home, policy, add)
         from .registry import open_for_matching, registry_paths
@@ -302,21 +415,34 @@ def run(home: Path, comfyui: Optional[Path] = None, url: Optional[str] = None,
             log = audit_for(policy, home)
             if log is None:
                 add(Check("audit log", WARN, "[audit] enabled = false"))
+            elif fresh and not log.path.parent.exists():
+                add(Check("audit log", TODO, f"not set up yet: {log.path} is created with the "
+                          f"home folder", later))
             else:
                 target = log.path if log.path.exists() else log.path.parent
-                ok = target.exists() and os.access(target, os.W_OK)
+                # the account people use ComfyUI as (--user) must append to it; else whoever
+                # runs doctor
+                ok = target.exists() and (_writable_by(target, user) if user else
+                                          os.access(target, os.W_OK))
                 add(Check("audit log", OK if ok else FAIL, str(log.path) +
-                          ("" if ok else " cannot be written"),
+                          ("" if ok else " cannot be written" +
+                           (f" by user {user}" if user else "")),
                           "" if ok else f"let the ComfyUI account write {target}"))
         except Exception as exc:
             add(Check("audit log", FAIL, str(exc)))
 
     # files the person at the keyboard must not be able to change
     writable = [p for p in _guarded_paths(home, plugin, comfyui) if _writable_by(p, user)]
-    who = f"user {user}" if user else "this user"
+    who = f"user {user}" if user else ("an account other than root" if _is_root() and
+                                       sys.platform != "win32" else "this user")
     if sys.platform == "win32":
         add(Check("file permissions", WARN, "not checked on Windows (ACLs)",
                   "icacls: give the ComfyUI account read and execute only"))
+    elif writable and fresh:
+        add(Check("file permissions", TODO, f"not set up yet: {len(writable)} path(s) {who} "
+                  f"can change, e.g. " + ", ".join(str(p) for p in writable[:4]),
+                  "on a shared machine, after the set-up: README, 'Locking down a shared "
+                  "machine' (consent-guard lockdown)"))
     else:
         add(Check("file permissions", FAIL if writable else OK,
                   (f"{len(writable)} path(s) {who} can change, e.g. "

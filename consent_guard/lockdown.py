@@ -119,8 +119,9 @@ def apply(home: Path, policy, accounts: Accounts) -> Report:
         raise LockdownError("The lock-down changes file owners: run it as root (sudo).")
     home = Path(home)
     if not home.is_dir():
-        raise LockdownError(f"No Consent Guard home at {home}: set CONSENT_GUARD_HOME, or "
-                            f"create the policy first (`consent-guard policy init`).")
+        raise LockdownError(f"No Consent Guard home at {home} (`consent-guard where` says "
+                            f"why this folder): give --comfyui DIR or set CONSENT_GUARD_HOME, "
+                            f"or create the policy first (`consent-guard policy init`).")
     _refuse_foreign_home(home)
     report = Report()
     db, key = registry_paths(policy, home)

@@ -117,11 +117,16 @@ device = "auto"     # "auto" (CUDA if onnxruntime-gpu can use it, else CPU) or "
 
 [limits]
 max_pixels = 100000000  # larger images are refused (decompression bombs); 100 MP
+
+[messages]
+# A line of your own shown under every refusal in ComfyUI (and returned by its API), e.g.
+# contact = "Talk to your teacher." At most 200 characters, one line; "" shows nothing.
+contact = ""
 """
 
 ACTION_CATEGORIES = ("sexual", "nudity")
 TOP_LEVEL = ("version", "enforce", "actions", "censor", "explicit", "prompts", "faces",
-             "identities", "minors", "audit", "models", "limits")
+             "identities", "minors", "audit", "models", "limits", "messages")
 AUDIT_PROMPT_MODES = ("hash", "text", "none")
 CENSOR_STYLES = ("pixelate", "blur", "black")
 DEVICES = ("auto", "cpu")
@@ -164,6 +169,7 @@ class Policy:
     audit_prompt: str = "hash"
     audit_max_mb: float = 10.0
     audit_backups: int = 5
+    contact: str = ""  # [messages] contact: the admin's line under every refusal
     source: Optional[str] = None  # the file it came from, None for built-in defaults
 
     def action_for(self, category: str) -> Decision:
@@ -254,6 +260,24 @@ def _minors(r: _Reader, defaults: Policy):
     return value, float(threshold)
 
 
+MAX_CONTACT = 200  # characters of [messages] contact
+
+
+def _contact(r: _Reader) -> str:
+    """[messages] contact: one line of plain text, shown to users under every refusal."""
+    table = r.table("messages", ("contact",))
+    value = table.get("contact", "")
+    if not isinstance(value, str):
+        r.problems.append(f"[messages] contact must be text in quotes, got {value!r}.")
+        return ""
+    value = value.strip()
+    if "\n" in value or "\r" in value or len(value) > MAX_CONTACT:
+        r.problems.append(f"[messages] contact must be one line of at most {MAX_CONTACT} "
+                          f"characters (it is shown under every refusal).")
+        return ""
+    return value
+
+
 def policy_from_dict(data: dict, where: str = "<policy>") -> Policy:
     defaults = Policy()
     r = _Reader(data, where)
@@ -318,6 +342,7 @@ def policy_from_dict(data: dict, where: str = "<policy>") -> Policy:
         r.problems.append(f"[explicit] open_nsfw_safe_below ({safe_below}) must not be above "
                           f"open_nsfw_explicit_at ({explicit_at}).")
 
+    contact = _contact(r)
     max_pixels = limits_t.get("max_pixels", defaults.max_pixels)
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 64 * 64:
         r.problems.append(f"[limits] max_pixels must be a whole number of at least 4096, "
@@ -363,6 +388,7 @@ def policy_from_dict(data: dict, where: str = "<policy>") -> Policy:
                               AUDIT_PROMPT_MODES),
         audit_max_mb=r.number(audit_t, "audit", "max_mb", defaults.audit_max_mb, 0.01, 10000),
         audit_backups=int(r.number(audit_t, "audit", "backups", defaults.audit_backups, 1, 100)),
+        contact=contact,
         source=where,
     )
     if r.problems:

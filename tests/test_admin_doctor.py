@@ -233,9 +233,16 @@ def test_doctor_cli_exit_status(install, monkeypatch, capsys):
     comfy, home, plugin = install
     monkeypatch.setenv("CONSENT_GUARD_HOME", str(home))
     monkeypatch.setattr(doctor, "_proc_cmdlines", lambda: [])
-    assert main(["doctor", "--comfyui", str(comfy), "--json"]) == 1  # e.g. no key models here
+    code = main(["doctor", "--comfyui", str(comfy), "--json"])
     rows = json.loads(capsys.readouterr().out)
-    assert {r["check"] for r in rows} >= {"plugin folder", "enforce mode", "admin lock"}
+    assert {r["check"] for r in rows} >= {"home", "plugin folder", "enforce mode", "admin lock"}
+    # 1 exactly when a check failed (here, e.g., models not installed, or files this
+    # non-root account could change), else 0
+    assert code == (1 if any(r["status"] == doctor.FAIL for r in rows) else 0), rows
+    (home / "policy.toml").write_text("enforce = false\n")
+    assert main(["doctor", "--comfyui", str(comfy), "--json"]) == 1
+    rows = {r["check"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["enforce mode"]["status"] == doctor.FAIL  # set up, so not "todo"
 
 
 # -- the prestartup guard ------------------------------------------------------------------------

@@ -56,11 +56,24 @@ def test_flagged_exits_1_with_reasons_and_regions(fake_engine, tmp_path, capsys)
 def test_errors_exit_2_and_every_file_gets_a_line(fake_engine, tmp_path, capsys):
     write(tmp_path, "a.png", 1)
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    code, rows, _ = run(capsys, "scan", "--json", str(tmp_path), str(tmp_path / "missing.jpg"))
-    assert code == 2 and len(rows) == 3
+    code, rows, _ = run(capsys, "scan", "--json", str(tmp_path))
+    assert code == 2 and len(rows) == 2
     errors = {r["path"].rsplit("/", 1)[1]: r["error"] for r in rows if "error" in r}
-    assert set(errors) == {"broken.png", "missing.jpg"}
+    assert set(errors) == {"broken.png"}
     assert all(r["decision"] == "block" for r in rows if "error" in r)
+
+
+def test_a_missing_path_is_an_error_naming_it_not_a_block(fake_engine, tmp_path, capsys):
+    """A typo is not an image to block (issue 13 item 5): exit 2, the path named, nothing
+    scanned, not even the paths that exist."""
+    write(tmp_path, "a.png", 1)
+    missing = tmp_path / "missing.jpg"
+    code, rows, err = run(capsys, "scan", "--json", str(tmp_path), str(missing))
+    assert code == 2 and rows == []
+    assert f"{missing}: no such file or folder" in err and "nothing was checked" in err
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "gone.png")
+    code, rows, err = run(capsys, "scan", str(tmp_path / "dangling.png"))
+    assert code == 2 and "dangling.png: a broken symbolic link" in err
 
 
 def test_plain_output_and_policy_flag(fake_engine, tmp_path, capsys):
@@ -86,8 +99,10 @@ def test_policy_init_check_show(tmp_path, monkeypatch, capsys):
     assert cli.main(["policy", "init"]) == 2  # refuses to overwrite
     assert cli.main(["policy", "check"]) == 0
     capsys.readouterr()
-    assert cli.main(["policy", "show"]) == 0
+    assert cli.main(["policy", "show", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["actions"] == {"sexual": "block", "nudity": "censor"}
+    assert cli.main(["policy", "show"]) == 0  # TOML: tests/test_cli_policy_show.py
+    assert '[actions]\nsexual = "block"  # default' in capsys.readouterr().out
 
 
 def test_real_models_scan_benign_package_photos(t1_jpg, astronaut_png, capsys, tmp_path,
@@ -105,3 +120,21 @@ def test_python_dash_m_entry_point(tmp_path):
     r = subprocess.run([sys.executable, "-m", "consent_guard", "--version"],
                        capture_output=True, text=True)
     assert r.returncode == 0 and "consent-guard" in r.stdout
+
+
+def test_python_dash_m_works_from_any_folder(tmp_path):
+    """From a folder that is not the plugin's (issue 13 item 3): the installed package runs,
+    and says which home it uses."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, CONSENT_GUARD_HOME=str(tmp_path / "h"))
+    probe = subprocess.run([sys.executable, "-c", "import consent_guard"], cwd=tmp_path,
+                           capture_output=True, text=True, env=env)
+    if probe.returncode:
+        pytest.skip("consent_guard is not installed in this Python (pip install -e .)")
+    r = subprocess.run([sys.executable, "-m", "consent_guard", "where", "--json"],
+                       cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {"home": str(tmp_path / "h"), "exists": False,
+                                    "reason": "$CONSENT_GUARD_HOME is set", "comfyui": None}

@@ -210,7 +210,7 @@ def test_real_classifier_catches_paraphrases_the_lists_miss():
 def test_cli_check_prompt_args_stdin_json_and_exit_codes(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CONSENT_GUARD_HOME", str(tmp_path / "home"))
     assert cli.main(["check-prompt", "a red bicycle"]) == 0
-    assert cli.main(["check-prompt", "--json", "a nude woman", "a cat"]) == 1
+    assert cli.main(["check-prompt", "--json", "--each", "a nude woman", "a cat"]) == 1
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
     assert [x["decision"] for x in lines] == ["block", "allow"]
     assert lines[0]["text"] == "a nude woman" and "sexual_explicit" in lines[0]["categories"]

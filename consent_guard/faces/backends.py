@@ -1,4 +1,7 @@
-"""Which face backend runs: OpenCV YuNet + SFace by default, an InsightFace pack when present.
+"""Which face backend runs: YuNet + SFace by default, an InsightFace pack when present.
+
+The default backend keeps the name "opencv" (policy `[faces] backend = "opencv"`, enrolment
+records) although onnxruntime now runs it (yunet_sface.py): renaming it would break policies.
 
 A backend is a detector and an embedder. The embedder decides which stored embeddings can be
 matched (an embedding is only ever compared with embeddings of the same model), so `auto` only
@@ -36,10 +39,10 @@ def _with_threshold(backend: FaceBackend, policy: Policy) -> FaceBackend:
 
 
 def opencv_backend(policy: Policy, resolver: ModelResolver) -> FaceBackend:
-    from .opencv_sface import SFaceEmbedder, YuNetDetector
+    from .yunet_sface import load_yunet_sface
 
-    return _with_threshold(FaceBackend("opencv", YuNetDetector(resolver.resolve("yunet")),
-                                       SFaceEmbedder(resolver.resolve("sface"))), policy)
+    detector, embedder = load_yunet_sface(resolver, policy.device)
+    return _with_threshold(FaceBackend("opencv", detector, embedder), policy)
 
 
 def insightface_backend(policy: Policy, insightface_dirs: Sequence[Path]
@@ -93,14 +96,14 @@ def choose_backend(policy: Policy, resolver: ModelResolver, insightface_dirs: Se
         try:
             backend = insightface_backend(policy, insightface_dirs)
         except ModelError as exc:
-            notes.append(f"InsightFace pack not usable, using OpenCV SFace: {exc}")
+            notes.append(f"InsightFace pack not usable, using YuNet + SFace: {exc}")
             backend = None
         if backend is not None:
             missing = uncovered(backend, enrolled)
             if missing:
                 notes.append(f"{backend.name} is available but {len(missing)} protected "
                              f"people have no embeddings from it ({', '.join(missing)}); "
-                             f"matching stays on OpenCV SFace until they are re-enrolled.")
+                             f"matching stays on SFace until they are re-enrolled.")
                 backend = None
         if backend is None:
             backend = opencv_backend(policy, resolver)

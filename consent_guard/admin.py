@@ -111,7 +111,10 @@ def _mode_and_group(path: Path):
     return 0o600, None
 
 
-def _write(home: Path, data: dict) -> None:
+def _write(home: Path, data: dict, exclusive: bool = False) -> None:
+    """Write admin.json atomically (a temporary file renamed over it). `exclusive`: only if
+    there is none yet, even one another process wrote a moment ago (the first set-up): then
+    the finished file is hard-linked into place, which fails instead of replacing."""
     path = admin_path(home)
     path.parent.mkdir(parents=True, exist_ok=True)
     mode, gid = _mode_and_group(path)
@@ -132,11 +135,45 @@ def _write(home: Path, data: dict) -> None:
         json.dump(data, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    if not exclusive:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise AdminError("An admin passphrase was set meanwhile; nothing was changed.") \
+            from None
+    finally:
+        tmp.unlink()
 
 
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _new_record(passphrase: str, locked: bool) -> dict:
+    salt = secrets.token_bytes(16)
+    return {"version": 1,
+            "kdf": {"name": "scrypt", "n": SCRYPT_N, "r": SCRYPT_R, "p": SCRYPT_P,
+                    "salt": base64.b64encode(salt).decode()},
+            "hash": base64.b64encode(_kdf(passphrase, salt, SCRYPT_N, SCRYPT_R,
+                                          SCRYPT_P)).decode(),
+            "locked": locked, "changed": _now()}
+
+
+def create(home: Path, passphrase: str, locked: bool = False) -> None:
+    """The first admin passphrase and the lock state, in one write (consent_guard/setup.py):
+    refused when an admin passphrase exists, even one set a moment ago by another process.
+    Approving the policy is the caller's business (set-up approves the one it wrote)."""
+    if len(passphrase) < MIN_PASSPHRASE:
+        raise AdminError(f"Use an admin passphrase of at least {MIN_PASSPHRASE} characters.")
+    st = state(home)
+    if st.problem:
+        raise AdminError(st.problem)
+    if st.has_passphrase:
+        raise AdminError("An admin passphrase is set already; changing it needs the current "
+                         "one (`consent-guard admin set-passphrase`).")
+    _write(home, _new_record(passphrase, locked), exclusive=True)
 
 
 def set_passphrase(home: Path, new: str, current: Optional[str] = None) -> None:
@@ -149,13 +186,7 @@ def set_passphrase(home: Path, new: str, current: Optional[str] = None) -> None:
         raise AdminError(st.problem)
     if st.has_passphrase and not verify(home, current):
         raise AdminLocked("The current admin passphrase is wrong; nothing was changed.")
-    salt = secrets.token_bytes(16)
-    _write(home, {"version": 1,
-                  "kdf": {"name": "scrypt", "n": SCRYPT_N, "r": SCRYPT_R, "p": SCRYPT_P,
-                          "salt": base64.b64encode(salt).decode()},
-                  "hash": base64.b64encode(_kdf(new, salt, SCRYPT_N, SCRYPT_R,
-                                                SCRYPT_P)).decode(),
-                  "locked": st.locked, "changed": _now()})
+    _write(home, _new_record(new, st.locked))
     _record_expectation(home)
 
 

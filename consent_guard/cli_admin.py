@@ -136,6 +136,45 @@ def cmd_doctor(args) -> int:
     return EXIT_OK
 
 
+def cmd_setup(args) -> int:
+    """`consent-guard setup`: the first-run set-up the ComfyUI dialog does (consent_guard/
+    setup.py): one admin passphrase that also seals the identity registry, enforce mode, lock."""
+    from . import setup
+
+    home = home_of(args)
+    try:
+        passphrase = _ask(args, "New admin passphrase (it also seals the list of protected "
+                                "people; it cannot be recovered): ", confirm=True)
+        registry_passphrase = None
+        if args.registry_passphrase_file:
+            registry_passphrase = _ask(args, "", attr="registry_passphrase_file")
+        try:
+            result = setup.run_setup(home, passphrase, passphrase, enforce=args.enforce,
+                                     locked=args.lock, registry_passphrase=registry_passphrase,
+                                     source="cli")
+        except setup.SetupError as exc:
+            if exc.code != setup.REGISTRY_PASSPHRASE_NEEDED or registry_passphrase:
+                raise
+            # an existing registry sealed with another passphrase: ask for it once
+            registry_passphrase = _ask(args, "The identity registry's current passphrase: ",
+                                       attr="registry_passphrase_file")
+            result = setup.run_setup(home, passphrase, passphrase, enforce=args.enforce,
+                                     locked=args.lock, registry_passphrase=registry_passphrase,
+                                     source="cli")
+    except setup.SetupError as exc:
+        print(f"consent-guard setup: {exc}", file=sys.stderr)
+        for step in getattr(exc, "done", None) or []:
+            print(f"  already done: {step}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as exc:  # AdminError from _ask, an unreadable passphrase file
+        print(f"consent-guard setup: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    for step in result.to_dict().get("done", []):
+        print(f"  {step}")
+    print(f"Consent Guard is set up in {home}. Check it with `consent-guard doctor`.")
+    return EXIT_OK
+
+
 def add_parser(sub) -> None:
     adm = sub.add_parser("admin", help="the admin lock: set-passphrase, lock, unlock, status, "
                                        "approve-policy, forget-registry")
@@ -156,6 +195,18 @@ def add_parser(sub) -> None:
     asub.add_parser("forget-registry", parents=[common],
                     help="the identity registry was removed on purpose: stop expecting it")
     adm.set_defaults(func=cmd_admin)
+
+    st = sub.add_parser("setup", help="first-run set-up: one admin passphrase (it also seals "
+                                      "the identity registry), enforce mode and the lock")
+    st.add_argument("--passphrase-file", metavar="FILE",
+                    help=f"the new admin passphrase from a file (or ${ENV_ADMIN_PASSPHRASE})")
+    st.add_argument("--registry-passphrase-file", metavar="FILE",
+                    help="an existing registry's passphrase, when it differs")
+    st.add_argument("--enforce", action=argparse.BooleanOptionalAction, default=True,
+                    help="check every workflow, not only Consent Guard's nodes (default: on)")
+    st.add_argument("--lock", action=argparse.BooleanOptionalAction, default=True,
+                    help="changes from ComfyUI need the admin passphrase (default: on)")
+    st.set_defaults(func=cmd_setup)
 
     doc = sub.add_parser("doctor", help="is protection active on this ComfyUI install?")
     doc.add_argument("--comfyui", metavar="DIR", default=argparse.SUPPRESS,

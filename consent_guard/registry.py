@@ -306,6 +306,18 @@ class Registry:
         except LockedError:
             raise LockedError(f"Wrong admin passphrase for the registry {self.path}.") from None
 
+    def change_passphrase(self, new: str) -> None:
+        """Wrap the data key under `new` instead of the old passphrase (the registry must be
+        open with a key, not read-only). Only the meta rows "kdf" and "wrapped_key" change, in
+        one transaction: the format, the key file and every sealed row stay as they were."""
+        salt = secrets.token_bytes(16)
+        kek = derive_key(new, salt)
+        kdf = json.dumps({"salt": _b64(salt), "n": SCRYPT_N, "r": SCRYPT_R, "p": SCRYPT_P})
+        with self._write() as db:
+            db.execute("UPDATE meta SET value = ? WHERE key = 'kdf'", (kdf,))
+            db.execute("UPDATE meta SET value = ? WHERE key = 'wrapped_key'",
+                       (_b64(seal(kek, self._key, b"data key")),))
+
     def close(self) -> None:
         with self._lock:
             self._db.close()

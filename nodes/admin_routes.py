@@ -6,13 +6,24 @@
                                  the admin passphrase is needed while the lock is on
     POST /consent_guard/audit   {"passphrase", "since", "decision", "limit"} -> records; always
                                  needs the admin passphrase (the log holds ids and hashes)
+    GET  /consent_guard/setup   -> {set_up, registry_exists, ...} (consent_guard/setup.py)
+    POST /consent_guard/setup   {"passphrase", "passphrase_confirm", "enforce", "locked",
+                                 "registry_passphrase"?} -> the first-run set-up; refused (409)
+                                 once an admin passphrase exists
+    POST /consent_guard/lock    {"locked": bool, "passphrase"} -> lock or unlock; always needs
+                                 the admin passphrase
+
+Every refusal carries a "code" besides its message: "passphrase_missing" (type it) and
+"passphrase_wrong" (it was checked and is wrong) are told apart, "not_set_up" when there is no
+admin passphrase yet, and set-up's own codes (setup.py).
 
 Registered by routes.register (see routes.py for how ComfyUI serves them). Wrong passphrases
 count in the same limiter as the enrolment dialog's (per client and globally; a request with
 no passphrase is not a guess and is not counted). The status reply's "setup" says which home,
 policy (sha256) and registry (path, how many protected) this server runs with, so that
-`consent-guard doctor --url` can compare them with the admin's. Nothing here can turn the lock
-off: that is `consent-guard admin unlock`, on the machine, by the admin.
+`consent-guard doctor --url` can compare them with the admin's; "set_up" and "models" are for
+the Consent Guard panel. The lock can be turned off here only with the admin passphrase (as
+`consent-guard admin unlock` does); whoever holds it is the admin.
 """
 from __future__ import annotations
 
@@ -21,17 +32,21 @@ import logging
 import os
 from typing import Optional
 
-from ..consent_guard import admin, expect
+from ..consent_guard import admin, expect, setup
 from ..consent_guard.policy import POLICY_FILENAME, PolicyError
 from . import routes
 from .comfy_bridge import ConsentGuardError, home
-from .routes import Reply, _error, _too_many, client_of, running_setup
+from .routes import (NOT_SET_UP, PASSPHRASE_MISSING, PASSPHRASE_WRONG, Reply, _error,
+                     _too_many, client_of, running_setup)
 
 log = logging.getLogger("consent_guard")
 
 STATUS_PATH = "/consent_guard/status"
 POLICY_PATH = "/consent_guard/policy"
 AUDIT_PATH = "/consent_guard/audit"
+SETUP_PATH = "/consent_guard/setup"
+LOCK_PATH = "/consent_guard/lock"
+_models_cache: dict = {}
 MAX_POLICY_BYTES = 64 * 1024
 MAX_AUDIT_RECORDS = 2000
 
@@ -53,7 +68,31 @@ def status_sync() -> Reply:
     except ConsentGuardError as exc:
         body["audit"], body["engine_problem"] = None, str(exc)
     body["setup"] = running_setup(engine)  # which home, policy and registry: doctor compares
+    body["set_up"] = st.has_passphrase
+    body["models"] = _models(engine)
     return Reply(200, body)
+
+
+def _models(engine) -> list:
+    """[{name, ok, error?}] for the models in the manifest, resolved (and hashed) once per
+    policy's [models.paths]: the panel shows which ones this ComfyUI can use."""
+    try:
+        from ..consent_guard.models import ModelResolver, describe
+        from ..consent_guard.policy import load_policy
+        from .comfy_bridge import MODEL_FOLDER
+        import folder_paths
+
+        policy = engine.policy if engine is not None else load_policy(home=home())
+        dirs = tuple(folder_paths.get_folder_paths(MODEL_FOLDER))
+        key = (tuple(sorted(policy.model_paths.items())), dirs)
+        if key not in _models_cache:
+            resolver = ModelResolver(policy.model_paths, dirs)
+            _models_cache.clear()
+            _models_cache[key] = [{k: r[k] for k in ("name", "ok", "error") if k in r}
+                                  for r in describe(resolver, sorted(resolver.manifest))]
+        return _models_cache[key]
+    except Exception as exc:
+        return [{"name": "(models)", "ok": False, "error": f"{type(exc).__name__}: {exc}"}]
 
 
 async def _json(request) -> dict:
@@ -74,14 +113,17 @@ def _admin_ok(passphrase: Optional[str], what: str, always: bool = False,
     in the limiter first (routes.PassphraseLimiter), per client."""
     st = admin.state(home())
     if always and not st.has_passphrase:
-        return _error(403, f"{what} is for the admin: set an admin passphrase first "
-                           f"(`consent-guard admin set-passphrase`).")
+        return _error(403, f"{what} is for the admin: do the first-run set-up first (the "
+                           f"Consent Guard panel, or `consent-guard admin set-passphrase`).",
+                      code=NOT_SET_UP)
     if not always and not st.locked:
         return None
     if not passphrase:
-        return _error(403, f"Consent Guard is locked by the admin: {what} needs the admin "
-                           f"passphrase." if st.locked else f"{what} needs the admin "
-                                                            f"passphrase.", locked=st.locked)
+        return _error(403, (f"Consent Guard is locked by the admin: {what} needs the admin "
+                            f"passphrase. Type it in the admin passphrase field." if st.locked
+                            else f"{what[0].upper()}{what[1:]} needs the admin passphrase: "
+                                 f"type it in the admin passphrase field."),
+                      code=PASSPHRASE_MISSING, locked=st.locked)
     ticket, retry = routes.LIMITER.begin(client)
     if ticket is None:
         return _too_many(retry)
@@ -92,12 +134,12 @@ def _admin_ok(passphrase: Optional[str], what: str, always: bool = False,
         routes.LIMITER.end(ticket, routes.RIGHT if ok else routes.WRONG)
     if ok:
         return None
-    if always:
-        return _error(403, f"Wrong admin passphrase: {what} refused.")
-    message = (f"Consent Guard is locked and {st.problem}; {what} was refused." if st.problem
-               else f"Consent Guard is locked by the admin: {what} needs the admin passphrase.")
+    if st.problem:
+        message = f"Consent Guard is locked and {st.problem}; {what} was refused."
+    else:
+        message = f"Wrong admin passphrase: {what} was refused. Check it and type it again."
     log.warning("Consent Guard: %s", message)
-    return _error(403, message, locked=True)
+    return _error(403, message, code=PASSPHRASE_WRONG, locked=st.locked)
 
 
 def policy_get_sync() -> Reply:
@@ -174,6 +216,77 @@ def audit_sync(data: dict, client: str = "") -> Reply:
                        "path": str(log_file.path)})
 
 
+def setup_get_sync() -> Reply:
+    return Reply(200, {"ok": True, **setup.describe(home())})
+
+
+def is_loopback(client: str) -> bool:
+    """The peer is this machine (127.0.0.0/8, ::1, an IPv4-mapped loopback). Behind a reverse
+    proxy on the same machine every peer looks local: such a set-up must use the CLI."""
+    import ipaddress
+
+    try:
+        addr = ipaddress.ip_address(client.split("%")[0])
+    except ValueError:
+        return False
+    mapped = getattr(addr, "ipv4_mapped", None)
+    return bool((mapped or addr).is_loopback)
+
+
+def setup_post_sync(data: dict, client: str = "") -> Reply:
+    """The first-run set-up. A registry passphrase that does not open the registry counts as a
+    wrong guess in the limiter (set-up is open to anyone until it is done, so that guess is
+    rate-limited like every other)."""
+    if not is_loopback(client):
+        # Until set-up is done nobody holds the admin passphrase, so the first to send one
+        # becomes the admin: on a ComfyUI started with --listen, that could be anyone on the
+        # network. Only the machine itself may do it.
+        log.warning("Consent Guard: set-up refused from %s (not this machine)", client)
+        return _error(403, "Set Consent Guard up on the computer ComfyUI runs on: open ComfyUI "
+                      "there (http://127.0.0.1:<port>), or run `consent-guard setup` there.",
+                      code="setup_local_only")
+    flags = {k: data.get(k) for k in ("enforce", "locked")}
+    if not all(isinstance(v, bool) for v in flags.values()):
+        return _error(400, "Send enforce and locked as true or false.", code="bad_request")
+    texts = {k: data.get(k) for k in ("passphrase", "passphrase_confirm",
+                                      "registry_passphrase")}
+    if any(v is not None and not isinstance(v, str) for v in texts.values()):
+        return _error(400, "Passphrases must be text.", code="bad_request")
+    ticket, retry = routes.LIMITER.begin(client)
+    if ticket is None:
+        return _too_many(retry)
+    outcome = routes.UNCHECKED
+    try:
+        result = setup.run_setup(home(), texts["passphrase"], texts["passphrase_confirm"],
+                                 registry_passphrase=texts["registry_passphrase"] or None,
+                                 source="comfyui panel", **flags)
+    except setup.SetupError as exc:
+        if exc.code == setup.REGISTRY_PASSPHRASE_WRONG:
+            outcome = routes.WRONG
+        return _error(exc.status, str(exc), code=exc.code, done=exc.done)
+    finally:
+        routes.LIMITER.end(ticket, outcome)
+    return Reply(200, {"ok": True, **result.to_dict()})
+
+
+def lock_post_sync(data: dict, client: str = "") -> Reply:
+    locked = data.get("locked")
+    if not isinstance(locked, bool):
+        return _error(400, "Send locked as true or false.", code="bad_request")
+    what = "locking Consent Guard" if locked else "unlocking Consent Guard"
+    refused = _admin_ok(data.get("passphrase") if isinstance(data.get("passphrase"), str)
+                        else None, what, always=True, client=client)
+    if refused is not None:
+        return refused
+    try:
+        admin.set_locked(home(), locked, data["passphrase"])
+    except admin.AdminError as exc:
+        return _error(500, str(exc))
+    log.warning("Consent Guard: %s from the ComfyUI front end", "locked" if locked
+                else "unlocked")
+    return Reply(200, {"ok": True, "locked": locked})
+
+
 def _sync_handler(fn, with_body: bool):
     """An aiohttp-style handler running `fn` off the event loop; a handler with a body also
     gets the client's address, which the passphrase limiter counts against."""
@@ -195,7 +308,12 @@ handle_status = _sync_handler(status_sync, False)
 handle_policy_get = _sync_handler(policy_get_sync, False)
 handle_policy_post = _sync_handler(policy_post_sync, True)
 handle_audit = _sync_handler(audit_sync, True)
+handle_setup_get = _sync_handler(setup_get_sync, False)
+handle_setup_post = _sync_handler(setup_post_sync, True)
+handle_lock = _sync_handler(lock_post_sync, True)
 
 ROUTES = (("GET", STATUS_PATH, handle_status), ("GET", POLICY_PATH, handle_policy_get),
-          ("POST", POLICY_PATH, handle_policy_post), ("POST", AUDIT_PATH, handle_audit))
+          ("POST", POLICY_PATH, handle_policy_post), ("POST", AUDIT_PATH, handle_audit),
+          ("GET", SETUP_PATH, handle_setup_get), ("POST", SETUP_PATH, handle_setup_post),
+          ("POST", LOCK_PATH, handle_lock))
 

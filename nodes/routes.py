@@ -13,7 +13,12 @@ route added to `PromptServer.instance.routes` while this package is imported is 
 whose Origin differs from Host, so another web site cannot make a visitor's browser post here.
 
 The status route is open to anyone who can reach ComfyUI: it gives a count, never a name and
-never anything biometric. The enrol route needs the admin passphrase; wrong passphrases are
+never anything biometric. The enrol route needs the admin passphrase: after the first-run
+set-up (consent_guard/setup.py) it also seals the registry, so one field does both; a registry
+sealed with another passphrase (made before set-up, or by the command line) takes that one in
+the optional field "registry_passphrase", and the reply's code "registry_passphrase_needed"
+says when it is needed. Refusals carry a "code": "passphrase_missing" and "passphrase_wrong"
+are told apart, so the panel can say "type it" or "that was wrong"; wrong passphrases are
 rate-limited per client and globally (PassphraseLimiter, an attempt reserved before its slow
 check) and the passphrase is never echoed or logged. A new registry is recorded in the admin's
 record (consent_guard/expect.py), so that its absence later refuses instead of allowing.
@@ -45,7 +50,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 import folder_paths
 
-from ..consent_guard import expect
+from ..consent_guard import admin, expect
 from ..consent_guard.admin import AdminLocked, require_admin
 from ..consent_guard.faces.enrol import PhotoCheck
 from ..consent_guard.identities import EnrolmentRefused, enrol_person
@@ -65,8 +70,14 @@ MAX_TOTAL_BYTES = 100 * 1024 * 1024  # all photos of one request (ComfyUI's defa
 MAX_PHOTOS = 10
 MAX_FIELD_BYTES = 4096  # a text field
 MIN_NEW_PASSPHRASE = 8  # as the command line asks when it creates a registry
-TEXT_FIELDS = ("passphrase", "passphrase_confirm", "name", "aliases", "scope", "consent_by",
-               "on_behalf_of", "consent_date", "note")
+TEXT_FIELDS = ("passphrase", "passphrase_confirm", "registry_passphrase", "name", "aliases",
+               "scope", "consent_by", "on_behalf_of", "consent_date", "note")
+SECRET_FIELDS = ("passphrase", "passphrase_confirm", "registry_passphrase")
+# What a refusal's "code" says, so the front end can tell "type it" from "that was wrong"
+# (and tests need no message text). Set-up adds its own (consent_guard/setup.py).
+PASSPHRASE_MISSING, PASSPHRASE_WRONG = "passphrase_missing", "passphrase_wrong"
+REGISTRY_PASSPHRASE_NEEDED = "registry_passphrase_needed"
+NOT_SET_UP = "not_set_up"
 CHUNK = 256 * 1024
 
 
@@ -225,6 +236,10 @@ def _too_many(seconds: int) -> Reply:
 class FormError(ValueError):
     """The request is not a form this route can take; the message says why (400)."""
 
+    def __init__(self, message: str, code: str = "bad_form"):
+        super().__init__(message)
+        self.code = code
+
 
 @dataclass
 class Upload:
@@ -304,6 +319,7 @@ async def read_form(request) -> Tuple[Dict[str, str], List[Upload]]:
 class EnrolForm:
     passphrase: str
     passphrase_confirm: Optional[str]
+    registry_passphrase: Optional[str]  # only where the registry has another passphrase
     name: str
     aliases: List[str]
     scope: str
@@ -313,8 +329,7 @@ class EnrolForm:
 
 def parse_form(fields: Dict[str, str], uploads: List[Upload]) -> EnrolForm:
     """Check the fields; raise FormError naming what is missing or wrong."""
-    text = {k: fields.get(k, "").strip() for k in TEXT_FIELDS if k not in
-            ("passphrase", "passphrase_confirm")}
+    text = {k: fields.get(k, "").strip() for k in TEXT_FIELDS if k not in SECRET_FIELDS}
     missing = [label for key, label in (("name", "name"), ("scope", "scope"),
                                         ("consent_by", "consent given by"))
                if not text[key]]
@@ -323,7 +338,8 @@ def parse_form(fields: Dict[str, str], uploads: List[Upload]) -> EnrolForm:
     if not uploads:
         missing.append("photo")
     if missing:
-        raise FormError("Missing: " + ", ".join(missing) + ".")
+        raise FormError("Missing: " + ", ".join(missing) + ".",
+                        PASSPHRASE_MISSING if "admin passphrase" in missing else "missing")
     if text["scope"] not in SCOPES:
         raise FormError(f"scope must be one of {', '.join(SCOPES)}.")
     date = text["consent_date"] or time.strftime("%Y-%m-%d")
@@ -336,7 +352,7 @@ def parse_form(fields: Dict[str, str], uploads: List[Upload]) -> EnrolForm:
     aliases = [a.strip() for a in text["aliases"].split(",") if a.strip()]
     return EnrolForm(
         passphrase=fields["passphrase"], passphrase_confirm=fields.get("passphrase_confirm"),
-        name=text["name"], aliases=aliases, scope=text["scope"],
+        registry_passphrase=fields.get("registry_passphrase") or None, name=text["name"], aliases=aliases, scope=text["scope"],
         consent=Consent(text["consent_by"], text["on_behalf_of"], date, text["note"]),
         uploads=uploads)
 
@@ -400,19 +416,29 @@ def enrol_sync(form: EnrolForm, client: str = "") -> Reply:
         LIMITER.end(ticket, outcome["passphrase"])
 
 
+def _wrong_admin(what: str) -> Reply:
+    return _error(403, f"Wrong admin passphrase: {what}. Check it and type it again.",
+                  code=PASSPHRASE_WRONG, locked=admin.is_locked(home()))
+
+
 def _enrol_checked(form: EnrolForm, outcome: dict) -> Reply:
     try:  # while the admin lock is on, the admin passphrase is needed too (the same field)
         require_admin(home(), form.passphrase, "enrolling someone")
     except AdminLocked as exc:
         outcome["passphrase"] = WRONG
         log.warning("Consent Guard: %s", exc)
-        return _error(403, str(exc), locked=True)
+        return _wrong_admin("nothing was enrolled")
     try:
         policy = _policy()
     except ConsentGuardError as exc:
         return _error(500, str(exc))
     db, _ = registry_paths(policy, home())
-    if not db.exists():  # this passphrase will become the admin passphrase
+    admin_set = admin.state(home()).has_passphrase
+    if not db.exists() and admin_set:  # after set-up a new registry gets the admin passphrase
+        if not admin.verify(home(), form.passphrase):
+            outcome["passphrase"] = WRONG
+            return _wrong_admin("nothing was enrolled")
+    elif not db.exists():  # no set-up yet: this passphrase will seal the new registry
         if form.passphrase_confirm is None or form.passphrase_confirm != form.passphrase:
             return _error(400, "No identity registry exists yet, so this enrolment creates one "
                                "with this passphrase: type it twice, the same both times.")
@@ -450,14 +476,25 @@ def _enrol_checked(form: EnrolForm, outcome: dict) -> Reply:
         return _error(400, "No photo could be read; nothing was enrolled.", photos=photos)
     try:
         result = enrol_person(
-            policy, home(), form.passphrase, name=form.name, scope=form.scope,
+            policy, home(), form.registry_passphrase or form.passphrase, name=form.name,
+            scope=form.scope,
             consent=form.consent, photos=pixels, aliases=form.aliases,
             model_dirs=[Path(p) for p in folder_paths.get_folder_paths(MODEL_FOLDER)],
             insightface_dirs=insightface_dirs())
     except LockedError:
         outcome["passphrase"] = WRONG
-        log.warning("Consent Guard: enrolment refused, wrong admin passphrase")
-        return _error(403, "Wrong admin passphrase; nothing was enrolled.")
+        log.warning("Consent Guard: enrolment refused, wrong passphrase")
+        if form.registry_passphrase:
+            return _error(403, "Wrong registry passphrase: it does not open the identity "
+                               "registry; nothing was enrolled.", code=PASSPHRASE_WRONG)
+        if admin_set and admin.verify(home(), form.passphrase):
+            outcome["passphrase"] = RIGHT
+            return _error(403, "The admin passphrase is right, but the identity registry is "
+                               "sealed with another passphrase: type that one under "
+                               "\"Registry passphrase\"; nothing was enrolled.",
+                          code=REGISTRY_PASSPHRASE_NEEDED)
+        return _error(403, "Wrong admin passphrase: nothing was enrolled. Check it and type "
+                           "it again.", code=PASSPHRASE_WRONG)
     except EnrolmentRefused as exc:
         return _error(400, "No photo was usable; nothing was enrolled. Use clear photos of "
                            "this person alone, face to the camera.", photos=merged(exc.checks))
@@ -489,7 +526,7 @@ async def handle_enroll(request) -> Reply:
     try:
         form = parse_form(*await read_form(request))
     except FormError as exc:
-        return _error(400, str(exc))
+        return _error(400, str(exc), code=exc.code)
     try:
         return await asyncio.get_running_loop().run_in_executor(_EXECUTOR, enrol_sync, form, client)
     except Exception as exc:  # never the passphrase: it is in `form`, not in the message

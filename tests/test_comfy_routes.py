@@ -160,7 +160,9 @@ def test_routes_registered_on_the_running_server(monkeypatch, tmp_path):
             ("GET", "/consent_guard/identities/status"),
             ("POST", "/consent_guard/identities/enroll"),
             ("GET", "/consent_guard/status"), ("GET", "/consent_guard/policy"),
-            ("POST", "/consent_guard/policy"), ("POST", "/consent_guard/audit")]
+            ("POST", "/consent_guard/policy"), ("POST", "/consent_guard/audit"),
+            ("GET", "/consent_guard/setup"), ("POST", "/consent_guard/setup"),
+            ("POST", "/consent_guard/lock")]
         code, body, headers = asyncio.run(table[0].handler(FakeRequest()))
         assert code == 200 and body["registry_exists"] is False and body["enrolled"] == 0
         assert headers["Cache-Control"] == "no-store"
@@ -168,7 +170,7 @@ def test_routes_registered_on_the_running_server(monkeypatch, tmp_path):
         assert code == 400 and "Missing" in body["error"]
         routes = sys.modules[pkg.__name__ + ".nodes.routes"]
         assert routes.register_with_comfyui() is False  # imported again: not added twice
-        assert len(table) == 6
+        assert len(table) == 9
     finally:
         for key in [k for k in sys.modules if k.startswith(pkg.__name__)]:
             del sys.modules[key]
@@ -248,7 +250,8 @@ def test_wrong_passphrase_is_403_and_never_echoed(routes, tmp_path):
     wrong = "my-secret-guess-1234"
     reply = enroll(routes, form(passphrase=wrong, passphrase_confirm=None), [("a.png", GREY)])
     assert reply.status == 403 and reply.body == {
-        "ok": False, "error": "Wrong admin passphrase; nothing was enrolled."}
+        "ok": False, "code": "passphrase_wrong",
+        "error": "Wrong admin passphrase: nothing was enrolled. Check it and type it again."}
     assert wrong not in json.dumps(reply.body) and PASS not in json.dumps(reply.body)
 
 
@@ -496,3 +499,162 @@ def test_a_request_that_checks_no_passphrase_cannot_reset_the_count(routes, tmp_
     assert reply.status == 400 and "No photo could be read" in reply.body["error"]
     assert enroll(routes, bad, [("a.png", GREY)]).status == 403
     assert enroll(routes, bad, [("a.png", GREY)]).status == 429
+
+
+# -- first-run set-up, lock, and the refusal codes (issue 13 item 2) ---------------------------
+
+def setup_post(api, body, remote="127.0.0.1"):
+    reply = asyncio.run(api.handle_setup_post(JsonRequest(body, remote)))
+    json.dumps(reply.body)
+    return reply
+
+
+@pytest.fixture
+def fresh_api(routes, comfy):
+    """The admin routes on a home with nothing set up."""
+    import importlib
+
+    return importlib.import_module(comfy.__name__ + ".nodes.admin_routes")
+
+
+SETUP = {"passphrase": PASS, "passphrase_confirm": PASS, "enforce": True, "locked": True}
+
+
+def test_setup_route_then_refused_once_done(fresh_api, tmp_path):
+    home = tmp_path / "home"
+    before = asyncio.run(fresh_api.handle_setup_get(JsonRequest({}))).body
+    assert before["set_up"] is False and before["registry_exists"] is False
+    reply = setup_post(fresh_api, SETUP)
+    assert reply.status == 200 and reply.body["registry"] == "created", reply.body
+    assert PASS not in json.dumps(reply.body)
+    assert (home / "admin.json").exists() and (home / "identities.db").exists()
+    assert asyncio.run(fresh_api.handle_setup_get(JsonRequest({}))).body["set_up"] is True
+    again = setup_post(fresh_api, dict(SETUP, passphrase="x" * 12, passphrase_confirm="x" * 12))
+    assert again.status == 409 and again.body["code"] == "already_set_up"
+    status_body = asyncio.run(fresh_api.handle_status(JsonRequest({}))).body
+    assert status_body["set_up"] and status_body["locked"]
+    assert status_body["setup"]["registry"]["exists"] is True
+    assert {m["name"] for m in status_body["models"]} >= {"nudenet_320n", "open_nsfw"}
+
+
+@pytest.mark.parametrize("body, code", [
+    (dict(SETUP, passphrase_confirm="different one!"), "passphrase_mismatch"),
+    (dict(SETUP, passphrase="", passphrase_confirm=""), "passphrase_missing"),
+    (dict(SETUP, enforce="yes"), "bad_request")])
+def test_setup_route_refusals_have_codes(fresh_api, tmp_path, body, code):
+    reply = setup_post(fresh_api, body)
+    assert reply.status == 400 and reply.body["code"] == code, reply.body
+    assert not (tmp_path / "home" / "admin.json").exists()
+
+
+def test_setup_wrong_registry_passphrase_counts_as_a_guess(fresh_api, routes, tmp_path):
+    make_registry(tmp_path)  # sealed with PASS
+    other = "the new admin passphrase"
+    body = dict(SETUP, passphrase=other, passphrase_confirm=other)
+    reply = setup_post(fresh_api, body)
+    assert reply.status == 400 and reply.body["code"] == "registry_passphrase_needed"
+    for _ in range(5):
+        reply = setup_post(fresh_api, dict(body, registry_passphrase="a wrong guess"))
+        assert reply.status == 403 and reply.body["code"] == "registry_passphrase_wrong"
+    assert setup_post(fresh_api, dict(body, registry_passphrase=PASS)).status == 429
+    routes.test_clock.now += 61
+    reply = setup_post(fresh_api, dict(body, registry_passphrase=PASS))
+    assert reply.status == 200 and reply.body["registry"] == "resealed", reply.body
+    # enrolment now needs only the admin passphrase: it opens the registry too
+    from consent_guard.registry import Registry
+    Registry.open(tmp_path / "home" / "identities.db", passphrase=other).close()
+
+
+def test_missing_and_wrong_passphrases_get_different_codes_and_messages(admin_api):
+    admin_api.test_admin.set_locked(admin_api.test_home, True, PASS)
+    missing = asyncio.run(admin_api.handle_policy_post(JsonRequest({"text": "enforce = true\n"})))
+    wrong = asyncio.run(admin_api.handle_policy_post(JsonRequest(
+        {"text": "enforce = true\n", "passphrase": "not it at all"})))
+    assert missing.status == wrong.status == 403
+    assert missing.body["code"] == "passphrase_missing" and "Type it" in missing.body["error"]
+    assert wrong.body["code"] == "passphrase_wrong" and "Wrong admin passphrase" in \
+        wrong.body["error"]
+    assert missing.body["locked"] and wrong.body["locked"]
+    assert audit(admin_api, None).body["code"] == "passphrase_missing"
+    assert audit(admin_api, "wrong guess").body["code"] == "passphrase_wrong"
+
+
+def test_enrol_missing_passphrase_code(routes):
+    reply = enroll(routes, form(passphrase=None), [("a.png", GREY)])
+    assert reply.status == 400 and reply.body["code"] == "passphrase_missing"
+
+
+def test_lock_and_unlock_need_the_admin_passphrase(admin_api):
+    home, adm = admin_api.test_home, admin_api.test_admin
+
+    def lock(body):
+        return asyncio.run(admin_api.handle_lock(JsonRequest(body)))
+    assert lock({"locked": True}).body["code"] == "passphrase_missing"
+    assert lock({"locked": True, "passphrase": "wrong one!"}).body["code"] == "passphrase_wrong"
+    assert not adm.is_locked(home)
+    assert lock({"locked": True, "passphrase": PASS}).body == {"ok": True, "locked": True}
+    assert adm.is_locked(home)
+    assert lock({"locked": False, "passphrase": "wrong one!"}).status == 403
+    assert adm.is_locked(home)
+    assert lock({"locked": False, "passphrase": PASS}).status == 200
+    assert not adm.is_locked(home)
+    assert lock({"locked": "no", "passphrase": PASS}).status == 400
+
+
+def test_lock_before_setup_says_to_set_up(fresh_api):
+    reply = asyncio.run(fresh_api.handle_lock(JsonRequest({"locked": True, "passphrase": PASS})))
+    assert reply.status == 403 and reply.body["code"] == "not_set_up"
+
+
+def test_after_setup_a_new_registry_needs_the_admin_passphrase(admin_api, routes, tmp_path):
+    """Admin passphrase set (no registry): enrolment with another passphrase is refused as a
+    wrong admin passphrase instead of sealing a new registry with it."""
+    reply = enroll(routes, form(passphrase="some other passphrase",
+                                passphrase_confirm="some other passphrase"), [("a.png", GREY)])
+    assert reply.status == 403 and reply.body["code"] == "passphrase_wrong"
+    assert not (tmp_path / "home" / "identities.db").exists()
+
+
+def test_registry_sealed_with_another_passphrase_is_named(admin_api, routes, tmp_path,
+                                                          monkeypatch):
+    """The admin passphrase is right but the registry has its own: the reply says to type the
+    registry's, and with it the registry opens (enrol_person gets the registry passphrase)."""
+    from consent_guard.registry import Registry
+    home = tmp_path / "home"
+    Registry.create(home / "identities.db", "registry's own passphrase").close()
+    seen = []
+
+    def fake_enrol(policy, where, passphrase, **kw):
+        seen.append(passphrase)
+        try:  # the real check; raised again as the LockedError of the package under test
+            Registry.open(home / "identities.db", passphrase=passphrase).close()
+        except Exception as exc:
+            raise routes.LockedError(str(exc)) from None
+        raise RuntimeError("stop here")
+    monkeypatch.setattr(routes, "enrol_person", fake_enrol)
+    monkeypatch.setattr(routes, "decode_photo", lambda data, max_pixels: np.zeros((8, 8, 3)))
+    reply = enroll(routes, form(passphrase_confirm=None), [("a.png", GREY)])
+    assert reply.status == 403 and reply.body["code"] == "registry_passphrase_needed"
+    reply = enroll(routes, form(passphrase_confirm=None,
+                                registry_passphrase="registry's own passphrase"),
+                   [("a.png", GREY)])
+    assert seen[-1] == "registry's own passphrase"
+    assert reply.status == 500 and "stop here" in reply.body["error"]
+
+
+def test_setup_only_from_this_machine(fresh_api, tmp_path):
+    """Until set-up is done the first passphrase sent makes its sender the admin: a ComfyUI
+    started with --listen must not hand that to anyone on the network."""
+    reply = setup_post(fresh_api, SETUP, remote="192.168.1.23")
+    assert reply.status == 403 and reply.body["code"] == "setup_local_only"
+    assert "consent-guard setup" in reply.body["error"]
+    assert asyncio.run(fresh_api.handle_setup_get(JsonRequest({}))).body["set_up"] is False
+    assert setup_post(fresh_api, SETUP, remote="::1").status == 200
+
+
+@pytest.mark.parametrize("client, local", [("127.0.0.1", True), ("127.8.9.1", True),
+                                           ("::1", True), ("::ffff:127.0.0.1", True),
+                                           ("10.0.0.5", False), ("::ffff:10.0.0.5", False),
+                                           ("unknown", False), ("", False)])
+def test_is_loopback(fresh_api, client, local):
+    assert fresh_api.is_loopback(client) is local

@@ -225,7 +225,7 @@ def test_ui_enrolment_records_the_new_registry_for_an_unlocked_user(bridge, home
     consent = routes.Consent("Ms Example", "", "2024-05-01", "")
     buf = io.BytesIO()
     Image.new("RGB", (32, 32), (90, 90, 90)).save(buf, format="PNG")
-    form = routes.EnrolForm(PASS, PASS, "Ms Example", [], "any", consent,
+    form = routes.EnrolForm(PASS, PASS, None, "Ms Example", [], "any", consent,
                             [routes.Upload("a.png", buf.getvalue())])
     reply = routes.enrol_sync(form, "192.0.2.7")
     assert reply.status == 200, reply.body

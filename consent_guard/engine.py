@@ -344,8 +344,9 @@ class Engine:
 
     @staticmethod
     def placeholder(width: int, height: int, verdict: Verdict) -> np.ndarray:
-        """A stand-in image of the given size that says why the original is not shown."""
-        return censor.placeholder(max(width, 1), max(height, 1), verdict.summary())
+        """A stand-in image of the given size that says why the original is not shown, in
+        words a user reads (never a label, a score or a name: messages.py)."""
+        return censor.placeholder_for(max(width, 1), max(height, 1), verdict)
 
 
 __all__ = ["Engine", "Decision", "Verdict"]

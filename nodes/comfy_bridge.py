@@ -19,6 +19,7 @@ import numpy as np
 import folder_paths  # ComfyUI's module; present whenever ComfyUI loads this package
 
 from ..consent_guard import Engine, expect, load_policy
+from ..consent_guard import messages
 from ..consent_guard.home import resolve_home
 from ..consent_guard.policy import POLICY_FILENAME
 from ..consent_guard.registry import REGISTRY_FILENAME, open_for_matching, registry_paths
@@ -30,7 +31,46 @@ folder_paths.add_model_folder_path(MODEL_FOLDER, os.path.join(folder_paths.model
 
 
 class ConsentGuardError(RuntimeError):
-    """Raised inside a node so that ComfyUI stops the workflow and shows the message."""
+    """Raised inside a node so that ComfyUI stops the workflow and shows the message: a check
+    that could not run (fail closed). ComfyUI reports it as an `execution_error` (the error
+    dialog, with this message)."""
+
+
+def _interrupt_base() -> type:
+    """comfy.model_management.InterruptProcessingException, or Exception outside ComfyUI."""
+    try:
+        from comfy.model_management import InterruptProcessingException
+    except Exception:  # the tests' stand-ins, or no ComfyUI at all
+        return Exception
+    return InterruptProcessingException
+
+
+class ConsentGuardRefusal(ConsentGuardError, _interrupt_base()):
+    """A refusal by the policy, not a failure: a refused input picture, text or output.
+
+    ComfyUI 0.3.64 (execution.py execute()) takes an InterruptProcessingException as the run
+    being stopped: it logs one line ("Processing interrupted"), no traceback, and sends
+    `execution_interrupted` instead of `execution_error`, so the front end shows no crash
+    report. nodes/enforce.py's hook on PromptExecutor.handle_execution_error then sends the
+    plain message (consent_guard/messages.py) as the REFUSAL_EVENT websocket event and keeps
+    it in the prompt's history, where API clients find it. Still a ConsentGuardError, so
+    every `except ConsentGuardError` treats it as before."""
+
+    def __init__(self, kind: str, where: str = "", lead: str = ""):
+        """`kind`: consent_guard/messages.py KINDS; `where`: the node, for the log and the
+        admin; `lead`: the first words of the log line (default: "Consent Guard refused
+        this run")."""
+        self.kind = kind if kind in messages.KINDS else messages.CHECK_FAILED
+        self.where = where
+        said = messages.message(self.kind, contact=contact())
+        super().__init__(f"{lead or 'Consent Guard refused this run'}: {said.text()}")
+
+    def payload(self, locale: Optional[str] = None, **extra) -> dict:
+        return messages.payload(self.kind, contact(), locale, where=self.where or None,
+                                **extra)
+
+
+REFUSAL_EVENT = "consent_guard.refusal"  # web/js/refusals.js listens for it
 
 
 _engine: Optional[Engine] = None
@@ -185,6 +225,52 @@ def engine_for(base: Engine, override: str) -> Engine:
     with _lock:
         _overrides[key] = engine
     return engine
+
+
+def contact() -> str:
+    """The admin's line shown under every refusal (policy `[messages] contact`), or ""."""
+    engine = _engine
+    if engine is None:
+        try:
+            engine = get_engine()
+        except Exception:
+            return ""
+    return getattr(engine.policy, "contact", "") or ""
+
+
+SETTINGS_FILE = "comfy.settings.json"  # ComfyUI app/app_settings.py, per user
+LOCALE_SETTING = "Comfy.Locale"  # the front end's language setting
+
+
+def ui_locale() -> Optional[str]:
+    """The language the ComfyUI front end is set to, when the user has chosen one (it is
+    saved in <user dir>/default/comfy.settings.json); None when unknown. For what the server
+    draws itself (placeholders): the browser picks its own language for messages."""
+    try:
+        import json
+
+        path = Path(folder_paths.get_user_directory()) / "default" / SETTINGS_FILE
+        value = json.loads(path.read_text(encoding="utf-8")).get(LOCALE_SETTING)
+    except Exception:
+        return None
+    return value if isinstance(value, str) and value.strip() else None
+
+
+def send_event(event: str, data: dict) -> bool:
+    """Send a websocket event to the client whose prompt runs (PromptServer.send_sync);
+    False when there is no server or no client (an API client without a websocket)."""
+    try:
+        import server as comfy_server
+
+        instance = comfy_server.PromptServer.instance
+        sid = getattr(instance, "client_id", None)
+        if instance is None or sid is None:
+            return False
+        instance.send_sync(event, data, sid)
+        return True
+    except Exception as exc:
+        log.warning("Consent Guard: could not send %s to the browser: %s", event, exc)
+        return False
 
 
 def client_id() -> Optional[str]:

@@ -40,6 +40,19 @@ in ComfyUI a125cd84 (0.3.64):
   submission while enforce mode is on and the hooks are not all in place (prestartup_script.py
   puts the same guard in before any custom node is imported, so a plugin that fails to import
   cannot leave ComfyUI running unprotected). The prompt check itself is prompt_guard.on_prompt.
+
+How a refusal is shown (not safety hooks: without them a refusal still stops the run, only
+less clearly; installed whatever the policy says, they act only on Consent Guard's refusals):
+* execution.py `PromptExecutor.handle_execution_error(self, prompt_id, prompt,
+  current_outputs, executed, error, ex)`: a ConsentGuardRefusal (an
+  InterruptProcessingException, so execute() logs one line and no traceback, and the front end
+  gets `execution_interrupted`, not the crash report of `execution_error`) is logged in one
+  line and its plain message added with `self.add_message(REFUSAL_EVENT, ...)`: sent to the
+  browser (web/js/refusals.js: a toast) and kept in the prompt's history status messages,
+  where an API client reads it.
+* execution.py `validate_prompt`: a prompt that prompt_guard.on_prompt replaced by refusal
+  nodes is answered with prompt_guard.refusal_response (one message, the real node's id and
+  class), before ComfyUI's own validation would repeat it.
 """
 from __future__ import annotations
 
@@ -55,7 +68,9 @@ from typing import Dict, List, Optional
 
 from . import comfy_bridge, image_nodes, sources
 from .pure_transforms import is_stock
-from .comfy_bridge import ConsentGuardError, frames_to_tensor, tensor_to_frames
+from ..consent_guard import messages
+from .comfy_bridge import (REFUSAL_EVENT, ConsentGuardError, ConsentGuardRefusal,
+                           frames_to_tensor, tensor_to_frames)
 
 log = logging.getLogger("consent_guard")
 
@@ -132,10 +147,10 @@ def gate_images(images, where: str, whole: bool = False):
                                 f"so nothing was saved or shown: {failed[0].error}")
     if all(v.allowed for v in verdicts):
         if sources.binary_face(engine, frames):
-            raise ConsentGuardError(
-                f"Consent Guard (enforce mode) refused the images going into {where}, so "
-                f"nothing was saved or shown: a face in two tones only, and whether that is a "
-                f"protected person cannot be told from such a picture")
+            raise ConsentGuardRefusal(
+                messages.OUTPUT_PROTECTED, where,
+                f"Consent Guard (enforce mode) refused the images going into {where} (a face "
+                f"in two tones only, which cannot be told from a protected person)")
         sources.CACHE.add(key, now)
         _remember(images)
         return images
@@ -143,12 +158,15 @@ def gate_images(images, where: str, whole: bool = False):
     blocked = [i + 1 for i, v in enumerate(verdicts) if v.decision.value == "block"]
     if blocked and (whole or not kept):
         first = verdicts[blocked[0] - 1]
-        raise ConsentGuardError(
+        raise ConsentGuardRefusal(
+            messages.kind_for(first, "output"), where,
             f"Consent Guard (enforce mode) blocked {len(blocked)} of {len(frames)} image(s) "
-            f"going into {where}, so nothing was saved or shown: {sources.plain(first)}")
+            f"going into {where}, so nothing was saved or shown")
     for i in blocked:
         log.warning("Consent Guard (enforce): %s image %d of %d left out (%s)", where, i,
                     len(frames), sources.plain(verdicts[i - 1]))
+    if blocked:
+        image_nodes.blocked_notice(verdicts, where)
     out = frames_to_tensor([engine.render(f, v) for f, v in kept])
     sources.CACHE.add(sources.digest(out), now)  # what the policy lets through, as it is
     _remember(out)
@@ -375,10 +393,11 @@ def _wrap_load_image(original):
         if enforce_on():  # a source: checked here, and found in the cache afterwards
             where = f"{type(self).__name__} (loading a picture)"
             out = tuple(out)
-            image = sources.check_picture("IMAGE", out[0], where, allow_censor=True)
+            image = sources.check_picture("IMAGE", out[0], where, allow_censor=True,
+                                          stage="input")
             for extra in out[1:]:
                 if sources.looks_like_mask(extra):
-                    sources.check_picture("MASK", extra, where)
+                    sources.check_picture("MASK", extra, where, stage="input")
             out = (image,) + out[1:]
         return out
     load_image.consent_guard_hook = True
@@ -525,6 +544,7 @@ def install(prompt_handler_added: bool) -> Dict[str, str]:
         HOOKS[http.HOOK_NAME] = "installed"
 
     _try("PromptServer.app middleware (uploads, /view)", http_guard)
+    install_shown()
     HOOKS["prompt handler"] = "installed" if prompt_handler_added else "not installed"
     missing = [f"{k} ({v})" for k, v in HOOKS.items() if v != "installed"]
     st = state()
@@ -554,6 +574,85 @@ def install_validate_guard(execution) -> None:
     execution.validate_prompt = validate_prompt
 
 
+# -- how refusals are shown -------------------------------------------------------------------
+
+SHOWN: Dict[str, str] = {}  # the hooks that show refusals -> "installed" or why not
+
+
+def _wrap_handle_execution_error(original):
+    """PromptExecutor.handle_execution_error: ComfyUI's own report (execution_interrupted for
+    a refusal), then one log line and the refusal's plain message (module docstring)."""
+    @functools.wraps(original)
+    def handle_execution_error(self, prompt_id, prompt, current_outputs, executed, error, ex):
+        result = original(self, prompt_id, prompt, current_outputs, executed, error, ex)
+        if isinstance(ex, ConsentGuardRefusal):
+            try:
+                node_id = (error or {}).get("node_id")
+                node = (prompt or {}).get(node_id) or {}
+                log.warning("Consent Guard: run stopped at node %s (%s): %s", node_id,
+                            node.get("class_type", "?"), ex.kind)
+                self.add_message(REFUSAL_EVENT, ex.payload(
+                    comfy_bridge.ui_locale(), prompt_id=prompt_id,
+                    node=None if node_id is None else str(node_id),
+                    node_type=node.get("class_type"), stopped=True, detail=str(ex)),
+                    broadcast=False)
+            except Exception as exc:  # the run is stopped either way; only the notice is lost
+                log.error("Consent Guard: could not report a refusal: %s", exc)
+        return result
+    handle_execution_error.consent_guard_hook = True
+    return handle_execution_error
+
+
+def install_refusal_shape(execution) -> None:
+    """Wrap execution.validate_prompt so that a prompt refused by prompt_guard.on_prompt gets
+    prompt_guard.refusal_response (any other prompt goes on to whatever was there)."""
+    from . import prompt_guard
+
+    current = execution.validate_prompt
+    if getattr(current, "consent_guard_refusal_shape", False):
+        return
+
+    @functools.wraps(current)
+    async def validate_prompt(prompt_id, prompt, *args, **kwargs):
+        refused = prompt_guard.refusal_response(prompt)
+        if refused is not None:
+            return refused
+        return await current(prompt_id, prompt, *args, **kwargs)
+    validate_prompt.consent_guard_refusal_shape = True
+    validate_prompt.consent_guard_hook = getattr(current, "consent_guard_hook", False)
+    execution.validate_prompt = validate_prompt
+
+
+def install_shown() -> Dict[str, str]:
+    """Install the hooks that show refusals (idempotent; failures are logged, and change
+    nothing about what is refused)."""
+    def executor():
+        import execution
+        _patch_into(execution.PromptExecutor, "handle_execution_error",
+                    _wrap_handle_execution_error)
+
+    def shape():
+        import execution
+        install_refusal_shape(execution)
+
+    for name, fn in (("execution.PromptExecutor.handle_execution_error", executor),
+                     ("execution.validate_prompt (refusal shape)", shape)):
+        try:
+            fn()
+            SHOWN[name] = "installed"
+        except Exception as exc:
+            SHOWN[name] = f"not installed: {type(exc).__name__}: {exc}"
+            log.error("Consent Guard: %s not installed (refusals will be shown less clearly): "
+                      "%s", name, exc)
+    return dict(SHOWN)
+
+
+def _patch_into(owner, attr: str, wrap) -> None:
+    current = getattr(owner, attr)
+    if not getattr(current, "consent_guard_hook", False):
+        setattr(owner, attr, wrap(current))
+
+
 def status() -> dict:
     """For GET /consent_guard/status and `consent-guard doctor --url`."""
     st = state()
@@ -563,5 +662,5 @@ def status() -> dict:
         on = True
     return {"enforce": on, "armed": bool(st.armed), "problem": st.problem,
             "prestartup_guard": bool(getattr(st, "guarded", False)), "hooks": dict(HOOKS),
-            "previews": "off" if on else "on"}
+            "refusal_display": dict(SHOWN), "previews": "off" if on else "on"}
 

@@ -19,10 +19,12 @@ from PIL.PngImagePlugin import PngInfo
 import folder_paths
 from comfy.cli_args import args
 
-from ..consent_guard import Engine
+from ..consent_guard import Engine, messages
+from ..consent_guard.censor import placeholder_for
 from ..consent_guard.verdict import Decision, Verdict
-from .comfy_bridge import (ConsentGuardError, checks_state, client_id, engine_for,
-                           frames_to_tensor, get_engine, progress, tensor_to_frames)
+from .comfy_bridge import (REFUSAL_EVENT, ConsentGuardError, ConsentGuardRefusal, checks_state,
+                           client_id, contact, engine_for, frames_to_tensor, get_engine,
+                           progress, send_event, tensor_to_frames, ui_locale)
 
 log = logging.getLogger("consent_guard")
 CATEGORY = "Consent Guard"
@@ -67,9 +69,10 @@ def check_frames(engine: Engine, frames: List[np.ndarray], inputs: bool = False,
     return verdicts
 
 
-def check_inputs(engine: Engine, images, where: str) -> None:
-    """Refuse source images that show someone protected under scope `any` (raises with the
-    reason, never the person's name); a check that cannot run refuses too."""
+def check_inputs(engine, images, where: str) -> None:
+    """Refuse source images that show someone protected under scope `any` (raises
+    ConsentGuardRefusal with the plain reason, never the person's name or registry id); a
+    check that cannot run stops the run as an error (ConsentGuardError)."""
     frames = tensor_to_frames(images)
     verdicts = check_frames(engine, frames, inputs=True, where=where)
     failed = [v for v in verdicts if v.error]
@@ -78,13 +81,33 @@ def check_inputs(engine: Engine, images, where: str) -> None:
                                 f"{len(frames)} input image(s), so the workflow stops "
                                 f"here: {failed[0].error}")
     refused = [i for i, v in enumerate(verdicts) if not v.allowed]
-    if refused:
-        log.warning("Consent Guard: input image(s) %s refused (%s)",
-                    ", ".join(str(i + 1) for i in refused), verdicts[refused[0]].summary())
-        raise ConsentGuardError(
-            f"Consent Guard refuses input image {refused[0] + 1} of {len(frames)}: it shows "
-            f"a person who is protected from having their photos used as a source "
-            f"(registry id {verdicts[refused[0]].reasons[0].label}). Use another image.")
+    if refused:  # the audit log has the details; the user is told the plain reason
+        raise ConsentGuardRefusal(messages.kind_for(verdicts[refused[0]], "input"), where,
+                                  f"Consent Guard refuses input image {refused[0] + 1} of "
+                                  f"{len(frames)}")
+
+
+def blocked_notice(verdicts: List[Verdict], where: str) -> bool:
+    """Tell the browser that pictures were blocked and not shown (web/js/refusals.js makes a
+    toast of it; the run goes on): the plain reason of the first, and how many."""
+    blocked = [v for v in verdicts if not v.allowed and v.decision is Decision.BLOCK]
+    if not blocked:
+        return False
+    kind = messages.kind_for(blocked[0], "output")
+    return send_event(REFUSAL_EVENT, messages.payload(
+        kind, contact(), ui_locale(), where=where, blocked=len(blocked), total=len(verdicts),
+        stopped=False, node=_running_node()))
+
+
+def _running_node() -> Optional[str]:
+    """The id of the node that runs (execution.py sets PromptServer.last_node_id)."""
+    try:
+        import server as comfy_server
+
+        node = getattr(comfy_server.PromptServer.instance, "last_node_id", None)
+        return None if node is None else str(node)
+    except Exception:
+        return None
 
 
 class _PolicyBound:
@@ -100,6 +123,17 @@ class _PolicyBound:
 def report(verdicts: List[Verdict]) -> dict:
     return {"decision": Decision.strictest(v.decision for v in verdicts).value,
             "images": [{"index": i, **v.to_dict()} for i, v in enumerate(verdicts)]}
+
+
+def shown(engine, frame: np.ndarray, verdict: Verdict, locale: Optional[str] = None
+          ) -> np.ndarray:
+    """What is shown in a picture's place: itself, a censored copy, or a placeholder that
+    says why in words (never labels or scores), in the UI's language when known."""
+    out = None if verdict.error else engine.render(frame, verdict)
+    if out is not None:
+        return out
+    h, w = np.asarray(frame).shape[:2]
+    return placeholder_for(w, h, verdict, locale)
 
 
 class ConsentGuardCheckImage(_PolicyBound):
@@ -128,10 +162,12 @@ class ConsentGuardCheckImage(_PolicyBound):
             raise ConsentGuardError(f"Consent Guard could not check {len(failed)} of "
                                     f"{len(frames)} image(s), so the workflow stops here: "
                                     f"{failed[0].error}")
-        out = [engine.output_for(f, v) for f, v in zip(frames, verdicts)]
+        locale = ui_locale() if any(not v.allowed for v in verdicts) else None
+        out = [shown(engine, f, v, locale) for f, v in zip(frames, verdicts)]
         for i, v in enumerate(verdicts):
             if not v.allowed:
                 log.warning("Consent Guard: image %d of %d %s", i + 1, len(frames), v.summary())
+        blocked_notice(verdicts, "Check Image")
         return (frames_to_tensor(out), json.dumps(report(verdicts)))
 
 
@@ -200,14 +236,14 @@ class ConsentGuardSaveImage(_PolicyBound):
         return metadata
 
     @staticmethod
-    def _placeholder(frame: np.ndarray, verdict: Verdict) -> dict:
+    def _placeholder(frame: np.ndarray, verdict: Verdict, locale: Optional[str] = None) -> dict:
         """Written to the temp folder (never output/), so the UI can show why."""
         temp_dir = folder_paths.get_temp_directory()
         h, w = frame.shape[:2]
         full, name, counter, sub, _ = folder_paths.get_save_image_path(
             "ConsentGuard_blocked", temp_dir, w, h)
         file = f"{name}_{counter:05}_.png"
-        pixels = Engine.placeholder(w, h, verdict)
+        pixels = placeholder_for(w, h, verdict, locale)
         Image.fromarray(pixels).save(os.path.join(full, file), compress_level=1)
         return {"filename": file, "subfolder": sub, "type": "temp"}
 
@@ -224,13 +260,14 @@ class ConsentGuardSaveImage(_PolicyBound):
         full_output_folder, filename, counter, subfolder, filename_prefix = \
             folder_paths.get_save_image_path(filename_prefix, self.output_dir, w, h)
         results, notes = [], []
+        locale = ui_locale() if any(not v.allowed for v in verdicts) else None
         for batch_number, (frame, verdict) in enumerate(zip(frames, verdicts)):
             pixels = None if verdict.error else engine.render(frame, verdict)
             notes.append(f"image {batch_number + 1}: {verdict.summary()}")
             if pixels is None:
                 log.warning("Consent Guard: image %d not saved (%s)", batch_number + 1,
                             verdict.summary())
-                results.append(self._placeholder(frame, verdict))
+                results.append(self._placeholder(frame, verdict, locale))
                 continue
             name = filename.replace("%batch_num%", str(batch_number))
             file = f"{name}_{counter:05}_.png"
@@ -239,6 +276,7 @@ class ConsentGuardSaveImage(_PolicyBound):
                                          compress_level=self.compress_level)
             results.append({"filename": file, "subfolder": subfolder, "type": self.type})
             counter += 1
+        blocked_notice(verdicts, "Save Image" if self.type == "output" else "Preview Image")
         return {"ui": {"images": results, "consent_guard": notes}}
 
 

@@ -22,10 +22,23 @@ app.ts queuePrompt -> PromptExecutionError.toString) shows error.message, error.
 every node error in its error dialog, and outlines the node whose id is a key of node_errors
 (litegraphService.ts, strokeStyles.nodeError) - the refused text encoder itself.
 
-What the user is told: a policy refusal says only which node's text is refused, never why
-(REFUSED). Saying "a protected person named in a sexual prompt" for one name and queueing the
-same words with another name would tell anyone who is enrolled; the audit log keeps the real
-reasons (categories, identity ids, the places) for the admin.
+What the user is told (consent_guard/messages.py): one plain sentence and what to do next, in
+their UI language, under the refused node, never a code, a label or a name. Which reason is
+shown never tells more than the refusal itself: a prompt refused as sexual is never told it
+also named someone enrolled (that would tell anyone who is enrolled: the same words with another
+name would pass); "a protected person" is said only when nothing else refused the text, and
+then the refusal alone already says as much. The audit log keeps the real reasons (categories,
+identity ids, the places) for the admin.
+
+How ComfyUI shows it: nodes/enforce.py wraps execution.validate_prompt (refusal_response): a
+prompt made only of refusal nodes is answered at once with error = {"type":
+"consent_guard_refused", "message": "Consent Guard refused this prompt", "details": <the
+sentence, what to do, the admin's line>, "extra_info": {"consent_guard": <messages.payload>}}
+and node_errors = {<the refused node's real id>: {"errors": [{"type", "message", "details":
+"input 'text'", "extra_info"}], "dependent_outputs": [], "class_type": <its real class>}}: the
+front end's PromptExecutionError.toString says each thing once, it outlines that node, and
+web/js/refusals.js shows a toast in place of the error dialog. Without that wrapper the
+refusal nodes' VALIDATE_INPUTS still refuse (the plain sentence, once per node).
 
 Which strings are read (input_text): every widget value as ComfyUI's execution.py
 validate_inputs hands it to the node: {"__value__": v} is unwrapped once, and a STRING input
@@ -68,14 +81,18 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
+from ..consent_guard import messages
 from ..consent_guard.verdict import Decision, Reason, Verdict
-from .comfy_bridge import ConsentGuardError, checks_state, get_engine
+from .comfy_bridge import (ConsentGuardError, ConsentGuardRefusal, checks_state, contact,
+                           get_engine)
 from .image_nodes import CATEGORY, _PolicyBound, record
 
 log = logging.getLogger("consent_guard")
 
 REFUSAL_CLASS = "ConsentGuardPromptRefusal"
 REFUSAL_INPUT = "consent_guard"
+REFUSAL_DETAILS = "details"  # JSON: kind, the refused node's class and inputs
+REFUSED_TYPE = "consent_guard_refused"  # the error type API clients see
 WHOLE_PROMPT = "consent_guard"  # the refusal's key when no single node is to blame
 CHECK_PROMPT_CLASS = "ConsentGuardCheckPrompt"
 WRAPPER = "__value__"  # execution.py validate_inputs unwraps {"__value__": v} once
@@ -587,12 +604,29 @@ def check_text(engine, text: str, negative: Optional[str], state: Optional[tuple
     return verdict
 
 
-REFUSED = "the policy does not allow it"  # the same for every category: see the docstring
+REFUSED = "the policy does not allow it"  # the earlier wording, kept for other callers
 
 
-def refused_message(where: str) -> str:
-    """What the user is told about a text the policy refuses: where, never why."""
-    return f"Consent Guard refuses the text of {where}: {REFUSED}"
+def shown_kind(verdict: Verdict) -> str:
+    """The refusal kind the user is told for a refused text (see the module's docstring)."""
+    return messages.kind_for(verdict, "prompt")
+
+
+def refused_message(where: str, kind: str = messages.PROMPT_EXPLICIT) -> str:
+    """What the user is told about a text the policy refuses, in English (the browser shows
+    its own language from the payload): where, the plain sentence and what to do next."""
+    return f"Consent Guard refuses the text of {where}: " \
+           f"{messages.message(kind, contact=contact()).text()}"
+
+
+@dataclass(frozen=True)
+class Refused:
+    """One refused node of a submission: why in words, the kind (None for a message of its
+    own, e.g. too much text), its real class and the inputs whose text was refused."""
+    why: str
+    kind: Optional[str] = None
+    class_type: str = ""
+    inputs: Tuple[str, ...] = ()
 
 
 PLAIN = {"minor_sexual": "sexual content involving minors (never allowed)",
@@ -669,22 +703,28 @@ def _audit(engine, verdict: Verdict, note: str, client, prompt=None, negative=No
     return None
 
 
-def _refuse_whole(why: str, client) -> Dict[str, str]:
+def _refuse_whole(why: str, client) -> Dict[str, Refused]:
     """A submission refused before its texts were checked (over the bounds): logged, audited
     when the engine loads."""
     log.warning("Consent Guard: prompt refused: %s", why)
     try:
         engine = get_engine()
     except ConsentGuardError:
-        return {WHOLE_PROMPT: f"{why}."}
+        return {WHOLE_PROMPT: Refused(f"{why}.")}
     failed = _audit(engine, _limit_verdict(why), why, client)
-    return {WHOLE_PROMPT: failed or f"{why}."}
+    return {WHOLE_PROMPT: Refused(failed, messages.CHECK_FAILED) if failed
+            else Refused(f"{why}.")}
 
 
 def refusals(prompt: dict, client: Optional[str] = None) -> Dict[str, str]:
-    """{node id: why} for every node whose text the policy blocks; empty when all is allowed.
-    Each distinct text is checked once; the submission gets one audit record (`client`: the
-    submitting ComfyUI client id)."""
+    """{node id: why} for every node whose text the policy blocks; empty when all is allowed."""
+    return {node_id: r.why for node_id, r in refused_nodes(prompt, client).items()}
+
+
+def refused_nodes(prompt: dict, client: Optional[str] = None) -> Dict[str, Refused]:
+    """{node id: Refused} for every node whose text the policy blocks; empty when all is
+    allowed. Each distinct text is checked once; the submission gets one audit record
+    (`client`: the submitting ComfyUI client id)."""
     try:
         texts = collect_prompt_texts(prompt)
     except TooMuchText as exc:
@@ -708,11 +748,13 @@ def refusals(prompt: dict, client: Optional[str] = None) -> Dict[str, str]:
     try:
         engine = get_engine()
     except ConsentGuardError as exc:
-        return {WHOLE_PROMPT: f"Consent Guard cannot check prompts, so nothing was queued: {exc}"}
+        return {WHOLE_PROMPT: Refused(f"Consent Guard cannot check prompts, so nothing was "
+                                      f"queued: {exc}", messages.CHECK_FAILED)}
     return _check_all(engine, texts, to_check, distinct, negative, late, client)
 
 
-def _check_all(engine, texts, to_check, distinct, negative, late, client) -> Dict[str, str]:
+def _check_all(engine, texts, to_check, distinct, negative, late, client
+               ) -> Dict[str, Refused]:
     """Check each distinct text once (stopping at the first check that cannot run: the others
     would fail alike), write the one audit record, and say which nodes are refused."""
     state = checks_state()
@@ -728,19 +770,41 @@ def _check_all(engine, texts, to_check, distinct, negative, late, client) -> Dic
                     _note(texts, len(verdicts), refused, late), client,
                     prompt="\n".join(dict.fromkeys(shown)) or None, negative=negative)
     if failed:
-        return {WHOLE_PROMPT: failed}
-    found: Dict[str, List[str]] = {}
+        return {WHOLE_PROMPT: Refused(failed, messages.CHECK_FAILED)}
+    found: Dict[str, List[Tuple[PromptText, Verdict]]] = {}
     for t, verdict in refused:
-        why = (f"Consent Guard could not check {_where(t)}: {verdict.error}" if verdict.error
-               else refused_message(_where(t)))
-        found.setdefault(t.node_id, []).append(why)
+        found.setdefault(t.node_id, []).append((t, verdict))
         if verdict.error:
             break
     if found:
         log.warning("Consent Guard: prompt refused at %d node(s); the reasons are in the audit "
                     "log", len(found))
-    return {node_id: ". ".join(w.rstrip(". ") for w in whys) + ". Nothing was queued."
-            for node_id, whys in found.items()}
+    return {node_id: _refused(items) for node_id, items in found.items()}
+
+
+def _refused(items: List[Tuple[PromptText, Verdict]]) -> Refused:
+    """One node's refusal: a check that could not run says so (with the error, for whoever
+    fixes it); a policy refusal is the one plain sentence of the node's strictest kind."""
+    inputs = tuple(dict.fromkeys(t.input_name for t, _ in items))
+    errors = [(t, v) for t, v in items if v.error]
+    if errors:
+        t, v = errors[0]
+        return Refused(f"Consent Guard could not check {_where(t)}, so nothing was queued: "
+                       f"{v.error}", messages.CHECK_FAILED, t.class_type, inputs)
+    kind = strictest_kind(shown_kind(v) for _, v in items)
+    return Refused(refused_message(_where(items[0][0]), kind), kind, items[0][0].class_type,
+                   inputs)
+
+
+_KIND_ORDER = (messages.PROMPT_MINOR, messages.PROMPT_EXPLICIT,
+               messages.CHECK_FAILED)
+
+
+def strictest_kind(kinds) -> str:
+    """The kind to tell when several texts are refused: minors, explicit, then protected
+    (the least revealing first, see the module's docstring)."""
+    kinds = set(kinds)
+    return next((k for k in _KIND_ORDER if k in kinds), messages.PROMPT_EXPLICIT)
 
 
 def on_prompt(json_data: dict) -> dict:
@@ -752,18 +816,89 @@ def on_prompt(json_data: dict) -> dict:
     if not isinstance(prompt, dict):
         return json_data  # post_prompt answers "no_prompt" itself
     try:
-        found = refusals(prompt, json_data.get("client_id"))
+        found = refused_nodes(prompt, json_data.get("client_id"))
     except Exception as exc:
         log.exception("Consent Guard: could not check the submitted prompt")
-        found = {WHOLE_PROMPT: f"Consent Guard could not check this prompt, so nothing was "
-                               f"queued: {type(exc).__name__}: {exc}"}
+        found = {WHOLE_PROMPT: Refused(f"Consent Guard could not check this prompt, so nothing "
+                                       f"was queued: {type(exc).__name__}: {exc}",
+                                       messages.CHECK_FAILED)}
     if not found:
         return json_data
     refused = dict(json_data)
-    refused["prompt"] = {node_id: {"class_type": REFUSAL_CLASS, "inputs": {REFUSAL_INPUT: why}}
-                         for node_id, why in found.items()}
+    refused["prompt"] = {node_id: _refusal_node(r) for node_id, r in found.items()}
     refused.pop("partial_execution_targets", None)  # every refusal node must be validated
     return refused
+
+
+def _refusal_node(r: Refused) -> dict:
+    import json
+
+    details = json.dumps({"kind": r.kind, "class_type": r.class_type, "inputs": list(r.inputs)})
+    return {"class_type": REFUSAL_CLASS,
+            "inputs": {REFUSAL_INPUT: r.why, REFUSAL_DETAILS: details}}
+
+
+def refusal_response(prompt) -> Optional[tuple]:
+    """What validate_prompt returns for a prompt on_prompt refused (only refusal nodes): (False,
+    error, [], node_errors), shaped for the front end (see the module's docstring); None for
+    any other prompt."""
+    import json
+
+    if not isinstance(prompt, dict) or not prompt or not all(
+            isinstance(n, dict) and n.get("class_type") == REFUSAL_CLASS for n in prompt.values()):
+        return None
+    refused: Dict[str, Refused] = {}
+    for node_id, node in prompt.items():
+        inputs = _inputs(node)
+        try:
+            info = json.loads(inputs.get(REFUSAL_DETAILS) or "{}")
+        except (TypeError, ValueError):
+            info = {}
+        info = info if isinstance(info, dict) else {}
+        refused[str(node_id)] = Refused(str(inputs.get(REFUSAL_INPUT) or "Consent Guard "
+                                                                          "refused this prompt."),
+                                        info.get("kind") if info.get("kind") in messages.KINDS
+                                        else None, str(info.get("class_type") or ""),
+                                        tuple(str(i) for i in info.get("inputs") or ()))
+    return (False, _error(refused), [], _node_errors(refused))
+
+
+def _error(refused: Dict[str, Refused]) -> dict:
+    """The submission's error: said once. A policy refusal: the plain sentence of the
+    strictest kind; otherwise (a check that could not run, too much text) each reason."""
+    policy = [r.kind for r in refused.values() if r.kind and r.kind != messages.CHECK_FAILED]
+    if policy:
+        kind = strictest_kind(policy)
+        details = messages.message(kind, contact=contact()).text()
+        title = "Consent Guard refused this prompt"
+    else:
+        kind = messages.CHECK_FAILED
+        details = " ".join(dict.fromkeys(r.why for r in refused.values()))
+        title = "Consent Guard could not check this prompt"
+    payload = messages.payload(kind, contact(), nodes=sorted(k for k in refused
+                                                            if k != WHOLE_PROMPT))
+    if kind == messages.CHECK_FAILED:
+        payload["detail"] = details
+    return {"type": REFUSED_TYPE, "message": title, "details": details,
+            "extra_info": {"consent_guard": payload}}
+
+
+def _node_errors(refused: Dict[str, Refused]) -> dict:
+    """{real node id: ...} as execution.validate_prompt makes them, one error per node, under
+    the node's own class (WHOLE_PROMPT is no node: it is in the error only)."""
+    out = {}
+    for node_id, r in refused.items():
+        if node_id == WHOLE_PROMPT:
+            continue
+        where = ", ".join(f"input '{i}'" for i in r.inputs) or "its text"
+        failed = r.kind == messages.CHECK_FAILED
+        out[node_id] = {"errors": [{
+            "type": REFUSED_TYPE,
+            "message": "Could not be checked" if failed else "Refused by Consent Guard",
+            "details": r.why if failed else where,
+            "extra_info": {"input_name": r.inputs[0]} if r.inputs else {}}],
+            "dependent_outputs": [], "class_type": r.class_type or REFUSAL_CLASS}
+    return out
 
 
 on_prompt.consent_guard_handler = True  # how register_prompt_handler recognises it
@@ -829,10 +964,9 @@ class ConsentGuardCheckPrompt(_PolicyBound):
         if verdict.error:
             raise ConsentGuardError("Consent Guard could not check this prompt, so the "
                                     f"workflow stops here: {verdict.error}")
-        if not verdict.allowed:  # why is in the audit log only (see the module's docstring)
-            log.warning("Consent Guard: prompt refused at run time; the reason is in the audit "
-                        "log")
-            raise ConsentGuardError(f"Consent Guard refuses this prompt: {REFUSED}.")
+        if not verdict.allowed:  # the details are in the audit log only
+            raise ConsentGuardRefusal(shown_kind(verdict), "Check Prompt",
+                                      "Consent Guard refuses this prompt")
         return (text,)
 
 
@@ -845,7 +979,8 @@ class ConsentGuardPromptRefusal(_PolicyBound):
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {REFUSAL_INPUT: ("STRING", {"multiline": True})}}
+        return {"required": {REFUSAL_INPUT: ("STRING", {"multiline": True})},
+                "optional": {REFUSAL_DETAILS: ("STRING", {"multiline": True})}}
 
     RETURN_TYPES = ()
     FUNCTION = "refuse"
@@ -854,10 +989,10 @@ class ConsentGuardPromptRefusal(_PolicyBound):
     DESCRIPTION = "Internal: stands in for a prompt Consent Guard refused."
 
     @classmethod
-    def VALIDATE_INPUTS(cls, consent_guard):
+    def VALIDATE_INPUTS(cls, consent_guard, details=None):
         return consent_guard or "Consent Guard refused this prompt."
 
-    def refuse(self, consent_guard):
+    def refuse(self, consent_guard, details=None):
         raise ConsentGuardError(consent_guard or "Consent Guard refused this prompt.")
 
 

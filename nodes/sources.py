@@ -42,8 +42,9 @@ from typing import Any, Callable, List, Optional, Tuple
 
 import numpy as np
 
+from ..consent_guard import messages
 from . import comfy_bridge, image_nodes
-from .comfy_bridge import ConsentGuardError, frames_to_tensor
+from .comfy_bridge import ConsentGuardError, ConsentGuardRefusal, frames_to_tensor
 from .pure_transforms import is_api_node, pure_classes
 
 log = logging.getLogger("consent_guard")
@@ -239,9 +240,12 @@ def as_frames(kind: str, tensor) -> List[np.ndarray]:
     return list(arr)
 
 
-def check_picture(kind: str, tensor, where: str, allow_censor: bool = False):
+def check_picture(kind: str, tensor, where: str, allow_censor: bool = False,
+                  stage: str = "output"):
     """The picture itself when allowed (cached), its censored copy when the policy censors and
-    `allow_censor` (an RGB IMAGE only), else raises ConsentGuardError: the workflow stops."""
+    `allow_censor` (an RGB IMAGE only), else raises: ConsentGuardRefusal when the policy
+    refuses it (`stage` "input" for a loaded source picture, "output" for one a node made:
+    which message the user sees), ConsentGuardError when it could not be checked."""
     now = state()
     key = digest(tensor)
     if CACHE.allowed(key, now):
@@ -259,19 +263,21 @@ def check_picture(kind: str, tensor, where: str, allow_censor: bool = False):
                                 f"the workflow stops here: {failed[0].error}")
     if all(v.allowed for v in verdicts):
         if binary_face(engine, frames):
-            raise ConsentGuardError(
-                f"Consent Guard (enforce mode) refused the {what} made by {where}, so the "
-                f"workflow stops here: it shows a face in two tones only, and whether that is "
-                f"a protected person cannot be told from such a picture")
+            log.warning("Consent Guard (enforce): the %s made by %s shows a face in two tones "
+                        "only; whether that is a protected person cannot be told", what, where)
+            raise ConsentGuardRefusal(
+                messages.INPUT_PROTECTED if stage == "input" else messages.OUTPUT_PROTECTED,
+                where, f"Consent Guard (enforce mode) refused the {what} made by {where} (a "
+                       f"face in two tones only)")
         CACHE.add(key, now)
         return tensor
     blocked = [i for i, v in enumerate(verdicts) if v.decision.value == "block"]
     censorable = allow_censor and not blocked and kind == "IMAGE" and tensor.shape[-1] == 3
     if not censorable:
         first = next(v for v in verdicts if not v.allowed)
-        raise ConsentGuardError(
-            f"Consent Guard (enforce mode) refused the {what} made by {where}, so the workflow "
-            f"stops here: {plain(first)}")
+        raise ConsentGuardRefusal(messages.kind_for(first, stage), where,
+                                  f"Consent Guard (enforce mode) refused the {what} made by "
+                                  f"{where}")
     out = frames_to_tensor([engine.render(f, v) for f, v in zip(frames, verdicts)])
     CACHE.add(digest(out), now)
     return out
@@ -454,9 +460,8 @@ def _check_text(text: str, negative: Optional[str], where: str, verb: str) -> No
         raise ConsentGuardError(f"Consent Guard could not check the text that {where} {verb}, "
                                 f"so the workflow stops here: {verdict.error}")
     if not verdict.allowed:
-        log.warning("Consent Guard (enforce): text refused at %s", where)
-        raise ConsentGuardError(f"Consent Guard refuses the text that {where} {verb}: "
-                                f"{prompt_guard.REFUSED}. The workflow stops here.")
+        raise ConsentGuardRefusal(prompt_guard.shown_kind(verdict), where,
+                                  f"Consent Guard refuses the text that {where} {verb}")
 
 
 API_NEGATIVES = ("negative_prompt",)  # comfy_api_nodes: the services' own negative prompts

@@ -221,9 +221,13 @@ def test_check_input_refuses_scope_any_and_passes_the_rest(identities):
     images = batch(ALLOW, BOB)
     assert node.check(images)[0] is images  # unchanged, not copied
     alice_id = reg.find("Alice").id
-    with pytest.raises(RuntimeError, match=f"refuses input image 2 of 2.*{alice_id}") as err:
+    with pytest.raises(RuntimeError, match="refuses input image 2 of 2: This picture shows a "
+                                           "protected person") as err:
         node.check(batch(ALLOW, ALICE))
-    assert "Alice" not in str(err.value)
+    # neither the name nor the registry id: the audit log has the id for the admin
+    assert "Alice" not in str(err.value) and alice_id not in str(err.value)
+    assert isinstance(err.value, pkg.nodes.comfy_bridge.ConsentGuardRefusal)
+    assert err.value.kind == "input_protected"
 
 
 def test_save_blocks_scope_any_and_names_only_the_id(identities):
@@ -264,3 +268,40 @@ def test_locked_registry_fails_closed(comfy, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="cannot open the identity registry"):
         pkg.NODE_CLASS_MAPPINGS["ConsentGuardCheckInput"]().check(batch(ALLOW))
     assert files(base / "output") == []
+
+
+def test_a_blocked_image_sends_a_toast_and_a_readable_placeholder(identities, monkeypatch):
+    """The save node knows it blocked: the browser is told (web/js/refusals.js shows a toast),
+    the run goes on, and the placeholder is drawn in the UI's language."""
+    pkg, base, reg, _ = identities
+    server = comfy_standins.make_server()
+    monkeypatch.setitem(sys.modules, "server", server)
+    instance = server.PromptServer.instance
+    instance.client_id, instance.last_node_id = "browser", "12"
+    (base / "user" / "default").mkdir(parents=True)
+    (base / "user" / "default" / "comfy.settings.json").write_text(
+        json.dumps({"Comfy.Locale": "id"}))
+    out = pkg.NODE_CLASS_MAPPINGS["ConsentGuardSaveImage"]().save_images(batch(ALICE, BOB), "who")
+    [(event, data, sid)] = instance.sent
+    assert event == "consent_guard.refusal" and sid == "browser"
+    assert data["kind"] == "output_protected" and data["stopped"] is False
+    assert data["blocked"] == 1 and data["total"] == 2 and data["node"] == "12"
+    assert data["language"] == "id"
+    assert reg.find("Alice").id not in json.dumps(data) and "Alice" not in json.dumps(data)
+    placeholder = out["ui"]["images"][0]
+    assert placeholder["type"] == "temp"
+    shown = np.asarray(Image.open(base / "temp" / placeholder["filename"]).convert("RGB"))
+    from consent_guard.censor import placeholder as draw
+
+    h, w = shown.shape[:2]
+    assert np.array_equal(shown, draw(w, h, kind="output_protected", locale="id"))
+    assert not np.array_equal(shown, draw(w, h, kind="output_protected", locale="en"))
+
+
+def test_nothing_blocked_sends_nothing(identities, monkeypatch):
+    pkg, base, _, _ = identities
+    server = comfy_standins.make_server()
+    monkeypatch.setitem(sys.modules, "server", server)
+    server.PromptServer.instance.client_id = "browser"
+    pkg.NODE_CLASS_MAPPINGS["ConsentGuardSaveImage"]().save_images(batch(BOB), "who")
+    assert server.PromptServer.instance.sent == []

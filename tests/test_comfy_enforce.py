@@ -335,3 +335,146 @@ def test_locked_nodes_can_only_be_stricter(comfy, monkeypatch):
     with pytest.raises(Exception, match="cannot change"):
         decisions("[models]\ndevice = 'cpu'\n")
     assert engine.policy.actions["sexual"] is Decision.BLOCK
+
+
+# -- how a refusal is shown (enforce.install_shown) ------------------------------------------
+
+class Executor:
+    """execution.py PromptExecutor of ComfyUI 0.3.64, as far as errors go: add_message()
+    keeps every message for the history and sends it to the prompt's client;
+    handle_execution_error() reports an InterruptProcessingException as
+    `execution_interrupted` (no traceback) and anything else as `execution_error`."""
+
+    def __init__(self, server):
+        self.server, self.status_messages = server, []
+
+    def add_message(self, event, data, broadcast):
+        data = {**data, "timestamp": 0}
+        self.status_messages.append((event, data))
+        if self.server.client_id is not None or broadcast:
+            self.server.send_sync(event, data, self.server.client_id)
+
+    def handle_execution_error(self, prompt_id, prompt, current_outputs, executed, error, ex):
+        mes = {"prompt_id": prompt_id, "node_id": error["node_id"],
+               "node_type": prompt[error["node_id"]]["class_type"], "executed": list(executed)}
+        if isinstance(ex, sys.modules["comfy.model_management"].InterruptProcessingException):
+            self.add_message("execution_interrupted", mes, broadcast=True)
+        else:
+            self.add_message("execution_error", {**mes, "exception_message": str(ex),
+                                                 "traceback": ["..."]}, broadcast=False)
+
+
+@pytest.fixture
+def shown(monkeypatch, tmp_path):
+    """The stand-ins with comfy.model_management and execution.PromptExecutor, as ComfyUI has
+    them before custom nodes load."""
+    import types
+
+    mm = types.ModuleType("comfy.model_management")
+    mm.InterruptProcessingException = type("InterruptProcessingException", (Exception,), {})
+    monkeypatch.setitem(sys.modules, "comfy.model_management", mm)
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("CONSENT_GUARD_HOME", str(home))
+    server = comfy_standins.make_server()
+    pkg = comfy_standins.install(monkeypatch, tmp_path / "comfy", server=server, core=True)
+    sys.modules["execution"].PromptExecutor = type("PromptExecutor", (Executor,), {})
+    assert set(enforce_module(pkg).install_shown().values()) == {"installed"}
+    yield pkg, tmp_path / "comfy", server, mm
+    for key in [k for k in sys.modules if k.startswith(PKG)]:
+        del sys.modules[key]
+
+
+def execute_node(server, mm, prompt, node_id, run):
+    """execution.py execute()'s error handling around one node, then handle_execution_error."""
+    executor = sys.modules["execution"].PromptExecutor(server.PromptServer.instance)
+    try:
+        run()
+        return executor
+    except mm.InterruptProcessingException as iex:
+        error, ex = {"node_id": node_id}, iex
+    except Exception as exc:
+        error, ex = {"node_id": node_id, "exception_message": str(exc)}, exc
+    executor.handle_execution_error("p1", prompt, [], set(), error, ex)
+    return executor
+
+
+def test_a_refused_input_stops_the_run_without_a_crash_report(shown, monkeypatch):
+    pkg, base, server, mm = shown
+    instance = server.PromptServer.instance
+    instance.client_id = "browser"
+    engine = use_engine(monkeypatch, pkg)
+    monkeypatch.setattr(sys.modules[pkg.__name__ + ".nodes.comfy_bridge"], "contact",
+                        lambda: "Talk to your teacher.")
+    Image.fromarray(keyed_image(ALLOW)).save(base / "input" / "photo.png")
+    refused = Verdict(Decision.BLOCK, reasons=(Reason("face_match", "id_abc", 0.9,
+                                                      "protected_identity", Decision.BLOCK),))
+    monkeypatch.setattr(engine, "check_images", lambda px, *a: [refused] * len(px))
+    prompt = {"3": {"class_type": "LoadImage", "inputs": {"image": "photo.png"}}}
+    executor = execute_node(server, mm, prompt, "3",
+                            lambda: sys.modules["nodes"].LoadImage().load_image("photo.png"))
+    events = [e for e, _ in executor.status_messages]
+    assert events == ["execution_interrupted", "consent_guard.refusal"]  # no execution_error
+    data = dict(executor.status_messages)["consent_guard.refusal"]
+    assert data["kind"] == "input_protected" and data["stopped"] is True
+    assert data["node"] == "3" and data["node_type"] == "LoadImage"
+    assert data["message"].startswith("This picture shows a protected person")
+    assert data["next"] == "Use a different picture."
+    assert data["contact"] == "Talk to your teacher."
+    assert set(data["texts"]) == {"en", "id", "ko"}
+    assert "id_abc" not in json.dumps(data)
+    # the browser gets it over the websocket, to the prompt's client only
+    sent = [(e, sid) for e, _, sid in instance.sent if e == "consent_guard.refusal"]
+    assert sent == [("consent_guard.refusal", "browser")]
+
+
+def test_a_check_that_cannot_run_is_still_an_error(shown, monkeypatch):
+    pkg, base, server, mm = shown
+    engine = use_engine(monkeypatch, pkg)
+    Image.fromarray(keyed_image(ALLOW)).save(base / "input" / "photo.png")
+    monkeypatch.setattr(engine, "check_images",
+                        lambda px, *a: [Verdict.failed("model file missing")] * len(px))
+    prompt = {"3": {"class_type": "LoadImage", "inputs": {"image": "photo.png"}}}
+    executor = execute_node(server, mm, prompt, "3",
+                            lambda: sys.modules["nodes"].LoadImage().load_image("photo.png"))
+    [(event, data)] = executor.status_messages
+    assert event == "execution_error" and "model file missing" in data["exception_message"]
+
+
+def test_a_blocked_output_stops_the_run_as_a_refusal(shown, monkeypatch):
+    pkg, base, server, mm = shown
+    use_engine(monkeypatch, pkg)
+    nodes = sys.modules["nodes"]
+    prompt = {"9": {"class_type": "SaveImage", "inputs": {}}}
+    executor = execute_node(server, mm, prompt, "9",
+                            lambda: run_node(nodes.SaveImage, images=batch(BLOCK)))
+    events = dict(executor.status_messages)
+    assert set(events) == {"execution_interrupted", "consent_guard.refusal"}
+    assert events["consent_guard.refusal"]["kind"] == "output_explicit"
+    assert files(base / "output") == []
+
+
+def test_a_refused_prompt_is_answered_in_the_front_ends_shape(shown, monkeypatch):
+    """validate_prompt, hooked: a prompt on_prompt refused gets one message under the real
+    node; any other prompt goes to ComfyUI's own validation."""
+    pkg, base, server, mm = shown
+    guard = sys.modules[pkg.__name__ + ".nodes.prompt_guard"]
+
+    class Blocks:
+        def check_prompt(self, text, negative=None):
+            if "word" not in text:
+                return Verdict(Decision.ALLOW)
+            return Verdict(Decision.BLOCK, (Reason("lexicon", "w", 1.0, "sexual_explicit",
+                                                   Decision.BLOCK),))
+    monkeypatch.setattr(guard, "get_engine", Blocks)
+    prompt = {"6": {"class_type": "CLIPTextEncode",
+                    "inputs": {"text": "a word", "clip": ["4", 0]}},
+              "4": {"class_type": "CheckpointLoaderSimple",
+                    "inputs": {"ckpt_name": "m.safetensors"}}}
+    refused = server.PromptServer.instance.trigger_on_prompt({"prompt": prompt})
+    execution = sys.modules["execution"]
+    ok, error, _, node_errors = asyncio.run(execution.validate_prompt("p", refused["prompt"],
+                                                                      None))
+    assert ok is False and error["type"] == "consent_guard_refused"
+    assert list(node_errors) == ["6"] and node_errors["6"]["class_type"] == "CLIPTextEncode"
+    assert asyncio.run(execution.validate_prompt("p", prompt, None))[0] is True

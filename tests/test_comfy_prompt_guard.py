@@ -273,7 +273,56 @@ def test_blocked_positive_refuses_with_the_node_named(guard, engine):
     [(node_id, message)] = refusal_messages(guard, refused).items()
     assert node_id == "6"  # the front end outlines the refused encoder
     assert message == ("Consent Guard refuses the text of node 6 (CLIPTextEncode), input "
-                       "'text': the policy does not allow it. Nothing was queued.")
+                       "'text': This prompt asks for sexual content, which is not allowed here. "
+                       "Change the prompt and run it again.")
+    assert "sexual_explicit" not in message and "forbiddenword" not in message
+
+
+def test_refusal_response_is_shaped_for_the_front_end(guard, engine):
+    """What validate_prompt answers (enforce.install_refusal_shape): the message once, the
+    refused node under its real id and class, as the 1.27 front end reads node_errors."""
+    refused = submit(guard, txt2img("a forbiddenword portrait"))
+    ok, error, outputs, node_errors = guard.refusal_response(refused["prompt"])
+    assert ok is False and outputs == []
+    assert error["type"] == "consent_guard_refused"
+    assert error["message"] == "Consent Guard refused this prompt"
+    assert error["details"] == ("This prompt asks for sexual content, which is not allowed "
+                                "here. Change the prompt and run it again.")
+    assert list(node_errors) == ["6"]
+    node = node_errors["6"]
+    assert node["class_type"] == "CLIPTextEncode"  # the user's node, not the refusal class
+    [err] = node["errors"]
+    assert err["message"] == "Refused by Consent Guard" and err["details"] == "input 'text'"
+    # what PromptExecutionError.toString shows: the sentence once, no codes
+    shown = (error["message"] + ": " + error["details"] + "".join(
+        "\n" + n["class_type"] + ":" + "".join("\n    - " + e["message"] + ": " + e["details"]
+                                              for e in n["errors"])
+        for n in node_errors.values()))
+    assert shown.count("sexual content") == 1 and "sexual_explicit" not in shown
+    payload = error["extra_info"]["consent_guard"]
+    assert payload["kind"] == "prompt_explicit" and payload["nodes"] == ["6"]
+    assert set(payload["texts"]) == {"en", "id", "ko"}
+    # any other prompt is ComfyUI's to validate
+    assert guard.refusal_response(txt2img()) is None and guard.refusal_response({}) is None
+
+
+def test_the_admins_line_is_under_the_refusal(guard, engine, monkeypatch):
+    monkeypatch.setattr(guard, "contact", lambda: "Talk to your teacher.")
+    refused = submit(guard, txt2img("a forbiddenword portrait"))
+    _, error, _, _ = guard.refusal_response(refused["prompt"])
+    assert error["details"].endswith("Talk to your teacher.")
+    assert error["extra_info"]["consent_guard"]["contact"] == "Talk to your teacher."
+
+
+def test_a_failed_check_says_so_without_a_fake_node(guard, monkeypatch):
+    def broken():
+        raise guard.ConsentGuardError("Consent Guard cannot read its policy: bad toml")
+    monkeypatch.setattr(guard, "get_engine", broken)
+    _, error, _, node_errors = guard.refusal_response(submit(guard, txt2img())["prompt"])
+    assert node_errors == {}  # "consent_guard" is no node of the user's graph
+    assert error["message"] == "Consent Guard could not check this prompt"
+    assert "bad toml" in error["details"]
+    assert error["extra_info"]["consent_guard"]["kind"] == "check_failed"
 
 
 def test_refusal_through_the_stand_in_server(comfy, monkeypatch, tmp_path):
@@ -288,10 +337,10 @@ def test_refusal_through_the_stand_in_server(comfy, monkeypatch, tmp_path):
     instance = server.PromptServer.instance
     assert instance.on_prompt_handlers == [guard.on_prompt]
     assert guard.register_prompt_handler() is False and len(instance.on_prompt_handlers) == 1
-    assert [r.path for r in instance.routes] == ["/consent_guard/identities/status",
-                                                 "/consent_guard/identities/enroll",
-                                                 "/consent_guard/status", "/consent_guard/policy",
-                                                 "/consent_guard/policy", "/consent_guard/audit"]
+    paths = [r.path for r in instance.routes]
+    assert {"/consent_guard/identities/status", "/consent_guard/identities/enroll",
+            "/consent_guard/status", "/consent_guard/policy", "/consent_guard/audit"} <= set(paths)
+    assert len(paths) == len({(r.method, r.path) for r in instance.routes})  # each added once
     refused = instance.trigger_on_prompt({"prompt": primitives("forbid", "denword", "")})
     assert list(refusal_messages(guard, refused)) == ["6"]  # only the concatenation is blocked
     ok = {"prompt": primitives()}
@@ -308,7 +357,33 @@ def test_names_are_never_echoed(guard, monkeypatch):
     monkeypatch.setattr(guard, "get_engine", lambda: double)
     refused = submit(guard, txt2img("Jane Example forbiddenword"))
     message = refusal_messages(guard, refused)["6"]
-    assert "Jane" not in message and "protected" not in message
+    assert "Jane" not in message
+    # refused only for naming someone protected: the words are a sexual prompt's refusal
+    assert "protected" not in message and "sexual content" in message
+
+
+class TwoReasons(PromptEngine):
+    """A sexual prompt that also names someone protected: refused either way."""
+
+    def check_prompt(self, text, negative=None):
+        if "forbiddenword" in text:
+            return Verdict(Decision.BLOCK, (
+                Reason("lexicon", "forbiddenword", 1.0, "sexual_explicit", Decision.BLOCK),
+                Reason("prompt_identity", "id_0123abcd", 1.0, "protected_identity",
+                       Decision.BLOCK)))
+        return Verdict(Decision.ALLOW)
+
+
+def test_an_explicit_prompt_never_tells_who_is_enrolled(guard, monkeypatch):
+    """The same words with a name nobody enrolled are refused as explicit too: saying
+    "protected" here would tell that this name is enrolled."""
+    monkeypatch.setattr(guard, "get_engine", TwoReasons)
+    refused = submit(guard, txt2img("Jane Example forbiddenword"))
+    message = refusal_messages(guard, refused)["6"]
+    assert "protected" not in message and "id_0123abcd" not in message
+    assert "sexual content" in message
+    _, error, _, _ = guard.refusal_response(refused["prompt"])
+    assert error["extra_info"]["consent_guard"]["kind"] == "prompt_explicit"
 
 
 def test_engine_that_cannot_load_refuses(guard, monkeypatch):
@@ -370,7 +445,11 @@ def test_check_prompt_node(comfy, guard, engine):
     assert node.check("a quiet harbour", negative="forbiddenword") == ("a quiet harbour",)
     with pytest.raises(guard.ConsentGuardError) as err:
         node.check("forbiddenword at night")
-    assert str(err.value) == "Consent Guard refuses this prompt: the policy does not allow it."
+    assert str(err.value) == ("Consent Guard refuses this prompt: This prompt asks for sexual "
+                              "content, which is not allowed here. Change the prompt and run it "
+                              "again.")
+    assert isinstance(err.value, guard.ConsentGuardRefusal)  # stops the run without a report
+    assert err.value.kind == "prompt_explicit"
 
 
 def test_check_prompt_node_fails_closed(comfy, guard, monkeypatch):

@@ -94,7 +94,8 @@ def test_4_explicit_prompt_refused_before_queueing(comfy):
     (ckpt / "cg_empty.safetensors").write_bytes(b"")
     status, body = post_prompt(server, txt2img_graph("a nude woman", "blurry",
                                                      "cg_empty.safetensors"))
-    assert status == 400 and "Consent Guard refuses" in body["error"]["details"], body
+    assert status == 400 and body["error"]["message"] == "Consent Guard refused this prompt"
+    assert body["error"]["details"].startswith("This prompt asks for sexual content"), body
     queue = server.get("/queue")
     assert queue["queue_running"] == [] and queue["queue_pending"] == []
 

@@ -337,12 +337,14 @@ def test_6_blocked_prompt_is_refused_before_queueing(comfy):
     status, body = post_prompt(server, txt2img_graph("a nude woman", "blurry",
                                                      "cg_empty.safetensors"))
     assert status == 400, body
-    assert body["error"]["type"] == "prompt_outputs_failed_validation", body
+    assert body["error"]["type"] == "consent_guard_refused", body
+    assert body["error"]["message"] == "Consent Guard refused this prompt", body
     details = body["error"]["details"]
-    assert "Consent Guard refuses" in details and "node 6 (CLIPTextEncode)" in details, body
-    assert "nude" not in details  # the text itself is never echoed
+    assert details.startswith("This prompt asks for sexual content"), body
+    assert "nude" not in json.dumps(body)  # the text itself is never echoed
     assert list(body["node_errors"]) == ["6"], body  # the front end outlines node 6
-    assert body["node_errors"]["6"]["errors"][0]["type"] == "custom_validation_failed"
+    assert body["node_errors"]["6"]["class_type"] == "CLIPTextEncode"
+    assert body["node_errors"]["6"]["errors"][0]["details"] == "input 'text'"
     queue = server.get("/queue")
     assert queue["queue_running"] == [] and queue["queue_pending"] == [], queue
     assert server.get("/history") == history_before

@@ -28,7 +28,7 @@ from framed single words and flagged prompts such as "female full body tpose"); 
 measures on it as unseen data, like PartiPrompts, DrawBench and the art and animal prompts.
 Without the written files the classifier had 20 explicit prompts to learn from and caught
 none of 14 paraphrases written apart from both files (bench/prompts.py prints that probe);
-with them, see the README.
+with them, see docs/prompts.md.
 The threshold stored with the weights is the lowest score (rounded up to 0.01) at which at most
 0.2% of the training negatives of COCO and ImageNet, 0.2% of the I2P N rows and 3% of the I2P
 S rows score above it (suggestive prompts are allowed by default: the classifier must not

@@ -6,7 +6,7 @@ State lives in `<home>/admin.json`: {"version", "kdf": {"n", "r", "p", "salt"}, 
 guessing; see _mode_and_group for the one exception). The admin's first set-passphrase or lock
 also approves the policy as it is then (expect.py, `<home>/expected.json`). Whoever can write
 admin.json can remove the lock, which is why a shared machine keeps the Consent Guard home
-writable by the admin account only (README, "Locking down a shared machine");
+writable by the admin account only (docs/enforce.md, "Locking down a shared machine");
 `consent-guard doctor` reports when it is not. A file that exists but
 cannot be read or parsed counts as locked with no way to unlock from a UI (fail closed).
 """
@@ -100,7 +100,7 @@ def verify(home: Path, passphrase: Optional[str]) -> bool:
 def _mode_and_group(path: Path):
     """(mode, gid) for a rewrite of admin.json: owner-only (0600), so nobody else can copy the
     hash and guess offline. Group read stays only where the admin gave the file to another
-    group than their own on purpose (a locked-down machine's ComfyUI group, README); a file
+    group than their own on purpose (a locked-down machine's ComfyUI group, docs/enforce.md); a file
     once world-readable loses that."""
     try:
         st = path.stat()

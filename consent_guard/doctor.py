@@ -441,14 +441,14 @@ def run(home: Path, comfyui: Optional[Path] = None, url: Optional[str] = None,
     elif writable and fresh:
         add(Check("file permissions", TODO, f"not set up yet: {len(writable)} path(s) {who} "
                   f"can change, e.g. " + ", ".join(str(p) for p in writable[:4]),
-                  "on a shared machine, after the set-up: README, 'Locking down a shared "
+                  "on a shared machine, after the set-up: docs/enforce.md, 'Locking down a shared "
                   "machine' (consent-guard lockdown)"))
     else:
         add(Check("file permissions", FAIL if writable else OK,
                   (f"{len(writable)} path(s) {who} can change, e.g. "
                    + ", ".join(str(p) for p in writable[:4])) if writable else
                   f"{who} cannot change the policy, the lock or the plugin",
-                  "README, 'Locking down a shared machine'" if writable else ""))
+                  "docs/enforce.md, 'Locking down a shared machine'" if writable else ""))
 
     # the running ComfyUI
     name = plugin.name if plugin is not None else "ComfyUI-Consent-Guard"

@@ -8,7 +8,7 @@ State lives in `<home>/expected.json`:
                   "approved"},
      "registry": {"path", "key_file", "recorded"}}
 It holds no secret (a file hash and paths), so the ComfyUI account can read it while only the
-admin can write it in a locked-down home (README; `consent-guard doctor` checks who can write).
+admin can write it in a locked-down home (docs/enforce.md; `consent-guard doctor` checks who can write).
 
 Who writes it: the admin's commands (`consent-guard admin approve-policy`, and the first
 `set-passphrase` / `lock`), the ComfyUI policy editor once the admin passphrase was accepted,

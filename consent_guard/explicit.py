@@ -1,5 +1,5 @@
 """The explicit-content rule: two models, each at its published operating point, and each
-settling what the other is unsure of. The README ("How the explicit check decides") gives the
+settling what the other is unsure of. docs/checks.md ("How the explicit check decides") gives the
 evidence. In short, with S the open_nsfw score of the whole image and P the NudeNet
 exposed-part detections at or above NudeNet's detection threshold (0.25):
 

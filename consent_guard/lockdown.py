@@ -13,7 +13,7 @@ needs to create "-shm"/"-wal" files beside the registry, which a read-only accou
 
 Why a group and not `chmod 644`: with 644 any local account reads registry.key, and with it
 every enrolled name. Why refuse a shared group: its other members would read the key too.
-Windows has no owner/group modes: there the README's icacls steps apply.
+Windows has no owner/group modes: there the icacls steps in docs/enforce.md apply.
 """
 from __future__ import annotations
 
@@ -114,7 +114,7 @@ def switch_registry_journal(db: Path) -> str:
 def apply(home: Path, policy, accounts: Accounts) -> Report:
     """Own and restrict the home, the registry, its key and the audit files (see module doc)."""
     if sys.platform == "win32":  # pragma: no cover - Windows has ACLs instead
-        raise LockdownError("Windows keeps rights in ACLs: use the icacls steps in the README.")
+        raise LockdownError("Windows keeps rights in ACLs: use the icacls steps in docs/enforce.md.")
     if os.geteuid() != 0:
         raise LockdownError("The lock-down changes file owners: run it as root (sudo).")
     home = Path(home)

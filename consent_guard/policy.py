@@ -50,7 +50,7 @@ style = "pixelate"  # "pixelate", "blur" or "black"
 margin = 0.15       # each region grows by this share of its size before censoring
 
 [explicit]
-# Operating points of the two models (see README, "How the explicit check decides").
+# Operating points of the two models (see docs/checks.md).
 # Defaults are the published ones: NudeNet's detection threshold (0.25) and open_nsfw's bands
 # (below 0.2 safe with high probability, 0.8 and above NSFW with high probability).
 nudenet_min_score = 0.25
@@ -80,7 +80,7 @@ insightface_pack = "auto"   # a pack folder name such as "buffalo_l", or "auto"
 min_face_px = 32            # faces whose box is shorter than this (full-size pixels) are not matched
 detect_size = 640           # faces are detected on a copy this large (long side)
 # Cosine similarity at which a face matches a protected person; the default is measured per
-# model (README, "Matching faces"). Lower matches more (and wrongly more often).
+# model (docs/identities.md, "Matching faces"). Lower matches more (and wrongly more often).
 # [faces.thresholds]
 # sface = 0.363
 
@@ -93,7 +93,7 @@ detect_size = 640           # faces are detected on a copy this large (long side
 # key can turn this off or loosen it (such a key is refused). For an image that open_nsfw does
 # not call safe (>= 0.2) or where NudeNet sees any exposed part (>= 0.25), every face's age is
 # estimated (dlib's age model). If any face has P(under 18) >= threshold, the image is blocked.
-# On 72 adult faces the highest P(under 18) was 0.008 (README, "Minors"). An explicit image
+# On 72 adult faces the highest P(under 18) was 0.008 (docs/checks.md, "Minors"). An explicit image
 # with no face at all follows [actions].
 threshold = 0.1         # may only be lowered (stricter): more faces count as minors
 # A face too small (box under 48 px) or too blurred for its age to be estimated is "unknown":

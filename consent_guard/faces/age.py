@@ -12,7 +12,7 @@ is where those five points land, on average, in the chip dlib cuts (fitted by be
 ../shared/eval/faces, held out by halves); a least-squares similarity transform onto it, and
 dlib's way of sampling (a [1 4 6 4 1] pyramid down to within 2x of the chip, then bilinear),
 give the chip dlib would give. bench/ages.py measures the agreement with the package's own
-dlib pipeline (README, "Minors").
+dlib pipeline (docs/checks.md, "Minors").
 
 What is known of its accuracy: no error figure is published (dlib-models says only that it beats
 the state of the art in exact and 1-off accuracy, on a private set of 110k faces). Here, on

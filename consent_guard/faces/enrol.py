@@ -21,7 +21,7 @@ from .stage import detect_faces
 
 # Measured on ../shared/eval/faces/deepface (65 ordinary photos): every face there has a box of
 # at least 105 px, a YuNet score of at least 0.92 and a sharpness of at least 156; a Gaussian
-# blur of sigma 3 brings most faces under 100. See README, "Enrolling".
+# blur of sigma 3 brings most faces under 100. See docs/identities.md.
 ENROL_MIN_FACE_PX = 80
 ENROL_MIN_SCORE = 0.8
 ENROL_MIN_SHARPNESS = 80.0

@@ -25,7 +25,7 @@ from .base import Face, l2_normalise
 from .insightface import ARCFACE_DST
 
 # Cosine similarity at and above which two SFace embeddings are taken as the same person.
-# Measured by bench/faces.py on ../shared/eval/faces/deepface (README, "Matching faces"):
+# Measured by bench/faces.py on ../shared/eval/faces/deepface (docs/identities.md, "Matching faces"):
 # enrolled from 3 photos, the highest impostor scored 0.424 (1 of 157; FAR 1% falls at 0.374)
 # and the lowest genuine 0.523 under every degradation tried. OpenCV publishes 0.363 for
 # single photo pairs; 0.40 keeps FAR under 1% on this data with 0.12 of margin to the genuine.

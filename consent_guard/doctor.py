@@ -158,6 +158,24 @@ def _guarded_paths(home: Path, plugin: Optional[Path], comfyui: Optional[Path]) 
 INSTALL_MODELS = "consent-guard install-models (or python install.py in the plugin folder)"
 
 
+def _models_check(resolver, policy) -> Check:
+    """Every model the default checks use (explicit content, faces, age, the prompt encoder),
+    loaded by sha256 and run once on a tiny input (installer.verify_models): a file that is
+    present but cannot run on this onnxruntime is a failure, not a pass."""
+    from .installer import verify_models
+
+    try:
+        rows = [r for r in verify_models(policy.device, resolver)
+                if not r[2].startswith("optional")]
+    except Exception as exc:  # onnxruntime missing or broken: runtime_checks says which
+        return Check("models", FAIL, f"cannot be run: {exc}", INSTALL_MODELS)
+    bad = [f"{name}: {why}" for name, ran, why in rows if not ran]
+    if bad:
+        return Check("models", FAIL, "; ".join(bad), INSTALL_MODELS)
+    return Check("models", OK, f"{len(rows)} models ran (sha256 verified): "
+                               + ", ".join(name.split(" ")[0] for name, _, _ in rows))
+
+
 def runtime_checks() -> List[Check]:
     """onnxruntime runs every model: without it each check fails (closed). OpenCV is not
     needed (the face models run on onnxruntime): its presence or absence is information."""
@@ -373,21 +391,11 @@ def run(home: Path, comfyui: Optional[Path] = None, url: Optional[str] = None,
                   "" if st.locked else "consent-guard admin lock"))
 
     if policy is not None:
-        from .models import ModelResolver, describe
+        from .models import ModelResolver
 
         dirs = [comfyui / "models" / "consent_guard"] if comfyui is not None else []
         resolver = ModelResolver(policy.model_paths, dirs)
-        rows = describe(resolver, sorted(resolver.manifest))
-        needed = [r for r in rows if r["name"] in ("nudenet_320n", "open_nsfw")]
-        bad = [r for r in needed if not r["ok"]]
-        add(Check("models", FAIL if bad else OK,
-                  "; ".join(r["error"] for r in bad) if bad else
-                  f"{len(needed)} explicit-content models verified (sha256)",
-                  INSTALL_MODELS if bad else ""))
-        others = [r for r in rows if r not in needed and not r["ok"]]
-        if others:
-            add(Check("optional models", WARN, "; ".join(r["name"] for r in others) +
-                      " not verified", INSTALL_MODELS))
+        add(_models_check(resolver, policy))
         for check in runtime_checks():
             add(check)
 

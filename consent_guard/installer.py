@@ -153,14 +153,16 @@ def run_prompt_encoder() -> str:
     return str(vec.shape)
 
 
-def verify_models(device: str = "auto") -> List[Tuple[str, bool, str]]:
-    """(name, ran, output shapes or the error) for every model the default checks use."""
+def verify_models(device: str = "auto", resolver=None) -> List[Tuple[str, bool, str]]:
+    """(name, ran, output shapes or the error) for every model the default checks use;
+    `resolver` finds the files (default: the pip packages; doctor passes the policy's paths
+    and the UI's model folders)."""
     importlib.invalidate_caches()  # packages pip installed after this process started
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
     from consent_guard.models import ModelError, ModelResolver, describe
 
-    resolver = ModelResolver()
+    resolver = resolver or ModelResolver()
     rows = []
     for name in ONNX_MODELS:
         try:

@@ -184,3 +184,17 @@ def test_the_audit_log_is_checked_for_the_named_user(comfy, locked_home):
     log.chmod(0o666)
     assert by_name(doctor.run(locked_home, comfy, user="nobody"))["audit log"].status == \
         doctor.OK
+
+
+def test_doctor_runs_the_face_models_too(comfy, tmp_path):
+    """The models check runs every default model, the face models' float copies and the age
+    model included; one that cannot be found is a failure naming it, not an explicit-models-
+    only pass. (The face models' float copies are sha256-checked files of their own: a cached
+    one does not need its int8 source.)"""
+    home = comfy / "user" / "consent_guard"
+    home.mkdir(parents=True, exist_ok=True)
+    c = by_name(doctor.run(home, comfy))["models"]
+    assert c.status == doctor.OK and "yunet_float" in c.detail and "sface_float" in c.detail
+    (home / "policy.toml").write_text(f'[models.paths]\nage_v1 = "{tmp_path / "gone.onnx"}"\n')
+    c = by_name(doctor.run(home, comfy))["models"]
+    assert c.status == doctor.FAIL and "age_v1" in c.detail and "gone.onnx" in c.detail

@@ -5,12 +5,14 @@ get_temp_directory(), get_user_directory(), models_dir, add_model_folder_path(na
 get_folder_paths(name), get_save_image_path(prefix, output_dir, width, height) ->
 (full_output_folder, filename, counter, subfolder, filename_prefix). comfy/utils.py:
 ProgressBar(total).update(n). IMAGE tensors are float32 [B, H, W, C] in 0..1.
+
+The home, the engine, the registry and the audit log are shared with the A1111/Forge adapter
+through consent_guard/host.py (HOST below); this module keeps its names for the nodes.
 """
 from __future__ import annotations
 
 import logging
 import os
-import threading
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -18,11 +20,9 @@ import numpy as np
 
 import folder_paths  # ComfyUI's module; present whenever ComfyUI loads this package
 
-from ..consent_guard import Engine, expect, load_policy
+from ..consent_guard import Engine
 from ..consent_guard import messages
-from ..consent_guard.home import resolve_home
-from ..consent_guard.policy import POLICY_FILENAME
-from ..consent_guard.registry import REGISTRY_FILENAME, open_for_matching, registry_paths
+from ..consent_guard.host import Host
 
 log = logging.getLogger("consent_guard")
 MODEL_FOLDER = "consent_guard"  # <ComfyUI>/models/consent_guard/ may hold the weight files
@@ -73,51 +73,6 @@ class ConsentGuardRefusal(ConsentGuardError, _interrupt_base()):
 REFUSAL_EVENT = "consent_guard.refusal"  # web/js/refusals.js listens for it
 
 
-_engine: Optional[Engine] = None
-_engine_key: Optional[Tuple] = None
-_lock = threading.Lock()
-
-
-def home() -> Path:
-    return resolve_home(folder_paths.get_user_directory())
-
-
-def _file_state(path: Path) -> Tuple:
-    try:
-        stat = path.stat()
-        return (str(path), stat.st_mtime_ns, stat.st_size)
-    except FileNotFoundError:
-        return (str(path), None, None)
-
-
-def policy_state() -> Tuple:
-    """Identifies the policy file's current version (path, mtime, size). A policy the admin
-    approved that is gone reads as (path, "missing", None), not as "no file": enforce.py takes
-    a policy file that exists but cannot be used for enforce mode on, and so must it take one
-    that the admin's record says exists (expect.py); get_engine then refuses to check."""
-    state = _file_state(home() / POLICY_FILENAME)
-    if state[1] is None and _policy_expected():
-        return (state[0], "missing", None)
-    return state
-
-
-def _policy_expected() -> bool:
-    try:
-        rec = expect.read(home()).get("policy") or {}
-    except expect.ExpectationError:
-        return True  # a record that cannot be read: assume the worst
-    return bool(rec.get("sha256"))
-
-
-def checks_state() -> Tuple:
-    """What a check's result depends on besides its inputs: the policy file and the identity
-    registry (someone enrolled or revoked since). Used by the nodes' IS_CHANGED."""
-    engine_policy = _engine.policy if _engine is not None else None
-    db = registry_paths(engine_policy, home())[0] if engine_policy is not None else \
-        home() / REGISTRY_FILENAME
-    return policy_state() + _file_state(db) + _file_state(Path(str(db) + "-wal"))
-
-
 def insightface_dirs() -> List[Path]:
     """Where ComfyUI users keep InsightFace packs (IPAdapter FaceID, InstantID, ReActor):
     <models>/insightface, plus any folder registered under that name in extra_model_paths."""
@@ -129,113 +84,44 @@ def insightface_dirs() -> List[Path]:
     return list(dict.fromkeys(dirs))
 
 
+# The shared state (home, engine, registry, audit) lives in consent_guard/host.py, shared
+# with the A1111/Forge adapter; ComfyUI gives it its user folder and model folders.
+HOST = Host(user_dir=folder_paths.get_user_directory,
+            model_dirs=lambda: folder_paths.get_folder_paths(MODEL_FOLDER),
+            insightface_dirs=insightface_dirs, error=ConsentGuardError, ui_name="ComfyUI")
+
+
+def home() -> Path:
+    return HOST.home()
+
+
+def policy_state() -> Tuple:
+    """Identifies the policy file's current version (host.Host.policy_state): a policy the
+    admin approved that is gone reads as (path, "missing", None)."""
+    return HOST.policy_state()
+
+
+def checks_state() -> Tuple:
+    """What a check's result depends on besides its inputs: the policy file and the identity
+    registry (someone enrolled or revoked since). Used by the nodes' IS_CHANGED."""
+    return HOST.checks_state()
+
+
 def get_engine() -> Engine:
     """The process's engine; rebuilt when the policy file changes, so edits need no restart.
     A policy that cannot be read raises ConsentGuardError: nothing runs unchecked."""
-    global _engine, _engine_key
-    key = policy_state() + (_registry_exists(),) + _file_state(expect.expect_path(home()))
-    policy_path = Path(key[0])
-    with _lock:
-        if _engine is None or key != _engine_key:
-            try:
-                policy = load_policy(home=policy_path.parent)
-            except Exception as exc:
-                raise ConsentGuardError(f"Consent Guard cannot read its policy, so nothing is "
-                                        f"saved: {exc}") from exc
-            registry = _open_expected_registry(policy, policy_path.parent)
-            if _engine is not None and _engine.registry is not None:
-                _engine.registry.close()
-            model_dirs = [Path(p) for p in folder_paths.get_folder_paths(MODEL_FOLDER)]
-            _engine = Engine(policy, model_dirs=model_dirs, registry=registry,
-                             insightface_dirs=insightface_dirs())
-            try:
-                from ..consent_guard.audit import audit_for
-
-                _engine.audit = audit_for(policy, policy_path.parent)
-            except Exception as exc:  # the log is not needed to check, but enforce needs it
-                log.error("Consent Guard: the audit log cannot be opened: %s", exc)
-                if policy.enforce:
-                    raise ConsentGuardError(f"Consent Guard cannot open its audit log, and in "
-                                            f"enforce mode nothing runs unlogged: {exc}") from exc
-            _overrides.clear()
-            # building may have written the admin's record (a registry seen for the first
-            # time): that write is not a change to rebuild for
-            _engine_key = key[:-3] + _file_state(expect.expect_path(home()))
-        return _engine
-
-
-_seen_registries: set = set()  # registries this process has opened: they cannot vanish
-
-
-def _open_expected_registry(policy, where: Path):
-    """The registry, after the admin's record (expect.py) and this process's own memory agree
-    that nothing expected is missing: a registry that existed must never read as "nobody is
-    protected", nor a swapped policy as approved."""
-    db, key_file = registry_paths(policy, where)
-    gone = [str(p) for p in sorted(_seen_registries) if not Path(p).exists()]
-    if gone:
-        raise ConsentGuardError(f"Consent Guard refuses to check, so nothing is saved: the "
-                                f"identity registry {', '.join(gone)} was open in this ComfyUI "
-                                f"and is gone; restore it (if it was removed on purpose: "
-                                f"`{expect.FORGET_COMMAND}`, then restart ComfyUI)")
-    try:
-        for note in expect.require(where, policy, db, key_file):
-            log.warning("Consent Guard: %s", note)
-    except expect.ExpectationError as exc:
-        raise ConsentGuardError(f"{exc}. Nothing is saved until this is resolved.") from exc
-    try:  # an existing registry that cannot be opened must not mean "nobody protected"
-        registry = open_for_matching(policy, where)
-    except Exception as exc:
-        raise ConsentGuardError(f"Consent Guard cannot open the identity registry, so "
-                                f"nothing is saved: {exc}") from exc
-    if registry is not None:
-        _seen_registries.add(str(db))
-        if not expect.note_registry(where, db, key_file):
-            log.warning("Consent Guard: could not record the registry in %s; the admin's "
-                        "commands record it", expect.expect_path(where))
-    return registry
-
-
-_overrides: dict = {}  # (override text, locked) -> engine, for the current base engine
+    return HOST.get_engine()
 
 
 def engine_for(base: Engine, override: str) -> Engine:
     """`base`, or an engine for a node's policy override (only stricter values when the admin
     lock is on; what was ignored is logged)."""
-    if not (override or "").strip():
-        return base
-    from ..consent_guard.admin import is_locked
-    from ..consent_guard.overrides import apply_override
-
-    locked = is_locked(home())
-    key = (override, locked, id(base))
-    with _lock:
-        hit = _overrides.get(key)
-    if hit is not None:
-        return hit
-    try:
-        policy, ignored = apply_override(base.policy, override, locked)
-    except Exception as exc:
-        raise ConsentGuardError(str(exc)) from exc
-    for note in ignored:
-        log.warning("Consent Guard: the admin lock is on, so a node's looser setting is "
-                    "ignored: %s", note)
-    base.load()
-    engine = base.with_policy(policy)
-    with _lock:
-        _overrides[key] = engine
-    return engine
+    return HOST.engine_for(base, override)
 
 
 def contact() -> str:
     """The admin's line shown under every refusal (policy `[messages] contact`), or ""."""
-    engine = _engine
-    if engine is None:
-        try:
-            engine = get_engine()
-        except Exception:
-            return ""
-    return getattr(engine.policy, "contact", "") or ""
+    return HOST.contact()
 
 
 SETTINGS_FILE = "comfy.settings.json"  # ComfyUI app/app_settings.py, per user
@@ -281,14 +167,6 @@ def client_id() -> Optional[str]:
         return getattr(comfy_server.PromptServer.instance, "client_id", None)
     except Exception:
         return None
-
-
-def _registry_exists() -> bool:
-    """A registry created after the engine was built must be picked up (the engine keeps an
-    open registry and sees later changes to it through its generation counter)."""
-    policy = _engine.policy if _engine is not None else None
-    db = registry_paths(policy, home())[0] if policy is not None else home() / REGISTRY_FILENAME
-    return db.exists()
 
 
 def tensor_to_frames(images) -> List[np.ndarray]:

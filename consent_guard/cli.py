@@ -340,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--comfyui", metavar="DIR",
                         help="the ComfyUI folder whose user/consent_guard to use (default: the "
                              "ComfyUI this package is installed in)")
+    parser.add_argument("--webui", metavar="DIR",
+                        help="an AUTOMATIC1111 / Forge folder (or its --data-dir) whose "
+                             "consent_guard folder to use")
     sub = parser.add_subparsers(dest="command", required=True)
 
     scan = sub.add_parser("scan", help="check image files and folders (folders are walked)")
@@ -420,7 +423,8 @@ def _expected_failure(exc: BaseException) -> Optional[str]:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.home_choice = choose_home(comfyui=getattr(args, "comfyui", None))
+        args.home_choice = choose_home(comfyui=getattr(args, "comfyui", None),
+                                       webui=getattr(args, "webui", None))
     except HomeError as exc:
         print(f"consent-guard: {exc}", file=sys.stderr)
         return EXIT_ERROR

@@ -8,13 +8,19 @@ folder ComfyUI never reads. So the CLI looks, in this order, at:
 
 1. `$CONSENT_GUARD_HOME` (always first: a launcher or a service sets it for both sides);
 2. the user folder a UI gives (the ComfyUI adapter passes `get_user_directory()`);
-3. `--comfyui DIR` on the command line: `DIR/user/consent_guard`;
+3. `--comfyui DIR` on the command line: `DIR/user/consent_guard`; `--webui DIR` (AUTOMATIC1111
+   / Forge): `DIR/consent_guard`, what the WebUI adapter uses (a1111_adapter/bridge.py: its
+   data folder, the WebUI folder unless it was started with `--data-dir`);
 4. the ComfyUI this package is installed in: the package lives in
    `<ComfyUI>/custom_nodes/<plugin>/consent_guard/` (a ComfyUI-Manager install, whose
    `pip install -e` keeps the code there), or Python runs from a venv inside the ComfyUI
    folder (`<ComfyUI>/venv`, `.venv`) or beside it (the Windows portable build's
-   `python_embeded` next to `ComfyUI/`);
+   `python_embeded` next to `ComfyUI/`); else the WebUI it is installed in
+   (`<webui>/extensions/<plugin>/consent_guard/`);
 5. the platform's configuration folder (`~/.config/consent-guard` on Linux).
+
+A WebUI started with `--data-dir X` uses `X/consent_guard`: give `--webui X`, or set
+CONSENT_GUARD_HOME for both.
 
 A ComfyUI started with `--user-directory` elsewhere is not found by 3 or 4: set
 CONSENT_GUARD_HOME for both. `consent-guard where` says which folder is used and why.
@@ -81,6 +87,42 @@ def check_comfyui_dir(value: str) -> Path:
     return folder.resolve()
 
 
+def webui_home(webui: Path) -> Path:
+    """The home the AUTOMATIC1111 / Forge adapter uses: `<WebUI data folder>/consent_guard`."""
+    return Path(webui) / HOME_FOLDER
+
+
+def looks_like_webui(folder: Path) -> bool:
+    """An AUTOMATIC1111 / Forge folder (webui.py beside modules/), or a `--data-dir` the
+    WebUI has used (config.json and extensions/ in it)."""
+    folder = Path(folder)
+    if (folder / "webui.py").is_file() and (folder / "modules").is_dir():
+        return True
+    return (folder / "config.json").is_file() and (folder / "extensions").is_dir()
+
+
+def check_webui_dir(value: str) -> Path:
+    """`--webui DIR`, checked like `--comfyui`."""
+    folder = Path(value).expanduser()
+    if not folder.is_dir():
+        raise HomeError(f"--webui {value}: no such folder. Give the AUTOMATIC1111 / Forge "
+                        f"folder (the one with webui.py and extensions/), or its --data-dir.")
+    if not looks_like_webui(folder):
+        raise HomeError(f"--webui {value}: this is not an AUTOMATIC1111 / Forge folder (no "
+                        f"webui.py and modules/, nor config.json and extensions/). Give that "
+                        f"folder, or set {ENV_HOME}.")
+    return folder.resolve()
+
+
+def installed_webui(module_file: Optional[str] = None) -> Optional[tuple]:
+    """(WebUI folder, how it was found) when this package lives in `<webui>/extensions/<x>/`."""
+    for plugin in _plugin_candidates(module_file or __file__):
+        ext = plugin.parent
+        if ext.name == "extensions" and looks_like_webui(ext.parent):
+            return ext.parent, f"this extension is installed in {ext}"
+    return None
+
+
 def _plugin_candidates(module_file: str) -> List[Path]:
     """The plugin folder (two levels above this file), as imported and with links resolved:
     ComfyUI may reach the plugin through a link in custom_nodes, or the other way round."""
@@ -111,7 +153,8 @@ def installed_comfyui(module_file: Optional[str] = None,
 
 
 def choose_home(ui_user_dir: Optional[str] = None, comfyui: Optional[str] = None,
-                module_file: Optional[str] = None, prefix: Optional[str] = None) -> HomeChoice:
+                module_file: Optional[str] = None, prefix: Optional[str] = None,
+                webui: Optional[str] = None) -> HomeChoice:
     """The home and why (see the module doc for the order). Raises HomeError for a `comfyui`
     that is not a ComfyUI folder."""
     env = os.environ.get(ENV_HOME)
@@ -122,12 +165,19 @@ def choose_home(ui_user_dir: Optional[str] = None, comfyui: Optional[str] = None
     if comfyui:
         folder = check_comfyui_dir(comfyui)
         return HomeChoice(comfyui_home(folder), f"--comfyui {comfyui}", folder)
+    if webui:
+        folder = check_webui_dir(webui)
+        return HomeChoice(webui_home(folder), f"--webui {webui}")
     found = installed_comfyui(module_file, prefix)
     if found:
         folder, why = found
         return HomeChoice(comfyui_home(folder), f"the ComfyUI at {folder} ({why})", folder)
-    return HomeChoice(platform_config_dir(), "no ComfyUI found around this installation "
-                      f"(give --comfyui DIR or set {ENV_HOME} to use ComfyUI's)")
+    found = installed_webui(module_file)
+    if found:
+        folder, why = found
+        return HomeChoice(webui_home(folder), f"the WebUI at {folder} ({why})")
+    return HomeChoice(platform_config_dir(), "no ComfyUI or WebUI found around this "
+                      f"installation (give --comfyui DIR / --webui DIR, or set {ENV_HOME})")
 
 
 def resolve_home(ui_user_dir: Optional[str] = None, comfyui: Optional[str] = None) -> Path:
@@ -143,4 +193,5 @@ def home_of(args) -> Path:
     home = getattr(args, "home", None)
     if home is not None:
         return Path(home)
-    return choose_home(comfyui=getattr(args, "comfyui", None)).path
+    return choose_home(comfyui=getattr(args, "comfyui", None),
+                       webui=getattr(args, "webui", None)).path

@@ -170,3 +170,36 @@ def test_where_notes_the_comfyuis_own_home_when_the_env_points_elsewhere(no_env,
     monkeypatch.setenv(ENV_HOME, str(base / "user" / "consent_guard"))
     assert cli.main(["where"]) == 0
     assert "note:" not in capsys.readouterr().err
+
+
+# -- AUTOMATIC1111 / Forge (issue 14): the home the WebUI adapter uses ---------------------------
+
+def webui(base: Path) -> Path:
+    (base / "modules").mkdir(parents=True)
+    (base / "extensions").mkdir()
+    (base / "webui.py").write_text("# the WebUI\n")
+    return base
+
+
+def test_extension_in_a_webui_uses_its_consent_guard_folder(no_env, tmp_path):
+    """The adapter's home is <WebUI data folder>/consent_guard (a1111_adapter/bridge.py): the
+    CLI of an extension installed there reads the same one."""
+    root = webui(tmp_path / "forge")
+    pkg = root / "extensions" / "consent-guard" / "consent_guard"
+    pkg.mkdir(parents=True)
+    choice = choose_home(module_file=str(pkg / "home.py"), prefix=str(tmp_path / "venv"))
+    assert choice.path == root / "consent_guard" and "WebUI" in choice.reason
+
+
+def test_webui_option_and_its_errors(no_env, tmp_path, capsys):
+    root = webui(tmp_path / "a1111")
+    assert choose_home(webui=str(root)).path == root.resolve() / "consent_guard"
+    with pytest.raises(HomeError):
+        choose_home(webui=str(tmp_path))  # not a WebUI folder
+    data = tmp_path / "data"  # a --data-dir the WebUI has used
+    (data / "extensions").mkdir(parents=True)
+    (data / "config.json").write_text("{}")
+    assert choose_home(webui=str(data)).path == data.resolve() / "consent_guard"
+    assert cli.main(["--webui", str(root), "where"]) == 0
+    assert capsys.readouterr().out.strip() == str(root.resolve() / "consent_guard")
+    assert cli.main(["--webui", str(tmp_path / "missing"), "where"]) == 2

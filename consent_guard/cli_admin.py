@@ -112,7 +112,8 @@ def cmd_doctor(args) -> int:
     home = home_of(args)
     comfyui = Path(args.comfyui) if getattr(args, "comfyui", None) else \
         (choice.comfyui if choice else None)  # the ComfyUI this package is installed in
-    checks = doctor.run(home, comfyui, url=args.url, user=args.user)
+    webui = Path(args.webui).expanduser() if getattr(args, "webui", None) else None
+    checks = doctor.run(home, comfyui, url=args.url, user=args.user, webui=webui)
     where = doctor.Check("home", doctor.INFO, f"{home} ({choice.reason if choice else 'given'})")
     checks.insert(0, where)
     fresh = doctor.not_set_up(home)
@@ -208,11 +209,16 @@ def add_parser(sub) -> None:
                     help="changes from ComfyUI need the admin passphrase (default: on)")
     st.set_defaults(func=cmd_setup)
 
-    doc = sub.add_parser("doctor", help="is protection active on this ComfyUI install?")
+    doc = sub.add_parser("doctor", help="is protection active on this ComfyUI or "
+                                        "AUTOMATIC1111 / Forge install?")
     doc.add_argument("--comfyui", metavar="DIR", default=argparse.SUPPRESS,
                      help="the ComfyUI folder (custom_nodes, models; default: the one this "
                           "package is installed in); its user/consent_guard is the home unless "
                           "$CONSENT_GUARD_HOME is set")
+    doc.add_argument("--webui", metavar="DIR", default=argparse.SUPPRESS,
+                     help="an AUTOMATIC1111 / Forge folder (or its --data-dir): checks that "
+                          "the extension is there and not disabled; its consent_guard folder "
+                          "is the home unless $CONSENT_GUARD_HOME is set")
     doc.add_argument("--url", metavar="URL", help="a running ComfyUI, e.g. "
                                                   "http://127.0.0.1:8188")
     doc.add_argument("--user", metavar="NAME", help="the account people use ComfyUI as "

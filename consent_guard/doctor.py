@@ -8,6 +8,16 @@ arguments, GET /consent_guard/status for the hooks, its engine's problem, and wh
 policy sha256 and registry it runs with): any difference from the admin's own is a failure. Without
 a URL it looks for ComfyUI processes in /proc (Linux) to read their arguments.
 
+For an AUTOMATIC1111 / Forge webui (`--webui DIR`, the webui's data folder) it checks that the
+extension is there (a folder of <webui>/extensions or extensions-builtin holding
+scripts/consent_guard_checks.py, whatever the folder is called), that <webui>/config.json does
+not disable it ("disabled_extensions", "disable_all_extensions" other than "none"; Forge's
+modules_forge/config.py always_disabled_extensions too), and that no running webui process was
+started with --disable-extra-extensions or --disable-all-extensions (its /proc cmdline, plus
+COMMANDLINE_ARGS from its environment, which webui appends to sys.argv itself: the cmdline
+alone does not show them). The webui's home is `<webui>/consent_guard` unless
+CONSENT_GUARD_HOME is set (a1111_adapter/bridge.py): doctor says when it checked another.
+
 A machine where nothing is set up yet (no policy file, admin passphrase, admin's record or
 registry in the home) is "not set up yet" (status "todo", with the steps), not a list of
 failures. Who "can change" a file: the account named by --user; else, run as root, any
@@ -35,7 +45,8 @@ OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
 INFO, TODO = "info", "todo"  # TODO: a set-up step not taken yet (a fresh machine)
 SETUP_STEPS = (
     "Consent Guard is not set up yet (nothing in {home}). To set it up, open ComfyUI and "
-    "follow Consent Guard's set-up dialog (admin passphrase, enforce mode, lock), or run:\n"
+    "follow Consent Guard's set-up dialog (or the WebUI's Consent Guard tab: admin "
+    "passphrase, enforce mode, lock), or run `consent-guard setup`, or step by step:\n"
     "  consent-guard admin set-passphrase\n"
     "  consent-guard policy init        (then set enforce = true in {home}/policy.toml)\n"
     "  consent-guard admin approve-policy\n"
@@ -326,9 +337,279 @@ def compare_setup(local: dict, setup) -> List[Check]:
     return out
 
 
+
+# -- AUTOMATIC1111 / Forge ---------------------------------------------------------------------
+
+WEBUI_CHECKS_SCRIPT = Path("scripts") / "consent_guard_checks.py"
+WEBUI_FLAGS = ("--disable-all-extensions", "--disable-extra-extensions")
+# The shortest prefixes argparse takes for them in Forge's parser (allow_abbrev is on):
+# "--disable-a" is ambiguous with --disable-attention-upcast, "--disable-e" is not.
+_WEBUI_FLAG_PREFIXES = {"--disable-all-extensions": "--disable-al",
+                        "--disable-extra-extensions": "--disable-e"}
+WEBUI_SCRIPTS = ("launch.py", "webui.py")
+
+
+def _is_webui_extension(folder: Path) -> bool:
+    return (folder / WEBUI_CHECKS_SCRIPT).is_file()
+
+
+def find_webui_extension(webui: Path) -> List[Path]:
+    """Consent Guard's folders in <webui>/extensions and extensions-builtin, whatever they are
+    called (webui loads any folder: a renamed one still loads, unless disabled by name)."""
+    found = []
+    for sub in ("extensions", "extensions-builtin"):
+        base = Path(webui) / sub
+        if base.is_dir():
+            found += [e for e in sorted(base.iterdir()) if e.is_dir() and _is_webui_extension(e)]
+    return found
+
+
+def webui_settings(path: Path) -> Optional[dict]:
+    """webui's config.json, {} when there is none yet (Forge writes it when settings are first
+    saved); None when it exists but cannot be read (webui then starts with defaults, but
+    doctor cannot tell what a later start will read: reported)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def forge_always_disabled(webui: Path) -> List[str]:
+    """Forge's modules_forge/config.py `always_disabled_extensions` (folder names it never
+    loads), read without importing it; [] for A1111."""
+    import ast
+
+    path = Path(webui) / "modules_forge" / "config.py"
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, ValueError):
+        return []
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) ==
+                                                "always_disabled_extensions"
+                                                for t in node.targets):
+            try:
+                return [str(x) for x in ast.literal_eval(node.value)]
+            except ValueError:
+                return []
+    return []
+
+
+def webui_flag(argv: List[str], builtin: bool = False) -> Optional[str]:
+    """The flag in a webui command line that leaves the extension out, or None. Abbreviations
+    argparse accepts count; --disable-extra-extensions spares built-in extensions."""
+    for arg in argv:
+        name = arg.split("=", 1)[0]
+        for flag, shortest in _WEBUI_FLAG_PREFIXES.items():
+            if name.startswith(shortest) and flag.startswith(name):
+                if flag == "--disable-extra-extensions" and builtin:
+                    continue
+                return flag
+    return None
+
+
+def _arg_value(argv: List[str], flag: str) -> Optional[str]:
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _webui_cmdlines() -> Iterable[dict]:
+    """Running webui processes (python ... launch.py / webui.py) as {"pid", "argv", "cwd"}:
+    argv is the /proc cmdline plus the words of COMMANDLINE_ARGS from the process's environment
+    (modules/paths_internal.py appends them to sys.argv, so the cmdline alone misses them).
+    An environment that cannot be read (another account's process) is marked "environ": None."""
+    import shlex
+
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return []
+    out = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        argv = [a.decode("utf-8", "replace") for a in raw.split(b"\0") if a]
+        if not any(os.path.basename(a) in WEBUI_SCRIPTS for a in argv[1:3]):
+            continue
+        environ = None
+        try:
+            env = dict(kv.split(b"=", 1) for kv in (entry / "environ").read_bytes().split(b"\0")
+                       if b"=" in kv)
+            environ = env.get(b"COMMANDLINE_ARGS", b"").decode("utf-8", "replace")
+            home_env = env.get(b"CONSENT_GUARD_HOME", b"").decode("utf-8", "replace")
+            argv += shlex.split(environ)
+        except (OSError, ValueError):
+            home_env = None
+        try:
+            cwd = os.readlink(entry / "cwd")
+        except OSError:
+            cwd = None
+        out.append({"pid": int(entry.name), "argv": argv, "cwd": cwd, "environ": environ,
+                    "home_env": home_env})
+    return out
+
+
+def _process_in(process: dict, webui: Path) -> bool:
+    """Whether a webui process runs this webui: it uses it as --data-dir, or (without one) its
+    launch.py/webui.py, resolved against its working folder, lies in `webui`."""
+    root = Path(webui).resolve()
+    argv, cwd = process.get("argv", []), process.get("cwd")
+    data_dir = _arg_value(argv, "--data-dir")
+    if data_dir:  # its extensions and config.json are there, wherever launch.py is
+        return _same_path(Path(cwd or ".") / data_dir, root)
+    for arg in argv[1:3]:
+        if os.path.basename(arg) in WEBUI_SCRIPTS:
+            script = Path(arg) if os.path.isabs(arg) or cwd is None else Path(cwd) / arg
+            if _same_path(script.parent, root):
+                return True
+    return False
+
+
+
+def _settings_check(config: Path, names, webui: Path, builtin: bool) -> Check:
+    """Whether a webui settings file (config.json) disables the extension (modules/
+    extensions.py list_extensions and active(); launch_utils.list_extensions)."""
+    settings = webui_settings(config)
+    if settings is None:
+        return Check("webui settings", FAIL, f"{config} cannot be read: the webui may start "
+                     f"with other settings than doctor can see", f"repair or remove {config}")
+    problems = []
+    off = [n for n in (settings.get("disabled_extensions") or []) if n in names]
+    if off:
+        problems.append(f"\"disabled_extensions\" lists {', '.join(off)}")
+    always = [n for n in forge_always_disabled(webui) if n in names]
+    if always:
+        problems.append(f"Forge never loads a folder named {', '.join(always)} "
+                        f"(modules_forge/config.py)")
+    mode = settings.get("disable_all_extensions", "none")
+    if mode not in (None, "none") and not (mode == "extra" and builtin):
+        problems.append(f"\"disable_all_extensions\" is \"{mode}\"")
+    if problems:
+        return Check("webui settings", FAIL, f"{config}: " + "; ".join(problems),
+                     "enable it again in the webui's Extensions tab (and set \"Disable all "
+                     "extensions\" to none), or edit config.json; on a shared machine make "
+                     "config.json writable by the admin only")
+    return Check("webui settings", OK, f"{config} does not disable the extension"
+                 if config.exists() else f"no {config.name} yet (webui defaults: every "
+                                         f"extension on)")
+
+def webui_checks(webui: Path, home: Path, cmdlines: Callable = _webui_cmdlines
+                 ) -> tuple:
+    """(checks, the extension folder or None) for an A1111/Forge webui folder."""
+    checks: List[Check] = []
+    add = checks.append
+    webui = Path(webui)
+    if not webui.is_dir():
+        add(Check("webui extension", FAIL, f"no webui folder at {webui}",
+                  "pass --webui with the webui's folder (the one with launch.py and "
+                  "extensions/)"))
+        return checks, None
+    found = find_webui_extension(webui)
+    ext = found[0] if found else None
+    if ext is None:
+        add(Check("webui extension", FAIL, f"not found in {webui / 'extensions'} (no folder "
+                  f"there holds {WEBUI_CHECKS_SCRIPT})",
+                  "install Consent Guard into the webui's extensions folder and restart it"))
+    else:
+        add(Check("webui extension", OK, str(ext)))
+        if len(found) > 1:
+            add(Check("webui extension copies", WARN, f"{len(found)} copies: "
+                      + ", ".join(p.name for p in found), "keep one copy"))
+    builtin = ext is not None and ext.parent.name == "extensions-builtin"
+
+    # running webui processes, and the settings files they read (--ui-settings-file)
+    procs = [p for p in cmdlines() if _process_in(p, webui)]
+    configs = [webui / "config.json"]
+    for p in procs:
+        other = _arg_value(p["argv"], "--ui-settings-file")
+        if other:
+            other_path = Path(other) if os.path.isabs(other) else Path(p.get("cwd") or
+                                                                         webui) / other
+            if not any(_same_path(other_path, c) for c in configs):
+                configs.append(other_path)
+    names = {p.name for p in found}
+    for config in configs:
+        add(_settings_check(config, names, webui, builtin))
+
+    bad = [(p, webui_flag(p["argv"], builtin)) for p in procs]
+    bad = [(p, f) for p, f in bad if f]
+    unread = [p for p in procs if p.get("environ") is None]
+    if bad:
+        p, flag = bad[0]
+        add(Check("webui arguments", FAIL, f"the webui (pid {p['pid']}) runs with {flag}, "
+                  f"which leaves Consent Guard out",
+                  "start the webui without it (check COMMANDLINE_ARGS in webui-user.sh / "
+                  "webui-user.bat too)"))
+    elif procs:
+        add(Check("webui arguments", WARN if unread else OK,
+                  f"{len(procs)} webui process(es), no flag that leaves the extension out"
+                  + (f"; the environment of pid {unread[0]['pid']} cannot be read, so its "
+                     f"COMMANDLINE_ARGS were not checked" if unread else ""),
+                  "run doctor as the account the webui runs as (or root)" if unread else ""))
+    else:
+        add(Check("webui running", SKIP, f"no webui process of {webui} found"))
+
+    # the home the webui uses (a1111_adapter/bridge.py: <data dir>/consent_guard, unless
+    # CONSENT_GUARD_HOME is set in its environment)
+    from .home import ENV_HOME, HOME_FOLDER
+    seen = [p for p in procs if p.get("environ") is not None]
+    if seen:
+        homes = {str(_webui_home(p, webui, ENV_HOME, HOME_FOLDER)) for p in seen}
+        other = sorted(h for h in homes if not _same_path(h, home))
+        add(Check("webui home", FAIL if other else OK,
+                  f"the running webui uses {other[0]}, doctor checked {home}" if other else
+                  str(home), f"start the webui with {ENV_HOME}={home} (or run doctor with "
+                             f"{ENV_HOME} set to the webui's)" if other else ""))
+    elif os.environ.get(ENV_HOME):
+        add(Check("webui home", INFO, f"{ENV_HOME} is set for doctor: the webui must be "
+                  f"started with the same {ENV_HOME}={home}"))
+    else:
+        theirs = webui / HOME_FOLDER
+        same = _same_path(theirs, home)
+        add(Check("webui home", OK if same else FAIL, str(theirs) if same else
+                  f"the webui uses {theirs}, doctor checked {home}",
+                  "" if same else f"set {ENV_HOME} for the webui, ComfyUI and the command line "
+                                  f"alike, or run doctor with {ENV_HOME}={theirs}"))
+    return checks, ext
+
+
+def webui_home(webui: Path) -> Path:
+    """The home a webui in `webui` uses when started from this environment:
+    $CONSENT_GUARD_HOME, else <webui>/consent_guard (a1111_adapter/bridge.py). For
+    `consent-guard doctor --webui DIR` without --comfyui."""
+    from .home import ENV_HOME, HOME_FOLDER
+
+    env = os.environ.get(ENV_HOME)
+    return Path(env).expanduser() if env else Path(webui) / HOME_FOLDER
+
+
+def _webui_home(process: dict, webui: Path, env_name: str, folder: str) -> Path:
+    """The home a running webui uses: its CONSENT_GUARD_HOME, else <its --data-dir>/
+    consent_guard (the webui folder by default)."""
+    if process.get("home_env"):
+        return Path(process["home_env"]).expanduser()
+    data_dir = _arg_value(process.get("argv", []), "--data-dir")
+    if data_dir:
+        return Path(process.get("cwd") or webui) / data_dir / folder
+    return Path(webui) / folder
+
+
 def run(home: Path, comfyui: Optional[Path] = None, url: Optional[str] = None,
         user: Optional[str] = None, get_json: Optional[Callable] = None,
-        cmdlines: Callable = _proc_cmdlines) -> List[Check]:
+        cmdlines: Callable = _proc_cmdlines, webui: Optional[Path] = None,
+        webui_cmdlines: Callable = _webui_cmdlines) -> List[Check]:
+    """Every check, in the order printed. `webui`: an A1111/Forge folder to check too (only
+    that one when no ComfyUI folder is given)."""
     get_json = get_json or _get_json  # looked up here, so a test can stand in for the server
     checks: List[Check] = []
     add = checks.append
@@ -337,7 +618,13 @@ def run(home: Path, comfyui: Optional[Path] = None, url: Optional[str] = None,
     later = SETUP_FIX
 
     # the plugin folder
-    if comfyui is None:
+    webui_ext = None
+    if webui is not None:
+        found, webui_ext = webui_checks(Path(webui), home, webui_cmdlines)
+        checks.extend(found)
+    if comfyui is None and webui is not None:
+        pass  # only the webui was asked about
+    elif comfyui is None:
         add(Check("plugin folder", SKIP, "no ComfyUI folder given", "pass --comfyui DIR"))
     else:
         active, disabled = find_plugin(comfyui)
@@ -394,6 +681,8 @@ def run(home: Path, comfyui: Optional[Path] = None, url: Optional[str] = None,
         from .models import ModelResolver
 
         dirs = [comfyui / "models" / "consent_guard"] if comfyui is not None else []
+        if webui is not None:
+            dirs.append(Path(webui) / "models" / "consent_guard")
         resolver = ModelResolver(policy.model_paths, dirs)
         add(_models_check(resolver, policy))
         for check in runtime_checks():
@@ -440,7 +729,12 @@ def run(home: Path, comfyui: Optional[Path] = None, url: Optional[str] = None,
             add(Check("audit log", FAIL, str(exc)))
 
     # files the person at the keyboard must not be able to change
-    writable = [p for p in _guarded_paths(home, plugin, comfyui) if _writable_by(p, user)]
+    guarded = _guarded_paths(home, plugin, comfyui)
+    if webui is not None:  # whoever can write these can switch the extension off or out
+        extra = _guarded_paths(home, webui_ext, None) + [Path(webui) / "extensions",
+                                                          Path(webui) / "config.json"]
+        guarded += [p for p in dict.fromkeys(extra) if p.exists() and p not in guarded]
+    writable = [p for p in guarded if _writable_by(p, user)]
     who = f"user {user}" if user else ("an account other than root" if _is_root() and
                                        sys.platform != "win32" else "this user")
     if sys.platform == "win32":
@@ -499,7 +793,7 @@ def run(home: Path, comfyui: Optional[Path] = None, url: Optional[str] = None,
                   if engine_problem else ""))
         for check in compare_setup(local, status.get("setup")):
             add(check)
-    else:
+    elif comfyui is not None or webui is None:
         found = [a for a in cmdlines()]
         bad = [why for why in (_flags_exclude(a, name) for a in found) if why]
         if bad:

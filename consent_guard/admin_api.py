@@ -1,15 +1,16 @@
 """The admin actions of a UI, without the UI: status, first-run set-up, enrolment, policy,
 audit log and lock, each one call that returns a Reply (an HTTP status and a JSON-able body).
 
-Why here: the A1111/Forge adapter (a1111_adapter/ui_tab.py for its gradio tab,
-a1111_adapter/api_routes.py for its FastAPI routes) needs what ComfyUI's routes do
-(nodes/routes.py, nodes/admin_routes.py), but those import ComfyUI's folder_paths and aiohttp.
-So their non-HTTP logic is here, with the same semantics:
+Why here: both adapters serve the same actions, and one copy of their logic keeps their
+rules, limits and refusal codes the same. ComfyUI's routes (nodes/routes.py,
+nodes/admin_routes.py) and the A1111/Forge adapter (a1111_adapter/ui_tab.py for its gradio
+tab, a1111_adapter/api_routes.py for its FastAPI routes) only read their requests (aiohttp,
+gradio, FastAPI), call these, and send the Reply back. The semantics:
 - every refusal has a "code": "passphrase_missing" (type it) and "passphrase_wrong" (it was
   checked and is wrong) are told apart, "not_set_up" before any admin passphrase exists,
   "registry_passphrase_needed", "setup_local_only", and set-up's own (setup.py);
-- wrong passphrases are rate-limited per client and globally by a PassphraseLimiter (the same
-  class as ComfyUI's; an attempt is reserved before its slow scrypt check); a request with no
+- wrong passphrases are rate-limited per client and globally by the one PassphraseLimiter of
+  the process (an attempt is reserved before its slow scrypt check); a request with no
   passphrase guesses nothing and is not counted;
 - while the admin lock is on, changing the policy or enrolling needs the admin passphrase;
   reading the audit log and (un)locking always need it; set-up is refused once done and, over
@@ -35,7 +36,11 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import admin, expect, setup
+from .faces.enrol import PhotoCheck  # noqa: F401 - for test doubles of enrol_person
+from .identities import EnrolmentRefused, enrol_person
+from .models import ModelError
 from .policy import POLICY_FILENAME, PolicyError, load_policy
+from .registry import LockedError, RegistryError
 
 log = logging.getLogger("consent_guard")
 
@@ -70,16 +75,20 @@ def error(status: int, message: str, **extra) -> Reply:
 class Site:
     """What the admin actions need from the UI they serve. `engine` returns the UI's engine or
     raises (its message is shown as the engine's problem); `hooks` (optional) returns the
-    adapter's own status (enforce armed, hooks in place) for the status reply."""
+    adapter's own status (enforce armed, hooks in place) for the status reply. `ui_name` and
+    `panel` name the UI and its Consent Guard screen in messages ("ComfyUI", "the Consent
+    Guard panel")."""
     home: Callable[[], Path]
     engine: Callable[[], object]
     model_dirs: Callable[[], Sequence[Path]] = lambda: ()
     insightface_dirs: Callable[[], Sequence[Path]] = lambda: ()
-    source: str = "ui"  # for the audit log and the server log: "a1111 tab", "a1111 api"
+    source: str = "ui"  # for the audit log and the server log: "a1111 tab", "comfyui panel"
     hooks: Optional[Callable[[], dict]] = None
+    ui_name: str = "the webui"
+    panel: str = "the Consent Guard tab"
 
 
-# -- the passphrase limiter (the same semantics as nodes/routes.py's) -------------------------
+# -- the passphrase limiter: one per process, for every UI and route ---------------------------
 
 WRONG, RIGHT, UNCHECKED = "wrong", "right", "unchecked"  # how a reserved check ended
 
@@ -90,10 +99,16 @@ class PassphraseLimiter:
     A client gets `max_failures` wrong passphrases within `window` seconds; then that client
     alone is refused for `lockout` seconds, so one guesser cannot lock anyone else out. All
     clients together get `global_failures` within the window; past that, attempts from anyone
-    are spaced `global_spacing` seconds apart until the window clears, except from an address
-    that gave the right passphrase within `trust_for` seconds (so a flood of guesses cannot
-    starve the admin). An attempt is reserved before its slow check (`begin`) and settled after
-    it (`end`): concurrent guesses get at most `max_failures` checks.
+    are spaced `global_spacing` seconds apart until the window clears. A guesser with many
+    addresses (or everyone behind one reverse proxy) is slowed to that pace, never locked out
+    for longer than one spacing, and the command line on the machine always works. An address
+    that gave the right passphrase within `trust_for` seconds skips that spacing (its own limit
+    still holds), so a flood of guesses cannot starve the admin of slots.
+
+    An attempt is reserved before its slow scrypt check runs (`begin`) and settled after it
+    (`end`): checking the limit and counting the attempt are one step under one lock, and a
+    pending attempt counts as a failure until it ends. So 40 concurrent guesses get at most
+    `max_failures` checks, however the server's threads interleave them.
     """
 
     def __init__(self, max_failures: int = 5, window: float = 60.0, lockout: float = 60.0,
@@ -155,8 +170,10 @@ class PassphraseLimiter:
             return client, 0
 
     def end(self, ticket: str, outcome: str) -> None:
-        """Settle a reserved check: WRONG counts; RIGHT clears the client's count (never the
-        global one); UNCHECKED only gives the reservation back."""
+        """Settle a reserved check. WRONG counts; RIGHT (the passphrase was verified) clears
+        the client's count, never the global one; UNCHECKED (refused before any passphrase
+        was checked, e.g. no readable photo) only gives the reservation back, so a request
+        that checks nothing can never reset a guesser's count."""
         with self._lock:
             now = self.clock()
             state = self._client(ticket, now)
@@ -197,7 +214,8 @@ class _Client:
         return not self.failures and not self.pending and self.locked_until <= now
 
 
-# One limiter per process: the tab and the FastAPI routes of one webui count together.
+# One limiter per process: every route and tab of one UI counts together (ComfyUI's enrol
+# dialog and admin routes; the webui's tab and FastAPI routes).
 LIMITER = PassphraseLimiter()
 _ENROL_LOCK = threading.Lock()  # one enrolment at a time: two first ones cannot race
 
@@ -231,7 +249,7 @@ def admin_ok(site: Site, passphrase: Optional[str], what: str, always: bool = Fa
     st = admin.state(home)
     if always and not st.has_passphrase:
         return error(403, f"{what[0].upper()}{what[1:]} is for the admin: do the first-run "
-                          f"set-up first (the Consent Guard tab, or `consent-guard setup`).",
+                          f"set-up first ({site.panel}, or `consent-guard setup`).",
                      code=NOT_SET_UP)
     if not always and not st.locked:
         return None
@@ -437,8 +455,9 @@ def setup_post(site: Site, passphrase, passphrase_confirm, enforce, locked,
     started with --listen could hand that to anyone on the network."""
     if not is_loopback(client):
         log.warning("Consent Guard: set-up refused from %s (not this machine)", client)
-        return error(403, "Set Consent Guard up on the computer the webui runs on: open it "
-                          "there (http://127.0.0.1:<port>), or run `consent-guard setup` there.",
+        return error(403, f"Set Consent Guard up on the computer {site.ui_name} runs on: open "
+                          f"{site.ui_name} there (http://127.0.0.1:<port>), or run "
+                          f"`consent-guard setup` there.",
                      code=SETUP_LOCAL_ONLY)
     if not isinstance(enforce, bool) or not isinstance(locked, bool):
         return error(400, "Send enforce and locked as true or false.", code=BAD_REQUEST)
@@ -514,6 +533,7 @@ def _checked(form: EnrolForm):
     """(aliases list, Consent) from the form; FormError naming what is missing or wrong."""
     from .registry import SCOPES, Consent
 
+    form.scope = (form.scope or "").strip()
     missing = [label for value, label in ((form.name, "name"), (form.scope, "scope"),
                                           (form.consent_by, "consent given by"))
                if not (value or "").strip()]
@@ -602,9 +622,7 @@ def _wrong_admin(site: Site) -> Reply:
 
 
 def _enrol_checked(site: Site, form: EnrolForm, aliases, consent, outcome: dict) -> Reply:
-    from .identities import EnrolmentRefused, enrol_person
-    from .models import ModelError
-    from .registry import LockedError, RegistryError, registry_paths
+    from .registry import registry_paths
 
     home = site.home()
     try:
@@ -669,6 +687,7 @@ def _enrol_checked(site: Site, form: EnrolForm, aliases, consent, outcome: dict)
             insightface_dirs=[Path(d) for d in site.insightface_dirs()])
     except LockedError:
         outcome["passphrase"] = WRONG
+        log.warning("Consent Guard: enrolment refused, wrong passphrase")
         if form.registry_passphrase:
             return error(403, "Wrong registry passphrase: it does not open the identity "
                               "registry; nothing was enrolled.", code=PASSPHRASE_WRONG)
@@ -678,7 +697,10 @@ def _enrol_checked(site: Site, form: EnrolForm, aliases, consent, outcome: dict)
                               "sealed with another passphrase: type that one under \"Registry "
                               "passphrase\"; nothing was enrolled.",
                          code=REGISTRY_PASSPHRASE_NEEDED)
-        return _wrong_admin(site)
+        # No lock in play here (the admin check above passed): the passphrase did not open
+        # the registry, so the reply says only that, as ComfyUI's always did.
+        return error(403, "Wrong admin passphrase: nothing was enrolled. Check it and type "
+                          "it again.", code=PASSPHRASE_WRONG)
     except EnrolmentRefused as exc:
         return error(400, "No photo was usable; nothing was enrolled. Use clear photos of this "
                           "person alone, face to the camera.", photos=merged(exc.checks))

@@ -91,9 +91,13 @@ class Clock:
 
 @pytest.fixture
 def routes(comfy, monkeypatch):
+    """nodes/routes.py; its logic is the package's consent_guard/admin_api.py (routes.admin_api),
+    whose one limiter is replaced by one on a test clock."""
     mod = sys.modules[comfy.__name__ + ".nodes.routes"]
     clock = Clock()
-    monkeypatch.setattr(mod, "LIMITER", mod.PassphraseLimiter(clock=clock))
+    limiter = mod.admin_api.PassphraseLimiter(clock=clock)
+    monkeypatch.setattr(mod.admin_api, "LIMITER", limiter)
+    monkeypatch.setattr(mod, "LIMITER", limiter)
     monkeypatch.setattr(mod, "test_clock", clock, raising=False)  # for the tests to advance
     return mod
 
@@ -214,10 +218,10 @@ def test_unreadable_and_oversized_photos_get_a_reason_each(routes, monkeypatch):
 
     def refuse_all(policy, home, passphrase, photos, **kw):
         seen.extend(p.shape for p in photos)
-        raise routes.EnrolmentRefused([routes.PhotoCheck("<image>", False, "no face found")
-                                       for _ in photos])
+        raise routes.admin_api.EnrolmentRefused([routes.admin_api.PhotoCheck(
+            "<image>", False, "no face found") for _ in photos])
 
-    monkeypatch.setattr(routes, "enrol_person", refuse_all)
+    monkeypatch.setattr(routes.admin_api, "enrol_person", refuse_all)
     mb = 2 ** 20
     monkeypatch.setattr(routes, "MAX_PHOTO_BYTES", 1 * mb)
     monkeypatch.setattr(routes, "MAX_TOTAL_BYTES", 2 * mb)
@@ -294,7 +298,7 @@ def test_fields_reach_enrol_person_as_given(routes, monkeypatch, tmp_path):
         return Enrolment(ident, [PhotoCheck("<image>", True, "one face, 200 px, score 0.95")],
                          ["opencv"], ["insightface: no pack"])
 
-    monkeypatch.setattr(routes, "enrol_person", fake_enrol)
+    monkeypatch.setattr(routes.admin_api, "enrol_person", fake_enrol)
     sideways = Image.new("RGB", (40, 20), (200, 10, 10))
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees to display
@@ -320,9 +324,9 @@ def test_fields_reach_enrol_person_as_given(routes, monkeypatch, tmp_path):
 
 def test_model_error_is_500_with_the_message(routes, monkeypatch):
     def broken(*a, **kw):  # the package's own ModelError, as ComfyUI loads it
-        raise routes.ModelError("No face backend can run here: sface weights missing")
+        raise routes.admin_api.ModelError("No face backend can run here: sface weights missing")
 
-    monkeypatch.setattr(routes, "enrol_person", broken)
+    monkeypatch.setattr(routes.admin_api, "enrol_person", broken)
     reply = enroll(routes, form(), [("a.png", GREY)])
     assert reply.status == 500 and reply.body["error"] == (
         "The face models cannot run: No face backend can run here: sface weights missing")
@@ -629,10 +633,11 @@ def test_registry_sealed_with_another_passphrase_is_named(admin_api, routes, tmp
         try:  # the real check; raised again as the LockedError of the package under test
             Registry.open(home / "identities.db", passphrase=passphrase).close()
         except Exception as exc:
-            raise routes.LockedError(str(exc)) from None
+            raise routes.admin_api.LockedError(str(exc)) from None
         raise RuntimeError("stop here")
-    monkeypatch.setattr(routes, "enrol_person", fake_enrol)
-    monkeypatch.setattr(routes, "decode_photo", lambda data, max_pixels: np.zeros((8, 8, 3)))
+    monkeypatch.setattr(routes.admin_api, "enrol_person", fake_enrol)
+    monkeypatch.setattr(routes.admin_api, "decode_photo",
+                        lambda data, max_pixels: np.zeros((8, 8, 3)))
     reply = enroll(routes, form(passphrase_confirm=None), [("a.png", GREY)])
     assert reply.status == 403 and reply.body["code"] == "registry_passphrase_needed"
     reply = enroll(routes, form(passphrase_confirm=None,

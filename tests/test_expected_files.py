@@ -221,13 +221,14 @@ def test_ui_enrolment_records_the_new_registry_for_an_unlocked_user(bridge, home
         make_registry(where)
         ident = Identity("id_0123456789ab", kw["name"], kw["scope"], (), kw["consent"])
         return Enrolment(ident, [PhotoCheck("<image>", True, "one face")], ["opencv"], [])
-    monkeypatch.setattr(routes, "enrol_person", fake_enrol)
-    consent = routes.Consent("Ms Example", "", "2024-05-01", "")
+    shared = routes.admin_api  # the enrolment logic the dialog's route runs (admin_api.enrol)
+    monkeypatch.setattr(shared, "enrol_person", fake_enrol)
     buf = io.BytesIO()
     Image.new("RGB", (32, 32), (90, 90, 90)).save(buf, format="PNG")
-    form = routes.EnrolForm(PASS, PASS, None, "Ms Example", [], "any", consent,
-                            [routes.Upload("a.png", buf.getvalue())])
-    reply = routes.enrol_sync(form, "192.0.2.7")
+    form = shared.EnrolForm(PASS, "Ms Example", "any", "Ms Example",
+                            [shared.Photo("a.png", buf.getvalue())], consent_date="2024-05-01",
+                            passphrase_confirm=PASS)
+    reply = shared.enrol(routes.SITE, form, "192.0.2.7")
     assert reply.status == 200, reply.body
     assert json.loads((home / "expected.json").read_text())["registry"]["path"] == \
         str(home / "identities.db")

@@ -46,7 +46,9 @@ class DequantError(ValueError):
 
 # --- reading --------------------------------------------------------------------------------
 
-def _varint(buf: bytes, pos: int) -> Tuple[int, int]:
+def read_varint(buf, pos: int) -> Tuple[int, int]:
+    """A protobuf varint at buf[pos] -> (value, next position); buf may be bytes or an mmap
+    (faces/insightface.py reads ONNX files with it too)."""
     value = shift = 0
     while True:
         byte = buf[pos]
@@ -63,12 +65,12 @@ def fields(buf: bytes) -> Iterator[Tuple[int, int, object, bytes]]:
     pos = 0
     while pos < len(buf):
         start = pos
-        key, pos = _varint(buf, pos)
+        key, pos = read_varint(buf, pos)
         field, wire = key >> 3, key & 7
         if wire == 0:
-            value, pos = _varint(buf, pos)
+            value, pos = read_varint(buf, pos)
         elif wire == 2:
-            n, pos = _varint(buf, pos)
+            n, pos = read_varint(buf, pos)
             value, pos = buf[pos:pos + n], pos + n
         elif wire == 1:
             value, pos = buf[pos:pos + 8], pos + 8
@@ -96,7 +98,7 @@ def _ints(msg: bytes, number: int) -> List[int]:
         elif w == 2:
             pos = 0
             while pos < len(v):
-                x, pos = _varint(v, pos)
+                x, pos = read_varint(v, pos)
                 out.append(x)
     return [x - (1 << 64) if x >= 1 << 63 else x for x in out]
 

@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from ..models import ModelError, onnx_session, sha256_of
+from ..onnx_dequant import read_varint as _varint  # one protobuf varint reader
 from .base import Face, l2_normalise
 
 # Cosine similarity at and above which two ArcFace embeddings are taken as the same person.
@@ -235,17 +236,6 @@ class SCRFDDetector:
 
 
 # --- ArcFace ------------------------------------------------------------------------------
-
-def _varint(buf, pos: int) -> Tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = buf[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-
 
 def _fields(buf, start: int, end: int):
     """Yield (field number, value) of the protobuf message buf[start:end]; the value of a

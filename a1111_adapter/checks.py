@@ -380,7 +380,46 @@ def placeholder_for(picture, kind: str):
     out = _pil(censor.placeholder(max(int(w), 1), max(int(h), 1), kind=kind,
                                   locale=bridge.ui_locale()))
     SEEN.add(picture_key(out))
-    return out
+    return _blocked(out)
+
+
+BLOCKED_MARK = "consent_guard_blocked"  # an attribute on a placeholder PIL image
+
+
+BLOCKED = _Seen()  # RGB contents of placeholders made here (survive Forge's RGBA copy)
+
+
+def _blocked(picture):
+    """Mark a placeholder, so the save gate keeps it out of outputs/ (before_image_saved):
+    by an attribute, and by its RGB content, since Forge saves an RGBA copy of it (the
+    infotext in its alpha) made before the save callbacks run."""
+    setattr(picture, BLOCKED_MARK, True)
+    BLOCKED.add(picture_key(picture))
+    return picture
+
+
+def is_blocked(picture) -> bool:
+    if picture is None:
+        return False
+    if getattr(picture, BLOCKED_MARK, False):
+        return True
+    try:
+        return picture_key(picture) in BLOCKED
+    except Exception:
+        return False
+
+
+def blocked_folder() -> str:
+    """Where a placeholder is written when the WebUI saves a blocked picture: the WebUI saves
+    whatever before_image_saved leaves in params, and its gallery shows the saved file, so
+    the file is redirected here, out of outputs/ (the system temp folder, never served
+    beyond the gallery)."""
+    import os
+    import tempfile
+
+    folder = os.path.join(tempfile.gettempdir(), "consent_guard_blocked")
+    os.makedirs(folder, exist_ok=True)
+    return folder
 
 
 def gate_picture(picture, where: str, p=None):
@@ -410,6 +449,8 @@ def gate_picture(picture, where: str, p=None):
         out = _pil(engine.output_for(rgb, verdict))
         if verdict.decision is Decision.CENSOR and not verdict.error:
             out.info.update(getattr(picture, "info", None) or {})
+        else:
+            _blocked(out)
         SEEN.add(picture_key(out))
         if not verdict.error:  # a failed check is tried again next time
             SEEN.add((key, id(engine)), out)
@@ -515,6 +556,25 @@ def before_image_saved(params) -> None:
         params.image = placeholder_for(getattr(params, "image", None), messages.CHECK_FAILED)
         if not isinstance(exc, Exception):
             raise
+    finally:
+        _keep_blocked_out_of_outputs(params)
+
+
+def _keep_blocked_out_of_outputs(params) -> None:
+    """A blocked picture's placeholder is written to blocked_folder(), not where the WebUI
+    meant to save it (outputs/...): nothing of a blocked job reaches the outputs folder,
+    while the gallery still has a file to show. Its infotext .txt, if the WebUI writes one,
+    goes along (it is named after the image). If the folder cannot be made, the placeholder
+    is saved where the WebUI meant (never the original)."""
+    if not is_blocked(getattr(params, "image", None)):
+        return
+    import os
+
+    try:
+        name = os.path.basename(str(params.filename)) or "blocked.png"
+        params.filename = os.path.join(blocked_folder(), name)
+    except Exception as exc:
+        log.error("Consent Guard: a placeholder is saved in outputs/: %s", exc)
 
 
 def gate_extras(pp) -> None:

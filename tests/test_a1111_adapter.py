@@ -29,6 +29,10 @@ def webui(request, monkeypatch, tmp_path):
     ns = a1111_standins.install(monkeypatch, tmp_path / "webui", flavour=request.param)
     ns.flavour = request.param
     ns.out = tmp_path / "outputs"
+    ns.blocked = tmp_path / "blocked"  # where blocked pictures' placeholders are written
+    ns.blocked.mkdir()
+    monkeypatch.setattr(sys.modules["a1111_adapter.checks"], "blocked_folder",
+                        lambda: str(ns.blocked))
     yield ns
     ns.cleanup()
 
@@ -65,6 +69,11 @@ def run_job(ns, keys=(ALLOW,), img2img=False, **kw):
 
 def saved(ns):
     return sorted(f for f in ns.out.rglob("*.png")) if ns.out.exists() else []
+
+
+def kept_out(ns):
+    """Placeholders of blocked pictures: written outside outputs/, for the gallery only."""
+    return sorted(ns.blocked.glob("*.png"))
 
 
 def pixels(image):
@@ -226,8 +235,11 @@ def test_outputs_are_censored_or_replaced_before_they_are_saved_or_returned(webu
     assert np.array_equal(pixels(censored)[40:, :], keyed_image(CENSOR)[40:, :])  # only a box
     assert pixels(blocked).std() < 40  # the grey placeholder, not the noise picture
     files = saved(webui)
-    assert len(files) == 4  # 3 samples and the grid, none of them an original
-    on_disk = [pixels(Image.open(f)) for f in files]
+    # the allowed and the censored sample and the grid; the blocked one never reaches outputs/
+    assert len(files) == 3
+    [placeholder] = kept_out(webui)
+    assert pixels(Image.open(placeholder)).std() < 40
+    on_disk = [pixels(Image.open(f)) for f in files + [placeholder]]
     assert not any(np.array_equal(a, keyed_image(BLOCK)) for a in on_disk)
     assert not any(np.array_equal(a, keyed_image(CENSOR)) for a in on_disk)
     assert not webui.errors.reported
@@ -253,7 +265,8 @@ def test_save_before_postprocessing_is_gated(webui, monkeypatch):
     use_engine(monkeypatch)
     webui.shared.opts.save_images_before_color_correction = True
     run_job(webui, keys=(BLOCK,))
-    files = saved(webui)
+    assert saved(webui) == []  # neither copy reaches outputs/
+    files = kept_out(webui)
     assert len(files) == 2
     assert not any(np.array_equal(pixels(Image.open(f)), keyed_image(BLOCK)) for f in files)
 
@@ -287,7 +300,8 @@ def test_extras_are_gated_in_ui_and_api_mode(webui, monkeypatch):
     shown = webui.postprocessing.run_postprocessing(picture(BLOCK), webui.extras,
                                                     str(webui.out / "extras"), save_output=True)
     assert not np.array_equal(pixels(shown), keyed_image(BLOCK))
-    [saved_file] = saved(webui)
+    assert saved(webui) == []
+    [saved_file] = kept_out(webui)
     assert not np.array_equal(pixels(Image.open(saved_file)), keyed_image(BLOCK))
     returned = webui.postprocessing.run_postprocessing(picture(BLOCK), webui.extras,
                                                        str(webui.out / "api"), save_output=False)

@@ -53,7 +53,7 @@ CATALOGUE: Dict[str, Dict[str, Tuple[str, str]]] = {
                        "under 18, so it was not saved or shown.",
                        "This is never allowed. Change the prompt."),
         CHECK_FAILED: ("Consent Guard could not run its check, so nothing was made or saved.",
-                       "Ask the person who set up this computer to look at the ComfyUI log."),
+                       "Ask the person who set up this computer to look at the log."),
     },
     "id": {
         PROMPT_EXPLICIT: ("Prompt ini meminta konten seksual, dan itu tidak diizinkan di sini.",
@@ -78,7 +78,7 @@ CATALOGUE: Dict[str, Dict[str, Tuple[str, str]]] = {
                        "Ini tidak pernah diizinkan. Ubah prompt-nya."),
         CHECK_FAILED: ("Consent Guard tidak bisa menjalankan pemeriksaannya, jadi tidak ada "
                        "yang dibuat atau disimpan.",
-                       "Minta orang yang menyiapkan komputer ini untuk memeriksa log ComfyUI."),
+                       "Minta orang yang menyiapkan komputer ini untuk memeriksa log-nya."),
     },
     "ko": {
         PROMPT_EXPLICIT: ("이 프롬프트는 성적인 내용을 요청하고 있어서 여기서는 쓸 수 없어요.",
@@ -101,7 +101,7 @@ CATALOGUE: Dict[str, Dict[str, Tuple[str, str]]] = {
                        "이런 이미지는 절대 허용되지 않아요. 프롬프트를 바꿔 주세요."),
         CHECK_FAILED: ("Consent Guard가 검사를 실행하지 못해서 아무것도 만들거나 저장하지 "
                        "않았어요.",
-                       "이 컴퓨터를 설정한 사람에게 ComfyUI 로그를 확인해 달라고 해 주세요."),
+                       "이 컴퓨터를 설정한 사람에게 로그를 확인해 달라고 해 주세요."),
     },
 }
 

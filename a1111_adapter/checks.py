@@ -417,8 +417,12 @@ def blocked_folder() -> str:
     import os
     import tempfile
 
-    folder = os.path.join(tempfile.gettempdir(), "consent_guard_blocked")
-    os.makedirs(folder, exist_ok=True)
+    # One folder per account, owner-only: the WebUI may write the blocked job's infotext (its
+    # prompt) beside the placeholder, and on a shared machine /tmp is everyone's.
+    uid = getattr(os, "getuid", None)  # none on Windows, where the temp folder is per user
+    name = "consent_guard_blocked" + (f"_{uid()}" if uid else "")
+    folder = os.path.join(tempfile.gettempdir(), name)
+    os.makedirs(folder, mode=0o700, exist_ok=True)
     return folder
 
 

@@ -25,11 +25,22 @@ detected. Listing and exporting report such a row and skip it (`identities(skip_
 `open_for_matching` raise DamagedRowError naming the row, because skipping it would silently
 leave that person unprotected.
 Revoking deletes rows with `secure_delete` on, then vacuums the file.
+
+Matching reads sealed copies (registry_matrix.py): every write also stores, per model, all its
+vectors in one sealed matrix, and one sealed list of the identities, each stamped with the new
+generation and a sealed digest of the rows it was built from. A reader uses a copy only when its
+seal verifies, its generation is current and the rows still hash to its digest (a flipped byte
+in any row sends it to the rows, which name the row and refuse); otherwise it reads the rows one
+by one and logs why. The rows stay the source of truth: export, import and the damage report
+work on them, and triggers in the file drop the copies whenever any program (older versions
+included) changes a row, so revoking someone also wipes the copy of their vectors. Registries
+made before the copies are read row by row until the admin's next write adds them.
 """
 from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import secrets
 import sqlite3
@@ -42,6 +53,10 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from . import registry_matrix as matrix
+
+log = logging.getLogger("consent_guard")
 
 REGISTRY_FILENAME = "identities.db"
 KEY_FILENAME = "registry.key"
@@ -186,8 +201,15 @@ class Registry:
         self.path = Path(path)
         self._key = key
         self.read_only = read_only
+        self._cipher = _aead()(key)  # one AES-GCM object: building one per row cost 3 us each
+        from cryptography.exceptions import InvalidTag
+
+        self._invalid_tag = InvalidTag  # looked up once, not once per row
         self._lock = threading.RLock()
         self._db = _connect(self.path, read_only=read_only)
+        self._verified: Dict[str, int] = {}  # model_id -> generation its rows were checked at
+        self._identities_at: Optional[tuple] = None  # (generation, identities, damaged)
+        self._writing = False
 
     # -- opening -------------------------------------------------------------------------
     @classmethod
@@ -207,7 +229,7 @@ class Registry:
         try:
             db = _connect(tmp)
             with db:
-                db.executescript(_SCHEMA)
+                db.executescript(_SCHEMA + ";\n".join(matrix.SCHEMA) + ";")
                 meta = {"format": str(FORMAT), "generation": "0",
                         "kdf": json.dumps({"salt": _b64(salt), "n": SCRYPT_N, "r": SCRYPT_R,
                                            "p": SCRYPT_P}),
@@ -288,7 +310,7 @@ class Registry:
             return
         for sealed, context in rows:
             try:
-                unseal(self._key, sealed, context)
+                self._unseal(sealed, context)
                 return
             except LockedError:
                 continue
@@ -328,6 +350,18 @@ class Registry:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    # -- sealing with the data key ---------------------------------------------------------
+    def _seal(self, plain: bytes, context: bytes) -> bytes:
+        nonce = secrets.token_bytes(12)
+        return nonce + self._cipher.encrypt(nonce, plain, context)
+
+    def _unseal(self, sealed: bytes, context: bytes) -> bytes:
+        """As `unseal`, with this registry's key (LockedError when the seal does not verify)."""
+        try:
+            return self._cipher.decrypt(sealed[:12], sealed[12:], context)
+        except self._invalid_tag:
+            raise LockedError("wrong key: the data cannot be decrypted with it") from None
+
     # -- reading -------------------------------------------------------------------------
     def _meta(self, key: str) -> str:
         rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
@@ -349,7 +383,55 @@ class Registry:
                 raise RegistryError(_explain(self.path, exc, "cannot be read")) from None
 
     def _identity_rows(self) -> Tuple[List[Identity], List[str]]:
-        """(identities that read back, one message per damaged identity row)."""
+        """(identities that read back, one message per damaged identity row). Decoded once per
+        generation: the matcher asks at start for the check, the face backend and the prompt
+        names, and 10,000 people cost 0.1-0.3 s a time. Never cached during a write, which
+        changes the rows before it changes the generation."""
+        with self._lock, self._snapshot():
+            generation = None if self._writing else self.generation
+            if generation is None or self._identities_at is None or \
+                    self._identities_at[0] != generation:
+                people = None if generation is None else self._matrix_identities()
+                self._identities_at = (generation, people, []) if people is not None else \
+                    (generation, *self._decode_identity_rows())
+            _, out, damaged = self._identities_at
+            if generation is None:
+                self._identities_at = None
+            return list(out), list(damaged)
+
+    def _matrix_identities(self) -> Optional[List[Identity]]:
+        """Everyone enrolled, from the sealed snapshot kept with the matrices (one decryption
+        instead of one per person), when it is current and the identity rows are byte for
+        byte those it was built from; else None (the rows are then decoded one by one)."""
+        found = self._matrix_row(matrix.IDENTITIES, with_vectors=True)
+        if found is None or found[0] != found[-1]:
+            return None
+        generation, digest, sealed, _ = found
+        try:
+            wanted = self._unseal(digest, matrix.context(matrix.IDENTITIES, generation, "digest"))
+            if self._identity_digest() != wanted:
+                return None
+            built_at, people = matrix.unpack_identities(
+                self._unseal(sealed, matrix.context(matrix.IDENTITIES, generation, "vectors")))
+            if built_at != generation:
+                return None
+            return [Identity(p["id"], p["name"], p["scope"], tuple(p["aliases"]),
+                             Consent(**p["consent"]) if p["consent"] else None, p["created"],
+                             dict(p["embeddings"])) for p in people]
+        except (LockedError, TypeError, ValueError, KeyError):
+            log.warning("Consent Guard: the identity registry %s has a sealed list of "
+                        "identities that does not verify (damaged or altered): reading them "
+                        "one by one. The admin's next change rebuilds it.", self.path)
+            return None
+
+    def _identity_digest(self) -> bytes:
+        with self._lock:
+            try:
+                return matrix.rows_digest(self._db.execute(matrix.IDENTITY_DIGEST_SQL))
+            except sqlite3.DatabaseError:
+                return b""
+
+    def _decode_identity_rows(self) -> Tuple[List[Identity], List[str]]:
         rows = self._query("SELECT rowid, id, scope, created, sealed FROM identity "
                            "ORDER BY rowid")
         counts: Dict[str, Dict[str, int]] = {}
@@ -372,13 +454,13 @@ class Registry:
         if scope not in SCOPES:
             raise _Damaged(f"{where}: unknown scope {scope!r}")
         try:
-            info = json.loads(unseal(self._key, sealed, ident.encode()))
+            info = json.loads(self._unseal(sealed, ident.encode()).decode("utf-8"))
             consent = Consent(**info["consent"]) if info.get("consent") else None
             return Identity(ident, info["name"], scope, tuple(info.get("aliases", ())),
                             consent, str(created), models)
         except LockedError:
             raise _Damaged(f"{where}: its seal does not verify (damaged or altered)") from None
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError) as exc:  # UnicodeDecodeError included
             raise _Damaged(f"{where}: unreadable content ({exc})") from None
 
     def identities(self, skip_damaged: bool = False) -> List[Identity]:
@@ -410,18 +492,22 @@ class Registry:
             raise DamagedRowError(self.path, damaged)
 
     def _decode_vector(self, row_id, ident, model_id, sealed, scope) -> np.ndarray:
+        return np.frombuffer(self._decode_raw(row_id, ident, model_id, sealed, scope), "<f4")
+
+    def _decode_raw(self, row_id, ident, model_id, sealed, scope) -> bytes:
+        """The float32 bytes of one embedding row (no array: the caller joins many at once)."""
         where = f"embedding row {row_id} (identity {ident!r}, model {model_id!r})"
         if scope is None:
             raise _Damaged(f"{where}: its identity row is missing or its id was altered")
         if scope not in SCOPES:
             raise _Damaged(f"{where}: its identity has an unknown scope {scope!r}")
         try:
-            raw = unseal(self._key, sealed, f"{ident}/{model_id}/{row_id}".encode())
+            raw = self._unseal(sealed, f"{ident}/{model_id}/{row_id}".encode())
         except (LockedError, TypeError):
             raise _Damaged(f"{where}: its seal does not verify (damaged or altered)") from None
         if not raw or len(raw) % 4:
             raise _Damaged(f"{where}: not a vector ({len(raw)} bytes)")
-        return np.frombuffer(raw, dtype="<f4")
+        return raw
 
     def find(self, name_or_id: str) -> Identity:
         """An identity by id, display name or alias (case-insensitive); damaged rows are not
@@ -444,34 +530,146 @@ class Registry:
 
     def embeddings(self, model_id: str) -> Embeddings:
         """All embeddings made by `model_id`, grouped by identity (rows of one owner adjacent).
-        Raises DamagedRowError naming any row that cannot be read back: matching without it
-        would leave that person unprotected."""
+        Read from the model's sealed matrix when it is current and the rows are unchanged (see
+        registry_matrix.py), else row by row, with a log line saying why. Raises
+        DamagedRowError naming any row that cannot be read back: matching without it would
+        leave that person unprotected. The arrays are read-only."""
+        with self._lock, self._snapshot():
+            emb, why = self._matrix_embeddings(model_id)
+            if emb is not None:
+                return emb
+            emb, _, damaged = self._rows_embeddings(model_id)
+        if damaged:
+            raise DamagedRowError(self.path, damaged)
+        if len(emb.vectors):
+            log.warning("Consent Guard: the identity registry %s %s: matching reads its %d "
+                        "embeddings of %s one by one (slower). The admin's next change to the "
+                        "registry (any `consent-guard identity` change) rebuilds it.",
+                        self.path, why, len(emb.vectors), model_id)
+        return emb
+
+    def check_for_matching(self) -> None:
+        """What the matcher checks when it opens the registry: every identity row, and every
+        embedding row of every model: through the sealed digest of the rows when the model's
+        matrix is current (the rows are read but not decrypted), else one by one. Raises
+        DamagedRowError naming every damaged row."""
+        damaged: List[str] = []
+        with self._lock, self._snapshot():
+            damaged += self._identity_rows()[1]
+            for model_id in self.model_ids():
+                found = self._matrix_row(model_id, with_vectors=False)
+                if found and found[0] == found[-1] and \
+                        not self._rows_changed(model_id, found[0], found[1]):
+                    continue
+                damaged += self._rows_embeddings(model_id)[2]
+        if damaged:
+            raise DamagedRowError(self.path, damaged)
+
+    @contextmanager
+    def _snapshot(self) -> Iterator[None]:
+        """One read transaction (unless a write is under way), so the counter, the matrix and
+        the rows are read as of one moment even while the admin writes."""
+        with self._lock:
+            if self._db.in_transaction:
+                yield
+                return
+            self._query("BEGIN")
+            try:
+                yield
+            finally:
+                self._db.execute("COMMIT")
+
+    def _rows_embeddings(self, model_id: str) -> Tuple[Embeddings, List[int], List[str]]:
+        """(embeddings, their row ids, one message per damaged row) read row by row: the
+        source of truth, which the matrix is built from and checked against."""
         rows = self._query(
             "SELECT e.identity_id, i.scope, e.id, e.sealed FROM embedding e "
             "LEFT JOIN identity i ON i.id = e.identity_id WHERE e.model_id = ? "
             "ORDER BY i.rowid, e.identity_id, e.id", (model_id,))
         idents: List[Tuple[str, str]] = []
-        owners, vectors, damaged = [], [], []
+        owners, row_ids, raws, damaged = [], [], [], []
         for ident, scope, row_id, sealed in rows:
             try:
-                vec = self._decode_vector(row_id, ident, model_id, sealed, scope)
+                raw = self._decode_raw(row_id, ident, model_id, sealed, scope)
             except _Damaged as exc:
                 damaged.append(str(exc))
                 continue
-            if vectors and len(vec) != len(vectors[0]):
+            if raws and len(raw) != len(raws[0]):
                 damaged.append(f"embedding row {row_id} (identity {ident!r}, model "
-                               f"{model_id!r}): {len(vec)} values, the others have "
-                               f"{len(vectors[0])}")
+                               f"{model_id!r}): {len(raw) // 4} values, the others have "
+                               f"{len(raws[0]) // 4}")
                 continue
             if not idents or idents[-1][0] != ident:
                 idents.append((ident, scope))
             owners.append(len(idents) - 1)
-            vectors.append(vec)
-        if damaged:
-            raise DamagedRowError(self.path, damaged)
-        dim = len(vectors[0]) if vectors else 0
-        return Embeddings(model_id, np.asarray(vectors, np.float32).reshape(len(vectors), dim),
-                          np.asarray(owners, np.int64), tuple(idents))
+            row_ids.append(row_id)
+            raws.append(raw)
+        dim = len(raws[0]) // 4 if raws else 0
+        vectors = np.frombuffer(b"".join(raws), "<f4").reshape(len(raws), dim)
+        return (Embeddings(model_id, vectors, np.asarray(owners, np.int64), tuple(idents)),
+                row_ids, damaged)
+
+    def _matrix_row(self, model_id: str, with_vectors: bool) -> Optional[tuple]:
+        """(generation, sealed digest[, sealed matrix], registry generation) of the model's
+        matrix, in one statement; None when there is none (or no matrix table: a registry
+        that only older versions have written)."""
+        if not self._query("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
+                           "name = 'matrix'"):
+            return None
+        columns = "m.generation, m.digest" + (", m.sealed" if with_vectors else "")
+        rows = self._query(f"SELECT {columns}, (SELECT value FROM meta WHERE key = "
+                           f"'generation') FROM matrix m WHERE m.model_id = ?", (model_id,))
+        if not rows:
+            return None
+        *found, current = rows[0]
+        return (*found, int(current or 0))
+
+    def _matrix_embeddings(self, model_id: str) -> Tuple[Optional[Embeddings], str]:
+        """(the embeddings from the model's sealed matrix, "") when it can be trusted, else
+        (None, why not) for the log line."""
+        found = self._matrix_row(model_id, with_vectors=True)
+        if found is None:
+            return None, "has no sealed matrix (it was made or last changed by an older version)"
+        generation, digest, sealed, current = found
+        if generation != current:
+            return None, (f"has a stale sealed matrix (built at change {generation}, the "
+                          f"registry is at {current}: an older version changed it)")
+        why = self._rows_changed(model_id, generation, digest)
+        if why:
+            return None, why
+        try:
+            payload = self._unseal(sealed, matrix.context(model_id, generation, "vectors"))
+            header, _, owners, vectors, identities = matrix.unpack(payload)
+        except (LockedError, TypeError, ValueError, KeyError):
+            return None, "has a sealed matrix that does not verify (damaged or altered)"
+        if header.get("model_id") != model_id or header.get("generation") != generation:
+            return None, "has a sealed matrix of another model or change"
+        return Embeddings(model_id, vectors, owners, tuple(identities)), ""
+
+    def _rows_digest(self, model_id: str) -> bytes:
+        """The digest of the model's rows as they are now (registry_matrix.rows_digest); b""
+        when sqlite cannot hand them over: the rows are then read one by one, which raises
+        RegistryError with the explanation."""
+        with self._lock:
+            try:
+                return matrix.rows_digest(self._db.execute(matrix.DIGEST_SQL, (model_id,)))
+            except sqlite3.DatabaseError:
+                return b""
+
+    def _rows_changed(self, model_id: str, generation: int, sealed_digest) -> str:
+        """"" when the model's rows are byte for byte those the matrix was built from (a
+        sealed digest of them is stored beside it), or were found so at this generation by
+        this reader; else why not, for the log line."""
+        if self._verified.get(model_id) == generation:
+            return ""
+        try:
+            wanted = self._unseal(sealed_digest, matrix.context(model_id, generation, "digest"))
+        except (LockedError, TypeError):
+            return "has a sealed matrix that does not verify (damaged or altered)"
+        if self._rows_digest(model_id) != wanted:
+            return "has rows that changed since its sealed matrix was built (one is damaged?)"
+        self._verified[model_id] = generation
+        return ""
 
     # -- writing (the caller has checked the admin passphrase) ----------------------------
     @contextmanager
@@ -484,17 +682,53 @@ class Registry:
                 self._db.execute("BEGIN IMMEDIATE")
             except sqlite3.DatabaseError as exc:
                 raise RegistryError(_explain(self.path, exc, "cannot be changed")) from None
+            self._writing, self._identities_at = True, None
             try:
+                for statement in matrix.SCHEMA:  # registries made before the matrix get it
+                    self._db.execute(statement)
                 yield self._db
                 if not self._meta("key_check"):  # made before the check value existed
                     self._db.execute("INSERT INTO meta VALUES ('key_check', ?)",
-                                     (_b64(seal(self._key, KEY_CHECK, b"key check")),))
+                                     (_b64(self._seal(KEY_CHECK, b"key check")),))
                 self._db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 "
                                  "WHERE key = 'generation'")
+                self._rebuild_matrices(int(self._meta("generation")))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+            finally:
+                self._writing, self._identities_at = False, None
+                self._verified.clear()
+
+    def _rebuild_matrices(self, generation: int) -> None:
+        """Inside a write: one sealed matrix per model, built from the rows as they now are,
+        stamped with the new generation. A model with a damaged row gets none, so matching
+        reads its rows and refuses, naming the row, until the admin revokes that identity."""
+        self._db.execute("DELETE FROM matrix WHERE model_id NOT IN "
+                         "(SELECT model_id FROM embedding)")  # the identities' too: rebuilt below
+        for model_id in self.model_ids():
+            emb, row_ids, damaged = self._rows_embeddings(model_id)
+            if damaged:
+                self._db.execute("DELETE FROM matrix WHERE model_id = ?", (model_id,))
+                continue
+            digest = self._rows_digest(model_id)
+            payload = matrix.pack(model_id, generation, row_ids, emb.vectors, emb.owners,
+                                  emb.identities)
+            self._store_matrix(model_id, generation, digest, payload)
+        people, damaged = self._decode_identity_rows()
+        if damaged:
+            self._db.execute("DELETE FROM matrix WHERE model_id = ?", (matrix.IDENTITIES,))
+        else:
+            self._store_matrix(matrix.IDENTITIES, generation, self._identity_digest(),
+                               matrix.pack_identities(generation,
+                                                      [p.public_dict() for p in people]))
+
+    def _store_matrix(self, key: str, generation: int, digest: bytes, payload: bytes) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO matrix VALUES (?, ?, ?, ?)",
+            (key, generation, self._seal(digest, matrix.context(key, generation, "digest")),
+             self._seal(payload, matrix.context(key, generation, "vectors"))))
 
     def add(self, name: str, scope: str, consent: Consent, embeddings: Dict[str, np.ndarray],
             aliases: Sequence[str] = (), ident: Optional[str] = None,
@@ -521,8 +755,8 @@ class Registry:
                 raise RegistryError(f"An identity named '{name}' is already enrolled; revoke "
                                     f"it first, or use `identity add-photos`.")
             db.execute("INSERT INTO identity VALUES (?, ?, ?, ?)",
-                       (ident, scope, created, seal(self._key, json.dumps(info).encode(),
-                                                    ident.encode())))
+                       (ident, scope, created, self._seal(json.dumps(info).encode(),
+                                                          ident.encode())))
             self._insert_embeddings(db, ident, embeddings)
         return self.find(ident)
 
@@ -533,15 +767,20 @@ class Registry:
             self._insert_embeddings(db, ident, embeddings)
 
     def _insert_embeddings(self, db, ident: str, embeddings: Dict[str, np.ndarray]) -> None:
+        """Insert sealed rows in one statement. The row id is part of each seal, so the ids
+        are taken here (the next free ones, as sqlite would pick): safe inside the write's
+        BEGIN IMMEDIATE, which no other writer can enter."""
         now = _now()
+        row_id = db.execute("SELECT COALESCE(MAX(id), 0) FROM embedding").fetchone()[0]
+        rows = []
         for model_id, vectors in embeddings.items():
             for vec in np.asarray(vectors, np.float32).reshape(len(vectors), -1):
-                cur = db.execute("INSERT INTO embedding (identity_id, model_id, created, sealed) "
-                                 "VALUES (?, ?, ?, x'')", (ident, model_id, now))
-                row_id = cur.lastrowid
-                sealed = seal(self._key, vec.astype("<f4").tobytes(),
-                              f"{ident}/{model_id}/{row_id}".encode())
-                db.execute("UPDATE embedding SET sealed = ? WHERE id = ?", (sealed, row_id))
+                row_id += 1
+                rows.append((row_id, ident, model_id, now,
+                             self._seal(vec.astype("<f4").tobytes(),
+                                        f"{ident}/{model_id}/{row_id}".encode())))
+        db.executemany("INSERT INTO embedding (id, identity_id, model_id, created, sealed) "
+                       "VALUES (?, ?, ?, ?, ?)", rows)
 
     def revoke(self, ident: str) -> None:
         """Delete an identity and its embeddings for good: secure_delete overwrites the freed
@@ -593,19 +832,7 @@ class Registry:
                     rec["embeddings"][model_id] = {
                         "dim": int(rows.shape[1]), "vectors": _b64(rows.astype("<f4").tobytes())}
             records.append(rec)
-        payload = json.dumps({"format": FORMAT, "exported": _now(),
-                              "identities": records}).encode()
-        salt = secrets.token_bytes(16)
-        header = json.dumps({"salt": _b64(salt), "n": SCRYPT_N, "r": SCRYPT_R,
-                             "p": SCRYPT_P}).encode()
-        body = seal(derive_key(passphrase, salt), payload, EXPORT_MAGIC + header)
-        tmp = Path(str(path) + ".tmp")
-        with open(tmp, "wb") as fp:
-            fp.write(EXPORT_MAGIC + header + b"\n" + body)
-            fp.flush()
-            os.fsync(fp.fileno())
-        os.replace(tmp, path)
-        _restrict(Path(path))
+        write_export(Path(path), passphrase, records)
         return len(records)
 
     def import_file(self, path: Path, passphrase: str, replace: bool = False) -> Tuple[int, int]:
@@ -627,13 +854,30 @@ class Registry:
                         "consent": r.get("consent")}
                 db.execute("INSERT INTO identity VALUES (?, ?, ?, ?)",
                            (r["id"], r["scope"], r.get("created") or _now(),
-                            seal(self._key, json.dumps(info).encode(), r["id"].encode())))
+                            self._seal(json.dumps(info).encode(), r["id"].encode())))
                 emb = {m: np.frombuffer(_unb64(v["vectors"]), dtype="<f4").reshape(-1, v["dim"])
                        for m, v in r["embeddings"].items()}
                 self._insert_embeddings(db, r["id"], emb)
         if revoked:
             self._scrub()
         return len(records), revoked
+
+
+def write_export(path: Path, passphrase: str, records: List[dict]) -> None:
+    """An export file holding `records` (as `export` makes them), sealed under `passphrase`."""
+    payload = json.dumps({"format": FORMAT, "exported": _now(),
+                          "identities": records}).encode()
+    salt = secrets.token_bytes(16)
+    header = json.dumps({"salt": _b64(salt), "n": SCRYPT_N, "r": SCRYPT_R,
+                         "p": SCRYPT_P}).encode()
+    body = seal(derive_key(passphrase, salt), payload, EXPORT_MAGIC + header)
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "wb") as fp:
+        fp.write(EXPORT_MAGIC + header + b"\n" + body)
+        fp.flush()
+        os.fsync(fp.fileno())
+    os.replace(tmp, path)
+    _restrict(Path(path))
 
 
 def read_export(path: Path, passphrase: str) -> List[dict]:
@@ -793,7 +1037,7 @@ def open_for_matching(policy, home: Path, passphrase: Optional[str] = None
     passphrase = passphrase if passphrase is not None else os.environ.get(ENV_PASSPHRASE)
     reg = Registry.open(db, passphrase=passphrase or None, key_file=key, read_only=True)
     try:
-        reg.check_rows()
+        reg.check_for_matching()
     except BaseException:
         reg.close()
         raise

@@ -1,0 +1,212 @@
+"""Loading the identity registry for matching: the sealed matrix against row by row (issue 17).
+
+    python bench/registry.py [--count 100000] [--per-person 10] [--dims 128,512] [--rounds 5]
+                             [--baseline-src DIR]
+
+For each dim, builds a registry of --count random unit embeddings (--per-person per identity)
+in a temporary folder, through the product's own bulk path (an export file, then `identity
+import`), and a copy of it as an older version leaves it (no matrix table: the same rows).
+Then times what the matcher does when it starts or reloads (`open_for_matching`, the
+identities, the model's embeddings):
+  - cold: a new Python process per load (import time printed apart), rounds interleaved;
+  - warm: in this process, interleaved rounds;
+for "matrix" (this version, registry with the matrix) and "rows" (this version, the old-format
+copy: the fallback, row by row). With --baseline-src (a folder holding another version's
+consent_guard/, e.g. `git archive HEAD | tar -x -C DIR` before this change) the cold rounds
+also time that version on the old-format copy. Prints median seconds, the ratios, whether
+every variant loaded the identical matrix (sha256 of vectors, owners, ids and scopes), and
+what one enrolment costs now that every write rebuilds the matrix.
+
+No network, no faces: random vectors. Timings on a shared machine are noisy: compare the
+ratios of one run, and see the load average printed at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+if __name__ == "__main__" and "--child" not in sys.argv:
+    sys.path.insert(0, str(REPO))
+
+PASS = "bench passphrase"
+MODEL = "bench-model"
+
+
+def unit_vectors(n: int, dim: int, seed: int) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def build(home: Path, dim: int, count: int, per_person: int) -> dict:
+    """A registry of `count` embeddings at home/identities.db (key file beside it), made by
+    writing an export and importing it: one transaction, as a school's import is."""
+    from consent_guard.registry import Consent, Registry, _b64, write_export
+
+    home.mkdir(parents=True)
+    t0 = time.perf_counter()
+    vectors = unit_vectors(count, dim, seed=dim)
+    consent = Consent("bench").to_dict()
+    records = []
+    for i, start in enumerate(range(0, count, per_person)):
+        rows = vectors[start:start + per_person]
+        records.append({"id": f"id_{i:012x}", "name": f"Person {i}", "aliases": [],
+                        "scope": ("any", "explicit")[i % 2], "created": "2026-01-01T00:00:00Z",
+                        "consent": consent,
+                        "embeddings": {MODEL: {"dim": dim,
+                                               "vectors": _b64(rows.astype("<f4").tobytes())}}})
+    export = home.parent / f"bench-{dim}.cgx"
+    write_export(export, PASS, records)
+    t1 = time.perf_counter()
+    with Registry.create(home / "identities.db", PASS, key_file=home / "registry.key") as reg:
+        reg.import_file(export, PASS)
+    t2 = time.perf_counter()
+    export.unlink()
+    return {"identities": len(records), "export_s": t1 - t0, "import_s": t2 - t1,
+            "mb": (home / "identities.db").stat().st_size / 1e6}
+
+
+def old_format_copy(home: Path, to: Path) -> None:
+    """The same registry as a version before the matrix leaves it: no matrix, no triggers."""
+    shutil.copytree(home, to)
+    db = sqlite3.connect(to / "identities.db", isolation_level=None)
+    try:
+        for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger' "
+                                  "AND name LIKE 'matrix_%'").fetchall():
+            db.execute(f"DROP TRIGGER {name}")
+        db.execute("DROP TABLE matrix")
+        db.execute("VACUUM")
+    finally:
+        db.close()
+
+
+def load(home: Path) -> tuple:
+    """What the engine does at start: open for matching (checks every row), the identities
+    (face backend, prompt names), the embeddings of the model it matches with. Returns
+    (seconds, sha256 of what was loaded)."""
+    from consent_guard.policy import Policy
+    from consent_guard.registry import open_for_matching
+
+    t0 = time.perf_counter()
+    reg = open_for_matching(Policy(), home)
+    try:
+        identities = reg.identities()
+        emb = reg.embeddings(reg.model_ids()[0])
+    finally:
+        reg.close()
+    seconds = time.perf_counter() - t0
+    h = hashlib.sha256(np.ascontiguousarray(emb.vectors, "<f4").tobytes())
+    h.update(np.asarray(emb.owners, "<i8").tobytes())
+    h.update(json.dumps([list(i) for i in emb.identities]).encode())
+    h.update(str(len(identities)).encode())
+    return seconds, h.hexdigest()
+
+
+def child(home: Path) -> None:
+    """One cold load in this fresh process: prints import and load seconds and the digest."""
+    t0 = time.perf_counter()
+    import consent_guard.registry  # noqa: F401  (numpy, cryptography, sqlite3)
+    import consent_guard.policy  # noqa: F401
+    imported = time.perf_counter() - t0
+    seconds, digest = load(home)
+    print(json.dumps({"import_s": imported, "load_s": seconds, "digest": digest}))
+
+
+def cold(home: Path, src: Path) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(src), PYTHONDONTWRITEBYTECODE="1")
+    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", str(home)],
+                         env=env, capture_output=True, text=True, check=False)
+    if out.returncode:
+        raise SystemExit(f"cold load with {src} failed:\n{out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_dim(dim: int, args, tmp: Path) -> None:
+    home, old = tmp / f"d{dim}" / "home", tmp / f"d{dim}" / "old"
+    info = build(home, dim, args.count, args.per_person)
+    old_format_copy(home, old)
+    print(f"\n{args.count} x {dim}-d embeddings, {info['identities']} identities, "
+          f"{info['mb']:.0f} MB: built in {info['export_s'] + info['import_s']:.1f} s "
+          f"(export file {info['export_s']:.1f} s, import with matrix {info['import_s']:.1f} s)")
+    variants = {"matrix": (home, REPO), "rows": (old, REPO)}
+    if args.baseline_src:
+        variants["baseline rows"] = (old, Path(args.baseline_src))
+    cold_s = {k: [] for k in variants}
+    cold_import = []
+    digests = {k: set() for k in variants}
+    for _ in range(args.rounds):
+        for name, (where, src) in variants.items():
+            r = cold(where, src)
+            cold_s[name].append(r["load_s"])
+            cold_import.append(r["import_s"])
+            digests[name].add(r["digest"])
+    warm_s = {"matrix": [], "rows": []}
+    for _ in range(args.rounds):
+        for name in warm_s:
+            seconds, digest = load(variants[name][0])
+            warm_s[name].append(seconds)
+            digests[name].add(digest)
+    report("cold (new process)", cold_s)
+    print(f"  import of the registry module in a new process: median "
+          f"{statistics.median(cold_import):.3f} s (not included above)")
+    report("warm (same process)", warm_s)
+    same = len(set.union(*digests.values())) == 1 and all(len(d) == 1 for d in digests.values())
+    print(f"  identical matrices loaded by every variant and round: {'yes' if same else 'NO'}")
+    if not same:
+        raise SystemExit(1)
+    print(f"  one enrolment ({args.per_person} embeddings) on this registry, matrix rebuilt "
+          f"in the same transaction: {enrol_seconds(home, dim, args.per_person):.2f} s")
+
+
+def enrol_seconds(home: Path, dim: int, n: int) -> float:
+    """What a write now costs: one `add` (the passphrase derivation is not counted)."""
+    from consent_guard.registry import Consent, Registry
+
+    with Registry.open(home / "identities.db", passphrase=PASS) as reg:
+        t0 = time.perf_counter()
+        reg.add("One More", "any", Consent("bench"), {MODEL: unit_vectors(n, dim, seed=1)})
+        return time.perf_counter() - t0
+
+
+def report(label: str, times: dict) -> None:
+    med = {k: statistics.median(v) for k, v in times.items()}
+    parts = [f"{k} {m:.3f} s (min {min(times[k]):.3f})" for k, m in med.items()]
+    ratios = [f"{k} / matrix = {m / med['matrix']:.1f}x" for k, m in med.items() if k != "matrix"]
+    print(f"  {label}: " + ", ".join(parts) + "; " + ", ".join(ratios))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--count", type=int, default=100_000)
+    ap.add_argument("--per-person", type=int, default=10)
+    ap.add_argument("--dims", default="128,512")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--baseline-src", help="a folder with another version's consent_guard/")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    # the row-by-row fallback logs a warning on every load of the old-format copy
+    logging.getLogger("consent_guard").setLevel(logging.ERROR)
+    if args.child:
+        return child(Path(args.child))
+    with tempfile.TemporaryDirectory(prefix="cg-bench-registry-") as tmp:
+        for dim in (int(d) for d in args.dims.split(",")):
+            bench_dim(dim, args, Path(tmp))
+    print(f"\nload average (1, 5, 15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
+          f"on {os.cpu_count()} cores")
+
+
+if __name__ == "__main__":
+    main()

@@ -33,6 +33,18 @@ def benign_files(shared: Path):
     return [f for f in files if f.suffix.lower() in (".jpg", ".jpeg", ".png")]
 
 
+def nudenet_reference():
+    """NudeNet's own NudeDetector (the timing reference), or None, with why, when it cannot
+    be made here."""
+    try:
+        from nudenet import NudeDetector
+    except ImportError as exc:
+        print(f"NudeNet's own detector is the timing reference and needs cv2: "
+              f"pip install 'opencv-python-headless<5' ({exc})", file=sys.stderr)
+        return None
+    return NudeDetector()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shared", default=str(REPO.parent / "shared"))
@@ -42,16 +54,12 @@ def main() -> int:
     if not files:
         print(f"no evaluation images under {a.shared}/eval", file=sys.stderr)
         return 2
-    try:
-        from nudenet import NudeDetector
-    except ImportError as exc:
-        print(f"NudeNet's own detector is the timing reference and needs cv2: "
-              f"pip install 'opencv-python-headless<5' ({exc})", file=sys.stderr)
+    reference = nudenet_reference()
+    if reference is None:
         return 2
 
     engine = Engine()
     engine.load()
-    reference = NudeDetector()
     policy = engine.policy
     print(f"data: {len(files)} benign images from {a.shared}/eval (images/*, faces/deepface/images)")
 

@@ -15,7 +15,7 @@ from .faces.stage import (DETECT_SIZE, FaceStage, apply_identity_rules, detect_f
                           input_rules, turned_findings)
 from .imageio import ImageInputError, iter_image_frames, to_rgb_uint8
 from .minors import apply_minor_rule, needs_age_check, with_age
-from .models import ModelError, ModelResolver, onnx_session
+from .models import ModelError, ModelResolver, onnx_session, paired_threads
 from .policy import Policy
 from .registry import RegistryError
 from .prepare import WORK_SIZE, PreparedImage
@@ -74,12 +74,13 @@ class Engine:
             from .detectors.opennsfw import OpenNSFWScorer
 
             resolver = ModelResolver(self.policy.model_paths, self._model_dirs)
+            threads = paired_threads()  # the two run side by side (explicit.py)
             if self._parts is None:
-                self._parts = NudeNetDetector(
-                    onnx_session(resolver.resolve("nudenet_320n"), self.policy.device))
+                self._parts = NudeNetDetector(onnx_session(
+                    resolver.resolve("nudenet_320n"), self.policy.device, threads))
             if self._scorer is None:
-                self._scorer = OpenNSFWScorer(
-                    onnx_session(resolver.resolve("open_nsfw"), self.policy.device))
+                self._scorer = OpenNSFWScorer(onnx_session(
+                    resolver.resolve("open_nsfw"), self.policy.device, threads))
 
     def face_backend(self):
         """The face backend matching runs with (chosen and loaded on first use)."""

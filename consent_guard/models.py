@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import importlib.util
+import logging
 import os
 import sys
 import tempfile
@@ -31,6 +32,7 @@ try:
 except ModuleNotFoundError:  # pragma: no cover
     import tomli as tomllib  # type: ignore[no-redef]
 
+log = logging.getLogger("consent_guard")
 _REPO_MANIFEST = Path(__file__).resolve().parent.parent / "models" / "manifest.toml"
 
 
@@ -227,7 +229,7 @@ def derived_model(resolver: "ModelResolver", name: str,
         return data  # a cache that cannot be written: keep it in memory
 
 
-_sessions: Dict[Tuple[str, Tuple[str, ...]], object] = {}
+_sessions: Dict[Tuple[str, Tuple[str, ...], int], object] = {}
 _sessions_lock = threading.Lock()
 
 
@@ -236,13 +238,64 @@ def providers_for(device: str) -> List[str]:
 
     available = ort.get_available_providers()
     if device == "auto" and "CUDAExecutionProvider" in available:
+        _preload_cuda(ort)
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
 
-def onnx_session(path: Union[Path, bytes], device: str = "auto"):
+_cuda_preloaded = False
+
+
+def _preload_cuda(ort) -> None:
+    """onnxruntime-gpu >= 1.21 finds the CUDA and cuDNN libraries that pip installed (the
+    nvidia-* wheels a CUDA torch brings) only through preload_dlls(); without it, a process
+    that has not imported torch first (the command line) would quietly run every model on
+    the CPU. Harmless where torch already loaded them. Once per process."""
+    global _cuda_preloaded
+    if _cuda_preloaded:
+        return
+    _cuda_preloaded = True
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    try:
+        preload()
+    except Exception as exc:  # the session's own fallback check says what it means
+        log.info("Consent Guard: onnxruntime.preload_dlls() failed: %s", exc)
+
+
+def _check_providers(session, wanted: Sequence[str], what: str) -> None:
+    """onnxruntime falls back to the CPU without raising when CUDA cannot start (a missing
+    cuDNN, a driver too old): say so, since every check then takes many times longer."""
+    if "CUDAExecutionProvider" in wanted and \
+            "CUDAExecutionProvider" not in session.get_providers():
+        log.warning("Consent Guard: %s runs on the CPU although onnxruntime-gpu is installed: "
+                    "CUDA could not start (see onnxruntime's message above; a CUDA or cuDNN "
+                    "version that does not match onnxruntime-gpu is the usual cause). Set "
+                    "[models] device = \"cpu\" to silence this.", what)
+
+
+def paired_threads() -> int:
+    """Intra-op threads for each of two sessions that run side by side (the explicit models,
+    explicit.py): half the CPUs this process may use, at least one, so the pair together
+    uses what one session would by default. Measured on 2 cores (bench/speed.py): NudeNet and
+    open_nsfw one after the other with the default threads took 38.5 ms an image, side by
+    side with one thread each 31.7 ms, side by side with the default threads 40.7 ms."""
+    return max(1, usable_cpus() // 2)
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (a container's or taskset's share, not the machine's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def onnx_session(path: Union[Path, bytes], device: str = "auto", threads: int = 0):
     """A cached onnxruntime session for a verified model file, or for a verified model's bytes
-    (a derived model made in memory: see derived_model)."""
+    (a derived model made in memory: see derived_model). `threads`: intra-op threads, 0 for
+    onnxruntime's default (one per physical core)."""
     try:
         import onnxruntime as ort
     except ImportError as exc:
@@ -250,7 +303,8 @@ def onnx_session(path: Union[Path, bytes], device: str = "auto"):
                          "`pip install onnxruntime` (onnxruntime-gpu where CUDA is used).") from exc
     providers = tuple(providers_for(device))
     in_memory = isinstance(path, (bytes, bytearray))
-    key = ("sha256:" + hashlib.sha256(path).hexdigest() if in_memory else str(path), providers)
+    key = ("sha256:" + hashlib.sha256(path).hexdigest() if in_memory else str(path), providers,
+           threads)
     with _sessions_lock:
         if key not in _sessions:
             opts = ort.SessionOptions()
@@ -259,6 +313,8 @@ def onnx_session(path: Union[Path, bytes], device: str = "auto"):
             # Two sessions take turns on the same cores; an idle pool that spin-waits steals
             # the CPU from the other one (measured: both models 53 ms/image spinning, see bench).
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            if threads:
+                opts.intra_op_num_threads = threads
             try:
                 _sessions[key] = ort.InferenceSession(bytes(path) if in_memory else str(path),
                                                       sess_options=opts,
@@ -266,7 +322,20 @@ def onnx_session(path: Union[Path, bytes], device: str = "auto"):
             except Exception as exc:  # onnxruntime raises its own exception types
                 what = "A model made in memory" if in_memory else f"Model file {path}"
                 raise ModelError(f"{what} could not be loaded by onnxruntime: {exc}") from exc
+            _check_providers(_sessions[key], providers,
+                             "a model made in memory" if in_memory else Path(path).name)
         return _sessions[key]
+
+
+def loaded_sessions() -> List[Tuple[str, List[str]]]:
+    """(model file name, the execution providers onnxruntime gave it) for every session
+    loaded in this process, for `bench/speed.py --stages`: on a GPU machine each should
+    list CUDAExecutionProvider first."""
+    with _sessions_lock:
+        items = list(_sessions.items())
+    return [(Path(key).name if not key.startswith("sha256:") else key[:19],
+             list(session.get_providers()))  # type: ignore[attr-defined]
+            for (key, _, _), session in items]
 
 
 def describe(resolver: ModelResolver, names: Iterable[str]) -> List[dict]:

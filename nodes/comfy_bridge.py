@@ -23,6 +23,7 @@ import folder_paths  # ComfyUI's module; present whenever ComfyUI loads this pac
 from ..consent_guard import Engine
 from ..consent_guard import messages
 from ..consent_guard.host import Host
+from ..consent_guard.imageio import uint8_to_float01
 
 log = logging.getLogger("consent_guard")
 MODEL_FOLDER = "consent_guard"  # <ComfyUI>/models/consent_guard/ may hold the weight files
@@ -179,9 +180,11 @@ def tensor_to_frames(images) -> List[np.ndarray]:
 
 
 def frames_to_tensor(frames: List[np.ndarray]):
+    """uint8 frames (same shape) -> ComfyUI IMAGE [B, H, W, C] float32 in 0..1, written into
+    one array (imageio.uint8_to_float01: no batch-sized temporaries)."""
     import torch
 
-    return torch.from_numpy(np.stack(frames).astype(np.float32) / 255.0)
+    return torch.from_numpy(uint8_to_float01(frames))
 
 
 def progress(total: int):

@@ -12,10 +12,12 @@ identities, the model's embeddings):
   - warm: in this process, interleaved rounds;
 for "matrix" (this version, registry with the matrix) and "rows" (this version, the old-format
 copy: the fallback, row by row). With --baseline-src (a folder holding another version's
-consent_guard/, e.g. `git archive HEAD | tar -x -C DIR` before this change) the cold rounds
-also time that version on the old-format copy. Prints median seconds, the ratios, whether
+consent_guard/, e.g. `git archive HEAD consent_guard | tar -x -C DIR` before a change) the
+cold rounds also time that version on a copy whose sealed copies it wrote itself ("baseline
+matrix") and on the old-format copy ("baseline rows"). Prints median seconds, the ratios, whether
 every variant loaded the identical matrix (sha256 of vectors, owners, ids and scopes), and
-what one enrolment costs now that every write rebuilds the matrix.
+what one enrolment costs now that every write updates the copies (this version, and the
+baseline's when given; each in a new process, on a fresh copy of the registry).
 
 No network, no faces: random vectors. Timings on a shared machine are noisy: compare the
 ratios of one run, and see the load average printed at the end.
@@ -39,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-if __name__ == "__main__" and "--child" not in sys.argv:
+if __name__ == "__main__" and not any(a.startswith("--child") for a in sys.argv):
     sys.path.insert(0, str(REPO))
 
 PASS = "bench passphrase"
@@ -142,7 +144,11 @@ def bench_dim(dim: int, args, tmp: Path) -> None:
           f"{info['mb']:.0f} MB: built in {info['export_s'] + info['import_s']:.1f} s "
           f"(export file {info['export_s']:.1f} s, import with matrix {info['import_s']:.1f} s)")
     variants = {"matrix": (home, REPO), "rows": (old, REPO)}
-    if args.baseline_src:
+    if args.baseline_src:  # its own copies, written by it (a write that changes no row)
+        base = tmp / f"d{dim}" / "baseline"
+        shutil.copytree(home, base)
+        child_run(Path(args.baseline_src), "--child-rewrite", str(base))
+        variants["baseline matrix"] = (base, Path(args.baseline_src))
         variants["baseline rows"] = (old, Path(args.baseline_src))
     cold_s = {k: [] for k in variants}
     cold_import = []
@@ -167,18 +173,48 @@ def bench_dim(dim: int, args, tmp: Path) -> None:
     print(f"  identical matrices loaded by every variant and round: {'yes' if same else 'NO'}")
     if not same:
         raise SystemExit(1)
-    print(f"  one enrolment ({args.per_person} embeddings) on this registry, matrix rebuilt "
-          f"in the same transaction: {enrol_seconds(home, dim, args.per_person):.2f} s")
+    enrol = {"this version": [], "baseline": []} if args.baseline_src else {"this version": []}
+    for i in range(args.enrol_rounds):  # a copy per round, so each enrolment sees the same file
+        for name in enrol:
+            src = REPO if name == "this version" else Path(args.baseline_src)
+            copy = tmp / f"d{dim}" / f"enrol-{name.split()[0]}-{i}"
+            shutil.copytree(home, copy)
+            enrol[name].append(cold_enrol(copy, src, dim, args.per_person))
+            shutil.rmtree(copy)
+    print(f"  one enrolment ({args.per_person} embeddings) on this registry, copies updated "
+          f"in the same transaction, median of {args.enrol_rounds} (new process each): "
+          + ", ".join(f"{k} {statistics.median(v):.2f} s" for k, v in enrol.items())
+          + (f"; baseline / this = {ratio(enrol['baseline'], enrol['this version']):.1f}x"
+             if args.baseline_src else ""))
+
+
+def cold_enrol(home: Path, src: Path, dim: int, n: int) -> float:
+    """enrol_seconds in a new process running the consent_guard/ of `src`."""
+    return float(child_run(src, "--child-enrol", f"{home},{dim},{n}"))
+
+
+def child_run(src: Path, *argv: str) -> str:
+    """The last line this script prints when run with `argv` on the consent_guard/ of src."""
+    env = dict(os.environ, PYTHONPATH=str(src), PYTHONDONTWRITEBYTECODE="1")
+    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv], env=env,
+                         capture_output=True, text=True, check=False)
+    if out.returncode:
+        raise SystemExit(f"{' '.join(argv)} with {src} failed:\n{out.stderr}")
+    return (out.stdout.strip().splitlines() or [""])[-1]
 
 
 def enrol_seconds(home: Path, dim: int, n: int) -> float:
-    """What a write now costs: one `add` (the passphrase derivation is not counted)."""
+    """What a write costs: one `add` (the passphrase derivation is not counted)."""
     from consent_guard.registry import Consent, Registry
 
     with Registry.open(home / "identities.db", passphrase=PASS) as reg:
         t0 = time.perf_counter()
         reg.add("One More", "any", Consent("bench"), {MODEL: unit_vectors(n, dim, seed=1)})
         return time.perf_counter() - t0
+
+
+def ratio(a: list, b: list) -> float:
+    return statistics.median(a) / statistics.median(b)
 
 
 def report(label: str, times: dict) -> None:
@@ -195,12 +231,22 @@ def main() -> None:
     ap.add_argument("--dims", default="128,512")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--baseline-src", help="a folder with another version's consent_guard/")
+    ap.add_argument("--enrol-rounds", type=int, default=3)
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--child-enrol", help=argparse.SUPPRESS)
+    ap.add_argument("--child-rewrite", help=argparse.SUPPRESS)
     args = ap.parse_args()
     # the row-by-row fallback logs a warning on every load of the old-format copy
     logging.getLogger("consent_guard").setLevel(logging.ERROR)
     if args.child:
         return child(Path(args.child))
+    if args.child_enrol:
+        home, dim, n = args.child_enrol.split(",")
+        return print(enrol_seconds(Path(home), int(dim), int(n)))
+    if args.child_rewrite:  # a write that changes no row: the copies are made by this code
+        from consent_guard.registry import Registry
+        with Registry.open(Path(args.child_rewrite) / "identities.db", passphrase=PASS) as reg:
+            return reg.change_passphrase(PASS)
     with tempfile.TemporaryDirectory(prefix="cg-bench-registry-") as tmp:
         for dim in (int(d) for d in args.dims.split(",")):
             bench_dim(dim, args, Path(tmp))

@@ -28,13 +28,16 @@ Revoking deletes rows with `secure_delete` on, then vacuums the file.
 
 Matching reads sealed copies (registry_matrix.py): every write also stores, per model, all its
 vectors in one sealed matrix, and one sealed list of the identities, each stamped with the new
-generation and a sealed digest of the rows it was built from. A reader uses a copy only when its
-seal verifies, its generation is current and the rows still hash to its digest (a flipped byte
-in any row sends it to the rows, which name the row and refuse); otherwise it reads the rows one
-by one and logs why. The rows stay the source of truth: export, import and the damage report
-work on them, and triggers in the file drop the copies whenever any program (older versions
-included) changes a row, so revoking someone also wipes the copy of their vectors. Registries
-made before the copies are read row by row until the admin's next write adds them.
+generation and a sealed digest of the rows it was built from. A write builds them from the
+copies it verified at its start plus the rows it touched (only those are decrypted); a copy
+that did not verify is rebuilt from every row. A reader uses a copy only when its seal
+verifies, its generation is current, the scopes it holds are those of the identity rows and
+the rows still hash to its digest (a flipped byte in any row sends it to the rows, which name
+the row and refuse); otherwise it reads the rows one by one and logs why. The rows stay the
+source of truth: export, import and the damage report work on them, and triggers in the file
+drop the copies whenever any program (older versions included) changes a row, so revoking
+someone also wipes the copy of their vectors. Registries made before the copies are read row
+by row until the admin's next write adds them.
 """
 from __future__ import annotations
 
@@ -139,6 +142,34 @@ class Embeddings:
     identities: Tuple[Tuple[str, str], ...]  # (id, scope) per owner index
 
 
+_CONSENT_FIELDS = frozenset(("by", "on_behalf_of", "at", "note"))
+
+
+def _identity_from_dict(p: dict) -> Identity:
+    """An Identity from its public_dict() form (the sealed identity list), set field by field
+    as the dataclass's own __init__ would, without calling it: for 10,000 people that halves
+    the 40 ms the list otherwise adds to every load. KeyError on a missing field."""
+    consent = p["consent"]
+    if consent:
+        if consent.keys() != _CONSENT_FIELDS:
+            raise KeyError(f"consent fields {sorted(consent)}")
+        consent = _fields(Consent, consent)
+    return _fields(Identity, {"id": p["id"], "name": p["name"], "scope": p["scope"],
+                              "aliases": tuple(p["aliases"]), "consent": consent or None,
+                              "created": p["created"], "models": dict(p["embeddings"])})
+
+
+def _with_models(ident: Identity, models: Dict[str, int]) -> Identity:
+    """dataclasses.replace(ident, models=models), at a fifth of the cost (see above)."""
+    return _fields(Identity, {**ident.__dict__, "models": models})
+
+
+def _fields(cls, values: dict):
+    obj = object.__new__(cls)
+    obj.__dict__.update(values)  # a frozen dataclass blocks setattr, not its __dict__
+    return obj
+
+
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
@@ -194,6 +225,11 @@ CREATE INDEX IF NOT EXISTS embedding_model ON embedding(model_id, identity_id);
 """
 
 
+# The rows of one model, grouped by identity in enrolment order: what the matrix holds.
+_ROWS_OF_MODEL = ("FROM embedding e LEFT JOIN identity i ON i.id = e.identity_id "
+                  "WHERE e.model_id = ? ORDER BY i.rowid, e.identity_id, e.id")
+
+
 class Registry:
     """An open registry file. Thread-safe; one connection per instance, guarded by a lock."""
 
@@ -210,6 +246,7 @@ class Registry:
         self._verified: Dict[str, int] = {}  # model_id -> generation its rows were checked at
         self._identities_at: Optional[tuple] = None  # (generation, identities, damaged)
         self._writing = False
+        self._previous: Dict[str, object] = {}  # during a write: _trusted_copies()
 
     # -- opening -------------------------------------------------------------------------
     @classmethod
@@ -358,7 +395,8 @@ class Registry:
     def _unseal(self, sealed: bytes, context: bytes) -> bytes:
         """As `unseal`, with this registry's key (LockedError when the seal does not verify)."""
         try:
-            return self._cipher.decrypt(sealed[:12], sealed[12:], context)
+            # a memoryview, not sealed[12:]: slicing would copy a 50-200 MB matrix first
+            return self._cipher.decrypt(sealed[:12], memoryview(sealed)[12:], context)
         except self._invalid_tag:
             raise LockedError("wrong key: the data cannot be decrypted with it") from None
 
@@ -388,16 +426,25 @@ class Registry:
         names, and 10,000 people cost 0.1-0.3 s a time. Never cached during a write, which
         changes the rows before it changes the generation."""
         with self._lock, self._snapshot():
-            generation = None if self._writing else self.generation
-            if generation is None or self._identities_at is None or \
-                    self._identities_at[0] != generation:
-                people = None if generation is None else self._matrix_identities()
+            if self._writing:
+                return self._identities_in_write()
+            generation = self.generation
+            if self._identities_at is None or self._identities_at[0] != generation:
+                people = self._matrix_identities()
                 self._identities_at = (generation, people, []) if people is not None else \
                     (generation, *self._decode_identity_rows())
             _, out, damaged = self._identities_at
-            if generation is None:
-                self._identities_at = None
             return list(out), list(damaged)
+
+    def _identities_in_write(self) -> Tuple[List[Identity], List[str]]:
+        """The identity rows as a write sees them: the list verified at its start while the
+        stored snapshot is still there (the triggers delete it as soon as this write changes
+        an identity or embedding row), else decoded from the rows."""
+        known = self._previous.get(matrix.IDENTITIES)
+        if known is not None and self._query("SELECT 1 FROM matrix WHERE model_id = ?",
+                                             (matrix.IDENTITIES,)):
+            return list(known.values()), []
+        return self._decode_identity_rows()
 
     def _matrix_identities(self) -> Optional[List[Identity]]:
         """Everyone enrolled, from the sealed snapshot kept with the matrices (one decryption
@@ -415,9 +462,7 @@ class Registry:
                 self._unseal(sealed, matrix.context(matrix.IDENTITIES, generation, "vectors")))
             if built_at != generation:
                 return None
-            return [Identity(p["id"], p["name"], p["scope"], tuple(p["aliases"]),
-                             Consent(**p["consent"]) if p["consent"] else None, p["created"],
-                             dict(p["embeddings"])) for p in people]
+            return [_identity_from_dict(p) for p in people]
         except (LockedError, TypeError, ValueError, KeyError):
             log.warning("Consent Guard: the identity registry %s has a sealed list of "
                         "identities that does not verify (damaged or altered): reading them "
@@ -431,15 +476,24 @@ class Registry:
             except sqlite3.DatabaseError:
                 return b""
 
-    def _decode_identity_rows(self) -> Tuple[List[Identity], List[str]]:
+    def _decode_identity_rows(self, known: Optional[Dict[str, Identity]] = None
+                              ) -> Tuple[List[Identity], List[str]]:
+        """(identities, one message per damaged row), decrypting each row, except those in
+        `known` (id -> Identity verified unchanged, as a write's previous list less the rows
+        it touched): only their embedding counts are taken afresh."""
+        known = known or {}
         rows = self._query("SELECT rowid, id, scope, created, sealed FROM identity "
                            "ORDER BY rowid")
         counts: Dict[str, Dict[str, int]] = {}
         for ident, model, n in self._query("SELECT identity_id, model_id, COUNT(*) FROM "
-                                           "embedding GROUP BY identity_id, model_id"):
+                                           "embedding GROUP BY model_id, identity_id"):
             counts.setdefault(ident, {})[model] = n
         out, damaged = [], []
         for rowid, ident, scope, created, sealed in rows:
+            hit = known.get(ident)
+            if hit is not None and hit.scope == scope and hit.created == created:
+                out.append(_with_models(hit, counts.get(ident, {})))
+                continue
             try:
                 out.append(self._decode_identity(rowid, ident, scope, created, sealed,
                                                  counts.get(ident, {})))
@@ -582,10 +636,8 @@ class Registry:
     def _rows_embeddings(self, model_id: str) -> Tuple[Embeddings, List[int], List[str]]:
         """(embeddings, their row ids, one message per damaged row) read row by row: the
         source of truth, which the matrix is built from and checked against."""
-        rows = self._query(
-            "SELECT e.identity_id, i.scope, e.id, e.sealed FROM embedding e "
-            "LEFT JOIN identity i ON i.id = e.identity_id WHERE e.model_id = ? "
-            "ORDER BY i.rowid, e.identity_id, e.id", (model_id,))
+        rows = self._query(f"SELECT e.identity_id, i.scope, e.id, e.sealed {_ROWS_OF_MODEL}",
+                           (model_id,))
         idents: List[Tuple[str, str]] = []
         owners, row_ids, raws, damaged = [], [], [], []
         for ident, scope, row_id, sealed in rows:
@@ -609,6 +661,61 @@ class Registry:
         return (Embeddings(model_id, vectors, np.asarray(owners, np.int64), tuple(idents)),
                 row_ids, damaged)
 
+    def _update_embeddings(self, model_id: str, previous: tuple, changed: set,
+                           people_changed: set
+                           ) -> Optional[Tuple[Embeddings, List[int], List[str]]]:
+        """As _rows_embeddings, inside a write whose start found the model's matrix trusted
+        (`previous`: its row ids, owners, vectors, identities), without reading every row:
+        the rows this write did not touch (`changed`: row ids from its log) are copied from
+        it, the rows it inserted are decrypted, and all are put in the order the rows would
+        be read in (identity row, then row id). None when that cannot be done safely (an
+        identity this write changed still owns untouched rows, or a new row's length differs
+        from the matrix's): the caller then reads every row."""
+        prev_ids, prev_owners, prev_vectors, prev_idents = previous
+        keep = np.flatnonzero(~np.isin(prev_ids, np.fromiter(changed, np.int64, len(changed))))
+        kept_owners = np.unique(prev_owners[keep])
+        if any(prev_idents[o][0] in people_changed for o in kept_owners.tolist()):
+            return None
+        people = {ident: (rowid, scope) for rowid, ident, scope in self._query(
+            "SELECT rowid, id, scope FROM identity")}
+        owner_rowid = np.array([people.get(ident, (-1,))[0] for ident, _ in prev_idents],
+                               np.int64)
+        if len(kept_owners) and (owner_rowid[kept_owners] < 0).any():
+            return None
+        new_ids, new_rowids, raws, damaged = [], [], [], []
+        dim = prev_vectors.shape[1]
+        for ident, row_id, sealed in self._query(
+                "SELECT identity_id, id, sealed FROM embedding WHERE model_id = ? AND id IN "
+                "(SELECT key FROM temp.changed WHERE kind = 'embedding') ORDER BY id",
+                (model_id,)):
+            rowid, scope = people.get(ident, (None, None))
+            try:
+                raw = self._decode_raw(row_id, ident, model_id, sealed, scope)
+            except _Damaged as exc:
+                damaged.append(str(exc))
+                continue
+            if len(raw) != 4 * dim:
+                return None
+            new_ids.append(row_id)
+            new_rowids.append(rowid)
+            raws.append(raw)
+        row_ids = np.concatenate([prev_ids[keep], np.asarray(new_ids, np.int64)])
+        rowids = np.concatenate([owner_rowid[prev_owners[keep]],
+                                 np.asarray(new_rowids, np.int64)])
+        order = np.lexsort((row_ids, rowids))
+        vectors = np.concatenate([prev_vectors[keep], np.frombuffer(
+            b"".join(raws), "<f4").reshape(len(raws), dim)])[order]
+        rowids = rowids[order]
+        starts = np.flatnonzero(np.r_[True, rowids[1:] != rowids[:-1]]) if len(rowids) else []
+        by_rowid = {rowid: (ident, scope) for ident, (rowid, scope) in people.items()}
+        idents = tuple(by_rowid[int(rowids[i])] for i in starts)
+        if any(scope not in SCOPES for _, scope in idents):
+            return None  # the rows name it
+        owners = np.cumsum(np.r_[False, rowids[1:] != rowids[:-1]]).astype(np.int64) \
+            if len(rowids) else np.zeros(0, np.int64)
+        return (Embeddings(model_id, vectors, owners, idents), row_ids[order].tolist(),
+                damaged)
+
     def _matrix_row(self, model_id: str, with_vectors: bool) -> Optional[tuple]:
         """(generation, sealed digest[, sealed matrix], registry generation) of the model's
         matrix, in one statement; None when there is none (or no matrix table: a registry
@@ -626,7 +733,22 @@ class Registry:
 
     def _matrix_embeddings(self, model_id: str) -> Tuple[Optional[Embeddings], str]:
         """(the embeddings from the model's sealed matrix, "") when it can be trusted, else
-        (None, why not) for the log line."""
+        (None, why not) for the log line. The scopes it holds must also be those of the
+        identity list (itself read from verified rows or a verified snapshot): the scope
+        column is not sealed, and an edit of it that slipped past the triggers (the file
+        edited byte by byte) must not leave matching on the old scope."""
+        opened, why = self._open_matrix(model_id)
+        if opened is None:
+            return None, why
+        _, _, owners, vectors, identities = opened
+        scopes = {i.id: i.scope for i in self._identity_rows()[0]}
+        if any(scopes.get(ident) != scope for ident, scope in identities):
+            return None, "has a sealed matrix whose scopes differ from the identities now"
+        return Embeddings(model_id, vectors, owners, tuple(identities)), ""
+
+    def _open_matrix(self, model_id: str) -> Tuple[Optional[tuple], str]:
+        """(registry_matrix.unpack of the model's matrix, "") when its seal verifies, it is
+        current and the model's rows hash to its sealed digest; else (None, why not)."""
         found = self._matrix_row(model_id, with_vectors=True)
         if found is None:
             return None, "has no sealed matrix (it was made or last changed by an older version)"
@@ -639,12 +761,12 @@ class Registry:
             return None, why
         try:
             payload = self._unseal(sealed, matrix.context(model_id, generation, "vectors"))
-            header, _, owners, vectors, identities = matrix.unpack(payload)
+            opened = matrix.unpack(payload)
         except (LockedError, TypeError, ValueError, KeyError):
             return None, "has a sealed matrix that does not verify (damaged or altered)"
-        if header.get("model_id") != model_id or header.get("generation") != generation:
+        if opened[0].get("model_id") != model_id or opened[0].get("generation") != generation:
             return None, "has a sealed matrix of another model or change"
-        return Embeddings(model_id, vectors, owners, tuple(identities)), ""
+        return opened, ""
 
     def _rows_digest(self, model_id: str) -> bytes:
         """The digest of the model's rows as they are now (registry_matrix.rows_digest); b""
@@ -683,32 +805,65 @@ class Registry:
             except sqlite3.DatabaseError as exc:
                 raise RegistryError(_explain(self.path, exc, "cannot be changed")) from None
             self._writing, self._identities_at = True, None
+            done = None  # (generation, identities, damaged) once committed
             try:
-                for statement in matrix.SCHEMA:  # registries made before the matrix get it
-                    self._db.execute(statement)
+                for statement in matrix.SCHEMA + matrix.CHANGE_LOG:
+                    self._db.execute(statement)  # registries made before the matrix get it
+                self._previous = previous = self._trusted_copies()
+                self._db.execute(matrix.CLEAR_CHANGES)
                 yield self._db
                 if not self._meta("key_check"):  # made before the check value existed
                     self._db.execute("INSERT INTO meta VALUES ('key_check', ?)",
                                      (_b64(self._seal(KEY_CHECK, b"key check")),))
                 self._db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 "
                                  "WHERE key = 'generation'")
-                self._rebuild_matrices(int(self._meta("generation")))
+                generation = int(self._meta("generation"))
+                people = self._rebuild_matrices(generation, previous)
                 self._db.execute("COMMIT")
+                done = (generation, *people)
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-            finally:
-                self._writing, self._identities_at = False, None
+            finally:  # the list just built is this generation's: find() after add() uses it
+                self._writing, self._identities_at, self._previous = False, done, {}
                 self._verified.clear()
 
-    def _rebuild_matrices(self, generation: int) -> None:
-        """Inside a write: one sealed matrix per model, built from the rows as they now are,
-        stamped with the new generation. A model with a damaged row gets none, so matching
-        reads its rows and refuses, naming the row, until the admin revokes that identity."""
+    def _trusted_copies(self) -> Dict[str, object]:
+        """At the start of a write (its transaction holds the file, so nothing else changes
+        it from here): every copy that can be trusted now, to build the next ones from:
+        model id -> (row ids, owners, vectors, identities) of its verified matrix, and
+        matrix.IDENTITIES -> {identity id: Identity} of the verified list. The rows' digests
+        are computed afresh, not taken from this connection's earlier checks: the file may
+        have been damaged since. A copy that is missing, stale or damaged is left out, and
+        the write then rebuilds that one from all its rows."""
+        self._verified.clear()
+        out: Dict[str, object] = {}
+        for model_id in self.model_ids():
+            opened, _ = self._open_matrix(model_id)
+            if opened is not None:
+                out[model_id] = opened[1:]
+        people = self._matrix_identities()
+        if people is not None:
+            out[matrix.IDENTITIES] = {p.id: p for p in people}
+        return out
+
+    def _rebuild_matrices(self, generation: int, previous: Dict[str, object]
+                          ) -> Tuple[List[Identity], List[str]]:
+        """Inside a write: one sealed matrix per model and the identity list, stamped with
+        the new generation. Rows this write did not touch are taken from the copies verified
+        at its start (`previous`); the others (all of a model without a trusted copy) are
+        decrypted. A model with a damaged row gets none, so matching reads its rows and
+        refuses, naming the row, until the admin revokes that identity. Returns the identity
+        rows as _decode_identity_rows does."""
         self._db.execute("DELETE FROM matrix WHERE model_id NOT IN "
                          "(SELECT model_id FROM embedding)")  # the identities' too: rebuilt below
+        changed = {k for (k,) in self._db.execute(matrix.CHANGED_SQL, ("embedding",))}
+        people_changed = {k for (k,) in self._db.execute(matrix.CHANGED_SQL, ("identity",))}
         for model_id in self.model_ids():
-            emb, row_ids, damaged = self._rows_embeddings(model_id)
+            known = previous.get(model_id)
+            built = self._update_embeddings(model_id, known, changed, people_changed) \
+                if known else None
+            emb, row_ids, damaged = built or self._rows_embeddings(model_id)
             if damaged:
                 self._db.execute("DELETE FROM matrix WHERE model_id = ?", (model_id,))
                 continue
@@ -716,13 +871,16 @@ class Registry:
             payload = matrix.pack(model_id, generation, row_ids, emb.vectors, emb.owners,
                                   emb.identities)
             self._store_matrix(model_id, generation, digest, payload)
-        people, damaged = self._decode_identity_rows()
+        known = previous.get(matrix.IDENTITIES)
+        known = {k: v for k, v in known.items() if k not in people_changed} if known else None
+        people, damaged = self._decode_identity_rows(known)
         if damaged:
             self._db.execute("DELETE FROM matrix WHERE model_id = ?", (matrix.IDENTITIES,))
         else:
             self._store_matrix(matrix.IDENTITIES, generation, self._identity_digest(),
                                matrix.pack_identities(generation,
                                                       [p.public_dict() for p in people]))
+        return people, damaged
 
     def _store_matrix(self, key: str, generation: int, digest: bytes, payload: bytes) -> None:
         self._db.execute(

@@ -14,8 +14,9 @@ import pytest
 
 from consent_guard import registry_matrix
 from consent_guard.policy import Policy
-from consent_guard.registry import (Consent, DamagedRowError, Registry, RegistryError,
-                                    open_for_matching, read_key_file, seal)
+from consent_guard.registry import (Consent, DamagedRowError, Registry, RegistryError, _b64,
+                                    open_for_matching, read_export, read_key_file, seal,
+                                    write_export)
 
 PASS = "correct horse battery"
 
@@ -341,3 +342,141 @@ def test_matrix_payload_round_trips():
     assert identities == [("id_a", "any"), ("id_b", "explicit")]
     with pytest.raises(registry_matrix.MatrixError):
         registry_matrix.unpack(payload[:-4])
+
+
+# -- writes update the copies instead of decrypting every row ------------------------------
+def count_decryptions(monkeypatch) -> dict:
+    """Count the embedding and identity rows decrypted one by one from here on."""
+    calls = {"embedding": 0, "identity": 0}
+    decode_raw, decode_identity = Registry._decode_raw, Registry._decode_identity
+
+    def raw(self, *args):
+        calls["embedding"] += 1
+        return decode_raw(self, *args)
+
+    def identity(self, *args):
+        calls["identity"] += 1
+        return decode_identity(self, *args)
+    monkeypatch.setattr(Registry, "_decode_raw", raw)
+    monkeypatch.setattr(Registry, "_decode_identity", identity)
+    return calls
+
+
+def from_rows_and_matrix(home, monkeypatch, model="m"):
+    """(embeddings read row by row, embeddings read from the matrix alone)."""
+    with monkeypatch.context() as m:
+        rows_only(m)
+        expected = load(home, model)
+    with monkeypatch.context() as m:
+        no_rows(m)
+        return expected, load(home, model)
+
+
+def test_an_enrolment_decrypts_only_its_own_rows(home, monkeypatch):
+    with Registry.open(home / "identities.db", passphrase=PASS) as reg:
+        calls = count_decryptions(monkeypatch)
+        dee = reg.add("Dee", "explicit", Consent("Dee"), {"m": unit(2, seed=7)})
+        assert calls == {"embedding": 2, "identity": 1}
+        monkeypatch.undo()
+    expected, got = from_rows_and_matrix(home, monkeypatch)
+    assert same(got, expected) and got.identities[-1] == (dee.id, "explicit")
+    assert np.allclose(got.vectors[-2:], unit(2, seed=7))
+    assert same(*from_rows_and_matrix(home, monkeypatch, "n"))  # the other model kept as is
+
+
+def test_added_photos_update_the_identity_list_counts_without_decrypting_it(home,
+                                                                          monkeypatch):
+    anna = ids(home)["Anna"]
+    with Registry.open(home / "identities.db", passphrase=PASS) as reg:
+        calls = count_decryptions(monkeypatch)
+        reg.add_embeddings(anna, {"n": unit(2, 8, seed=8)})
+        assert calls == {"embedding": 2, "identity": 0}
+        monkeypatch.undo()
+    expected, got = from_rows_and_matrix(home, monkeypatch, "n")  # in Anna's place, not last
+    assert same(got, expected) and np.allclose(got.vectors[1:3], unit(2, 8, seed=8))
+    monkeypatch.setattr(Registry, "_decode_identity_rows",
+                        lambda self, known=None: pytest.fail("decoded the identity rows"))
+    reg = open_for_matching(Policy(), home)
+    try:
+        assert reg.find("Anna").models == {"m": 2, "n": 3}
+        assert [i.name for i in reg.identities()] == ["Anna", "Ben", "Cem"]
+    finally:
+        reg.close()
+
+
+def test_revoke_updates_the_matrix_without_decrypting_a_row(home, monkeypatch):
+    people = ids(home)
+    with Registry.open(home / "identities.db", passphrase=PASS) as reg:
+        calls = count_decryptions(monkeypatch)
+        reg.revoke(people["Ben"])
+        assert calls == {"embedding": 0, "identity": 0}
+        monkeypatch.undo()
+    expected, got = from_rows_and_matrix(home, monkeypatch)
+    assert same(got, expected) and got.vectors.shape == (3, 16)
+
+
+def test_a_write_after_the_matrix_was_damaged_rebuilds_it_from_every_row(home, monkeypatch):
+    """The previous copy is reused only when it verifies; a damaged one is rebuilt whole."""
+    sealed = sql(home, "SELECT sealed FROM matrix WHERE model_id = 'm'")[0][0]
+    flip_byte_in_file(home / "identities.db", sealed)
+    with Registry.open(home / "identities.db", passphrase=PASS) as reg:
+        calls = count_decryptions(monkeypatch)
+        reg.add("Dee", "any", Consent("Dee"), {"m": unit(1, seed=7), "n": unit(1, 8, 9)})
+        assert calls["embedding"] == 6 + 1 + 1  # every row of m, the new rows of m and n
+        monkeypatch.undo()
+    expected, got = from_rows_and_matrix(home, monkeypatch)
+    assert same(got, expected) and np.allclose(got.vectors[2:5], unit(3, seed=2))
+
+
+def test_a_write_after_a_row_was_damaged_does_not_trust_the_old_matrix(home, monkeypatch):
+    """The matrix still verifies, but the rows no longer hash to its digest: the write reads
+    every row, finds the damaged one and stores no matrix for that model."""
+    row_id, sealed = sql(home, "SELECT id, sealed FROM embedding WHERE model_id = 'm' "
+                               "ORDER BY id")[3]
+    flip_byte_in_file(home / "identities.db", sealed, at=0.3)
+    with Registry.open(home / "identities.db", passphrase=PASS) as reg:
+        calls = count_decryptions(monkeypatch)
+        reg.add("Dee", "any", Consent("Dee"), {"m": unit(1, seed=7)})
+        assert calls["embedding"] == 7
+        monkeypatch.undo()
+    assert with_matrix(home) == ["n"]
+    with pytest.raises(DamagedRowError, match=f"embedding row {row_id} "):
+        load(home)
+
+
+def test_an_import_that_reuses_row_ids_stores_the_new_vectors(home, tmp_path, monkeypatch):
+    """Importing everyone again deletes and re-inserts every row under the same ids: the
+    write's own log of changed rows, not the ids, says what to decrypt."""
+    before = sql(home, "SELECT id FROM embedding ORDER BY id")
+    with Registry.open(home / "identities.db", passphrase=PASS) as reg:
+        reg.export(tmp_path / "all.cgx", "export pass")
+        records = read_export(tmp_path / "all.cgx", "export pass")
+        cem = next(r for r in records if r["name"] == "Cem")
+        new = unit(1, seed=11)
+        cem["embeddings"]["m"]["vectors"] = _b64(new.astype("<f4").tobytes())
+        write_export(tmp_path / "changed.cgx", "export pass", records)
+        calls = count_decryptions(monkeypatch)
+        assert reg.import_file(tmp_path / "changed.cgx", "export pass") == (3, 0)
+        assert calls == {"embedding": 9, "identity": 3}
+        monkeypatch.undo()
+    assert sql(home, "SELECT id FROM embedding ORDER BY id") == before  # the same ids
+    expected, got = from_rows_and_matrix(home, monkeypatch)
+    assert same(got, expected) and np.allclose(got.vectors[-1], new[0])
+
+
+def test_a_scope_edited_past_the_triggers_is_matched_with_the_new_scope(home, caplog):
+    """The matrix keeps each owner's scope; matching must not use it once the (unsealed) scope
+    column says otherwise, even when no trigger ran (damage on disk, a hand edit)."""
+    ben = ids(home)["Ben"]
+    sql(home, "DROP TRIGGER matrix_stale_identity_update")
+    sql(home, "UPDATE identity SET scope = 'any' WHERE id = ?", ben)
+    with caplog.at_level(logging.WARNING, "consent_guard"):
+        emb = load(home)
+    assert (ben, "any") in emb.identities and "scopes differ" in caplog.text
+
+
+def test_rows_digest_sees_bytes_moved_between_rows():
+    """The sealed values are hashed joined: their lengths are hashed too, so moving a byte
+    from one row to the next (both rows then damaged) changes the digest."""
+    assert registry_matrix.rows_digest([("id_a", 1, b"\x01\x02"), ("id_b", 2, b"\x03")]) != \
+        registry_matrix.rows_digest([("id_a", 1, b"\x01"), ("id_b", 2, b"\x02\x03")])

@@ -11,6 +11,7 @@ import csv
 import hashlib
 import json
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "eval" / "prompts"
@@ -110,3 +111,55 @@ def held_out(text: str) -> bool:
 # says how each is used). PartiPrompts, DrawBench, the art sets and the animal prompts are never
 # used in training: they stand in for the unseen data the check will meet.
 TRAINED_ON = ("I2P E/S/N labels", "COCO 20k", "ImageNet")
+
+
+# --- text-labelled prompts (prompts/textlabelled/<source>/, see ../shared/eval/SOURCES.md) ---
+TEXTLABELLED = DATA / "textlabelled"
+#: the sources whose licence allows training weights that ship; the others are measured only
+TRAINABLE_SOURCES = ("overt", "rtp_lx", "openai_moderation")
+EVALUATE_ONLY_SOURCES = ("t2i_riskyprompt", "t2vsafetybench", "netifier")
+LABELS_TL = ("explicit", "suggestive", "minor_sexual", "benign", "nonsexual_other")
+
+
+@dataclass(frozen=True)
+class LabelledRow:
+    source: str
+    lang: str
+    label: str      # explicit | suggestive | minor_sexual | benign | nonsexual_other
+    text: str
+    row_id: str     # source_row_id
+
+    @property
+    def sexual_topic(self) -> bool:
+        """OVERT's benign look-alikes about sex (sex education, medicine, child safety)."""
+        return self.row_id.endswith(":sexual_content")
+
+
+def textlabelled(source: str) -> List[LabelledRow]:
+    """Every row of one source: data.tsv, then nonsexual_other.tsv (label nonsexual_other)."""
+    out: List[LabelledRow] = []
+    for name in ("data.tsv", "nonsexual_other.tsv"):
+        path = TEXTLABELLED / source / name
+        if not path.is_file():
+            continue
+        with open(path, newline="", encoding="utf-8") as fp:
+            for r in csv.DictReader(fp, delimiter="\t", quoting=csv.QUOTE_NONE):
+                label = "nonsexual_other" if name.startswith("nonsexual") else r["label"]
+                out.append(LabelledRow(source, r["lang"], label, r["text"], r["source_row_id"]))
+    return out
+
+
+def row_group(row: LabelledRow) -> str:
+    """What must land on one side of the train/held-out split: RTP-LX's translations of one
+    prompt share their number ("RTP_LX_AR.json:51" and "RTP_LX_KO.json:51"), OVERT's benign
+    rewrites share the row number of their explicit prompt."""
+    if row.source == "rtp_lx":
+        return "rtp_lx:" + row.row_id.rsplit(":", 1)[-1]
+    if row.source == "overt":
+        return "overt:" + row.row_id.split(":")[1]
+    return f"{row.source}:{row.row_id}"
+
+
+def held_out_row(row: LabelledRow) -> bool:
+    """A fixed 20% of the text-labelled rows, by group, never used in training."""
+    return held_out(row_group(row))

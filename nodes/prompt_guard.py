@@ -933,7 +933,23 @@ def register_prompt_handler() -> bool:
            for h in getattr(instance, "on_prompt_handlers", ())):
         return False
     instance.add_on_prompt_handler(on_prompt)
+    preload_prompt_checks()
     return True
+
+
+def preload_prompt_checks() -> bool:
+    """Load the word lists and the sentence encoder in a background thread while ComfyUI
+    starts (about a second of CPU), so the first submission is checked at once instead of
+    waiting for them (issue 17: first check after start <= 0.5 s). A failure here is only
+    logged: the first check loads again and fails closed with the full message."""
+    try:
+        from consent_guard.prompts.classifier import start_loading
+
+        start_loading()
+        return True
+    except Exception:  # pragma: no cover - an import error is reported by the first check
+        log.exception("Consent Guard: could not start loading the prompt checks")
+        return False
 
 
 # -- nodes -----------------------------------------------------------------------------------

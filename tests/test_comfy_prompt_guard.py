@@ -472,3 +472,19 @@ def test_check_prompt_node_is_a_negative_root(guard):
     assert texts[("24", "value")] == ("ugly", "negative")
     assert texts[("25", "text")] == ("a portrait, in the rain", "positive")
     assert texts[("20", "value")][1] == "positive"
+
+
+def test_registering_the_handler_starts_loading_the_prompt_checks(guard, monkeypatch):
+    """Issue 17: the encoder loads in the background while ComfyUI starts, so the first
+    submission does not wait for it."""
+    import consent_guard.prompts.classifier as classifier
+
+    started = []
+    monkeypatch.setattr(classifier, "start_loading", lambda: started.append(1))
+    assert guard.preload_prompt_checks() is True and started == [1]
+    server = type("Server", (), {"on_prompt_handlers": [],
+                                 "add_on_prompt_handler": lambda self, h:
+                                 self.on_prompt_handlers.append(h)})()
+    monkeypatch.setattr(guard, "_server_instance", lambda: server)
+    assert guard.register_prompt_handler() is True and started == [1, 1]
+    assert guard.register_prompt_handler() is False and started == [1, 1]  # once

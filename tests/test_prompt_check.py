@@ -192,8 +192,9 @@ def test_real_classifier_catches_paraphrases_the_lists_miss():
     from consent_guard.prompts.classifier import PromptClassifier
 
     clf = PromptClassifier.load()
+    # "a woman in the bath, her bare body visible" was the third: since issue 16 the lexicon
+    # lists "her bare body" (euphemistic nudity next to a person), see the last assert
     paraphrases = ["a couple getting intimate on the couch, moaning, sweaty bodies",
-                   "a woman in the bath, her bare body visible",
                    "her body fully exposed, nothing covering her chest"]
     lookalikes = ["a doctor examining a patient's chest with a stethoscope",
                   "statue of venus de milo in the louvre", "a man in the shower singing"]
@@ -204,7 +205,10 @@ def test_real_classifier_catches_paraphrases_the_lists_miss():
         pytest.skip(f"sentence encoder not installed: {exc}")
     lex = Lexicon.load()
     assert not any(h.category == "explicit" for t in paraphrases for h in lex.find(normalise(t)))
-    assert np.all(scores[:3] >= clf.threshold) and np.all(scores[3:] < clf.threshold), scores
+    n = len(paraphrases)
+    assert np.all(scores[:n] >= clf.threshold) and np.all(scores[n:] < clf.threshold), scores
+    assert any(h.category == "explicit" for h in
+               lex.find(normalise("a woman in the bath, her bare body visible")))
 
 
 def test_cli_check_prompt_args_stdin_json_and_exit_codes(tmp_path, monkeypatch, capsys):

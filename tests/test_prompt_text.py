@@ -197,7 +197,7 @@ VARIANTS = [
     ("sucking his cock", _c(E), "euphemism: cock in a sexual phrase"),
     # --- undress requests -----------------------------------------------------------------
     ("remove her clothes", _c(U), "undress: remove"),
-    ("take her dress off", _c(U), "undress: take off"),
+    ("take her dress off", _c(U, E), "undress: take off (\"her dress off\" is nudity too)"),
     ("rip off his shirt", _c(U), "undress: rip off"),
     ("strip her", _c(U), "undress: strip + pronoun"),
     ("make her naked", _c(U, E), "undress: make naked"),

@@ -1,8 +1,11 @@
 """check_prompt: the lexicon, the classifier and the registry's names -> one Verdict.
 
 Categories and what decides them:
-  sexual_explicit    an explicit term, or the classifier at or above its threshold: policy
-                     action ([prompts] sexual_explicit, default block)
+  sexual_explicit    an explicit term, or the classifier at or above the threshold of the
+                     prompt's script: policy action ([prompts] sexual_explicit, default
+                     block). A block by the classifier alone says so (its reason is labelled
+                     CLASSIFIER_ONLY and the rule names the score and threshold): no word was
+                     found, a model judged the meaning, and it can be wrong.
   sexual_suggestive  a suggestive term only: policy action (default allow; it is logged)
   undress_request    "remove her clothes", "make him naked", ...: always block (with an input
                      photo, this is how real people are undressed)
@@ -27,6 +30,8 @@ ALWAYS_BLOCK = ("undress_request", "minor_sexual", "protected_identity")
 # embeddings are unreliable, and words are the lexicon's job. From three words on it runs: on
 # the visible sets, 3 and 4 flag the same prompts (bench/prompts.py).
 CLASSIFIER_MIN_WORDS = 3
+#: the label of the classifier's reason when no listed word backs it
+CLASSIFIER_ONLY = "semantic (classifier only)"
 
 
 def check_prompt(text: str, negative: Optional[str] = None, *, lexicon: Lexicon,
@@ -41,7 +46,8 @@ def check_prompt(text: str, negative: Optional[str] = None, *, lexicon: Lexicon,
     use_classifier = classifier is not None and \
         sum(w != "," for w in prompt.text.split()) >= CLASSIFIER_MIN_WORDS
     score = float(classifier.score([prompt.text])[0]) if use_classifier else 0.0
-    semantic = use_classifier and score >= classifier.threshold
+    threshold = _threshold(classifier, prompt.text) if use_classifier else 1.0
+    semantic = use_classifier and score >= threshold
     sexual = bool(by_cat["explicit"] or by_cat["suggestive"] or semantic)
 
     reasons: List[Reason] = []
@@ -61,7 +67,8 @@ def check_prompt(text: str, negative: Optional[str] = None, *, lexicon: Lexicon,
                                   Decision.BLOCK))
     add("sexual_explicit", explicit_action, by_cat["explicit"])
     if semantic:
-        reasons.append(Reason("prompt_classifier", "semantic", score, "sexual_explicit",
+        label = "semantic" if (by_cat["explicit"] or by_cat["undress"]) else CLASSIFIER_ONLY
+        reasons.append(Reason("prompt_classifier", label, score, "sexual_explicit",
                               explicit_action))
     add("sexual_suggestive", suggestive_action, by_cat["suggestive"])
 
@@ -75,8 +82,18 @@ def check_prompt(text: str, negative: Optional[str] = None, *, lexicon: Lexicon,
         rule = "prompt: " + ", ".join(
             f"{c} -> {'block (always)' if c in ALWAYS_BLOCK else _action(reasons, c)}"
             for c in categories)
+        if any(r.label == CLASSIFIER_ONLY for r in reasons):
+            rule += (f" (by the classifier alone: no listed word, score {score:.2f} >= "
+                     f"threshold {threshold:.2f})")
     scores = {"prompt_classifier": score}
     return Verdict(decision, tuple(reasons), (), rule, None, scores)
+
+
+def _threshold(classifier: PromptClassifier, text: str) -> float:
+    """The threshold for this prompt's script (a classifier without per-script thresholds, a
+    test double for instance, has one)."""
+    per_script = getattr(classifier, "threshold_for", None)
+    return float(per_script(text)) if per_script is not None else float(classifier.threshold)
 
 
 def _action(reasons: Sequence[Reason], category: str) -> str:

@@ -428,10 +428,18 @@ class Lexicon:
 
     # --- matching ---------------------------------------------------------------------
     def find(self, prompt: NormalisedPrompt) -> List[Hit]:
-        """Every lexicon entry the prompt contains, one Hit per (category, entry)."""
-        text = prompt.text
+        """Every lexicon entry the prompt contains, one Hit per (category, entry). The
+        prompt's ``alternates`` (other readings of an ambiguous spelling, see normalise.py
+        step 6) are read too: a hit in any reading counts."""
+        found = self._find_in(prompt.text)
+        for alternate in prompt.alternates:
+            for key, hit in self._find_in(alternate).items():
+                found.setdefault(key, hit)
+        return [hit for key, hit in found.items() if key[0] != "allow"]
+
+    def _find_in(self, text: str) -> Dict[Tuple[str, str], Hit]:
         if not text:
-            return []
+            return {}
         found = self._scan_full(text)
         if any(category == "allow" for category, _ in found):
             text = self._mask(text)
@@ -441,7 +449,7 @@ class Lexicon:
             for word, short in zip(text.split(" "), collapsed.split(" ")):
                 if word != short:
                     self._lookup_collapsed(short, found)
-        return [hit for key, hit in found.items() if key[0] != "allow"]
+        return found
 
     def _lookup_collapsed(self, word: str, found: Dict[Tuple[str, str], Hit]) -> None:
         for category, term, lang in self._c_words.get(word, ()):

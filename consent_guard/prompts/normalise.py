@@ -21,7 +21,13 @@ Every step undoes a way of writing the same word differently, in this order:
    Russian;
 6. runs of three or more single letters separated by separators or spaces are joined:
    "n.u.d.e", "n u d e", "n_u_d_e", "s 3 x" (so "a b c" becomes "abc": accepted), and
-   single digits separated by spaces are joined ("1 6 years old" -> "16 years old");
+   single digits separated by spaces are joined ("1 6 years old" -> "16 years old"). A run
+   is cut where its separator changes or holds a phrase break, so two spaced words stay two
+   ("n.u.d.e s.e.x.y" -> "nude sexy", "n u d e, s e x y" -> "nude , sexy", "a  n u d e" ->
+   "a nude"). A run that starts with "a" or "i" may start with that word ("a n u d e woman"):
+   the text keeps the joined reading ("anude") and ``alternates`` holds the one with the word
+   apart ("a nude woman"). A letter hidden by an asterisk inside a word ("n*ked", "f*cking")
+   is read as each vowel in turn, in ``alternates`` as well;
 7. leetspeak in words that mix letters and 4 3 1 0 5 7 @ $ ! (a e i o s t a s i): "p0rn",
    "s3x", "pu$$y", "n!pple". Numbers ("1920"), numbers with a unit or suffix ("4k", "8k",
    "3d", "35mm", "1080p", "1990s") are left alone, and Danbooru count tags are split:
@@ -43,7 +49,7 @@ import re
 import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 __all__ = ["NormalisedPrompt", "normalise", "normalise_term", "collapse_runs",
            "drop_safety_tags"]
@@ -53,10 +59,13 @@ __all__ = ["NormalisedPrompt", "normalise", "normalise_term", "collapse_runs",
 class NormalisedPrompt:
     """``text``: the normalised running text (syntax removed, LoRA and embedding names
     included as words). ``names``: the LoRA / embedding / hypernetwork names found, each
-    normalised to words ("nsfw_nudify-v2" -> "nsfw nudify v2")."""
+    normalised to words ("nsfw_nudify-v2" -> "nsfw nudify v2"). ``alternates``: other
+    readings of an ambiguous spelling (step 6), which the lexicon reads as well; the
+    classifier reads ``text`` only."""
 
     text: str
     names: Tuple[str, ...] = ()
+    alternates: Tuple[str, ...] = ()
 
 
 # --- 1. invisible characters ------------------------------------------------------------
@@ -178,12 +187,45 @@ def _fold_homoglyphs(match: "re.Match[str]") -> str:
     return word
 
 
-def _join_split_word(match: "re.Match[str]") -> str:
-    joined = _SEP_CHARS.sub("", match.group(0))
+_PHRASE_SEP = re.compile(r"[,.;:!?]\s|\s[,.;:!?]|[,;!?]")
+#: one-letter words a spaced-out word may follow ("a n u d e" is "a nude" or "anude")
+_ONE_LETTER_WORDS = ("a", "i")
+
+
+def _join_segment(chars: List[str], sep: str) -> str:
+    joined = "".join(chars)
     letters = len(_ALPHA.findall(joined))
     if letters < 2 or letters <= len(joined) - letters:  # mostly digits: a number, "8 k 1 9"
-        return match.group(0)
+        return sep.join(chars)
     return joined
+
+
+def _join_split_word(match: "re.Match[str]", split_first: bool = False,
+                     ambiguous: Optional[List[bool]] = None) -> str:
+    """Join one run of spaced single letters, cut where the separator changes (step 6)."""
+    run = match.group(0)
+    chars = _SEP_CHARS.split(run)
+    seps = _SEP_CHARS.findall(run)
+    usual = max(sorted(set(seps)), key=seps.count)
+    segments: List[List[str]] = [[chars[0]]]
+    glue: List[str] = []
+    for sep, ch in zip(seps, chars[1:]):
+        if sep != usual or _PHRASE_SEP.search(sep):
+            glue.append(" , " if _PHRASE_SEP.search(sep) else " ")
+            segments.append([ch])
+        else:
+            segments[-1].append(ch)
+    first = segments[0]
+    if len(first) >= 4 and first[0] in _ONE_LETTER_WORDS and usual.isspace():
+        if ambiguous is not None:
+            ambiguous.append(True)
+        if split_first:
+            segments[0:1] = [[first[0]], first[1:]]
+            glue.insert(0, " ")
+    out = _join_segment(segments[0], usual)
+    for g, seg in zip(glue, segments[1:]):
+        out += g + _join_segment(seg, usual)
+    return out
 
 
 def _leet_word(match: "re.Match[str]") -> str:
@@ -211,15 +253,18 @@ def _leet_word(match: "re.Match[str]") -> str:
     return head + core.translate(_LEET_TABLE) + tail
 
 
-def _core(text: str) -> str:
-    """Steps 3-9 (no prompt syntax): used for the running text, the names, and terms."""
+def _core(text: str, split_first: bool = False,
+          ambiguous: Optional[List[bool]] = None) -> str:
+    """Steps 3-9 (no prompt syntax): used for the running text, the names, and terms.
+    ``split_first``: read an ambiguous spaced run with its one-letter word apart (step 6);
+    ``ambiguous`` collects whether the text had such a run."""
     s = text.casefold()
     if not s.isascii():
         s = unicodedata.normalize("NFD", s).translate(_DELETE_MARKS)
         if _HAS_CONFUSABLE_SCRIPT.search(s):
             s = _LETTER_RUN.sub(_fold_homoglyphs, s)
         s = unicodedata.normalize("NFC", s)
-    s = _SPLIT_WORD.sub(_join_split_word, s)
+    s = _SPLIT_WORD.sub(lambda m: _join_split_word(m, split_first, ambiguous), s)
     if " " in s:
         s = _SPLIT_NUMBER.sub(lambda m: m.group(0).replace(" ", ""), s)
     if _MAYBE_LEET.search(s):
@@ -269,7 +314,25 @@ def normalise(text: str) -> NormalisedPrompt:
         n = _core(raw)
         if n and n not in names:
             names.append(n)
-    return NormalisedPrompt(_core(s), tuple(names))
+    ambiguous: List[bool] = []
+    text = _core(s, ambiguous=ambiguous)
+    return NormalisedPrompt(text, tuple(names), _alternates(s, text, bool(ambiguous)))
+
+
+_MASKED = re.compile(r"(?<=[^\W\d_])\*(?=[^\W\d_])")
+VOWELS = "aeiou"
+
+
+def _alternates(raw: str, text: str, ambiguous: bool) -> Tuple[str, ...]:
+    """Other readings of the prompt (step 6): the spaced run with its one-letter word apart,
+    and each vowel in place of the asterisks inside words ("n*ked" -> "naked" ...)."""
+    out: List[str] = []
+    if ambiguous:
+        out.append(_core(raw, split_first=True))
+    if "*" in raw and _MASKED.search(raw):
+        for vowel in VOWELS:
+            out.append(_core(_MASKED.sub(vowel, raw)))
+    return tuple(dict.fromkeys(a for a in out if a and a != text))
 
 
 @lru_cache(maxsize=65536)
@@ -318,4 +381,4 @@ def drop_safety_tags(prompt: NormalisedPrompt) -> NormalisedPrompt:
     if cut == text:
         return prompt
     cut = re.sub(r"(?: ,)+", " ,", " ".join(cut.split())).strip(" ,")
-    return NormalisedPrompt(cut, prompt.names)
+    return NormalisedPrompt(cut, prompt.names, prompt.alternates)

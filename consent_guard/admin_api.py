@@ -442,6 +442,48 @@ def audit(site: Site, passphrase=None, since=None, decision=None, limit=200,
                        "path": str(log_file.path)})
 
 
+# -- provenance ----------------------------------------------------------------------------------
+
+def verify_image(site: Site, image, name=None, passphrase=None, client: str = "") -> Reply:
+    """`consent-guard verify` for one image file sent as base64 (the admin's verify dialog):
+    the invisible mark, the signed verdict, and whether this machine signed it. With the
+    admin passphrase, also the audit record it points to (without one nothing is counted as
+    a guess: the rest is in the file already)."""
+    import base64
+    import binascii
+
+    from . import provenance
+    from .audit import audit_for
+
+    if not isinstance(image, str) or not image:
+        return error(400, "Send the image file as base64 in \"image\".", code=BAD_REQUEST)
+    try:
+        data = base64.b64decode(image.split(",", 1)[-1], validate=True)
+    except (binascii.Error, ValueError):
+        return error(400, "\"image\" is not base64.", code=BAD_REQUEST)
+    if len(data) > MAX_PHOTO_BYTES:
+        return error(413, f"The file is larger than {MAX_PHOTO_BYTES // 2 ** 20} MB.",
+                     code=BAD_REQUEST)
+    record = isinstance(passphrase, str) and bool(passphrase)
+    if record:
+        refused = admin_ok(site, passphrase, "showing the audit record of an image",
+                           always=True, client=client)
+        if refused is not None:
+            return refused
+    engine, _ = _engine_or_problem(site)
+    policy = _policy_of(site, engine) or load_policy()
+    check = provenance.verify_file(io.BytesIO(data), home=site.home(),
+                                   marker=provenance.marker_for(policy, site.model_dirs()),
+                                   name=str(name or "image"), max_pixels=policy.max_pixels)
+    if check.error:
+        return error(400, check.error, code=BAD_REQUEST)
+    if record:
+        log_file = audit_for(policy, site.home())
+        check.record = ({"found": False, "why": "[audit] enabled = false"} if log_file is None
+                        else provenance.record_for(check, log_file.path))
+    return Reply(200, {"ok": True, **check.to_dict()})
+
+
 # -- set-up and lock ---------------------------------------------------------------------------
 
 def setup_describe(site: Site) -> Reply:

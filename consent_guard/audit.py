@@ -207,6 +207,7 @@ class AuditLog:
         self._logged: Optional[str] = None  # the error last sent to the logger
         self._rotate_error: Optional[str] = None
         self._lock = threading.Lock()
+        self._written = threading.local()  # .seq: the number of this thread's last record
         self._user = _os_user()
 
     @property
@@ -262,7 +263,7 @@ class AuditLog:
                              negative=negative, image=image, image_sha256=image_sha256,
                              note=note)
             with self._lock:
-                self._append(rec)
+                self._written.seq = self._append(rec)
         except OSError as exc:
             text = exc.strerror or str(exc)
             code = f" ({errno.errorcode.get(exc.errno, exc.errno)})" if exc.errno else ""
@@ -280,6 +281,15 @@ class AuditLog:
         self.last_error = self._logged = None
         return True
 
+    def append(self, kind: str, verdict: Verdict, **fields) -> Optional[int]:
+        """record(), returning the new record's number ("seq"), or None where record() would
+        return False: the provenance mark carries the number (consent_guard/provenance.py).
+        The number is kept per thread, so threads recording at once each get their own."""
+        self._written.seq = None
+        if not self.record(kind, verdict, **fields):
+            return None
+        return self._written.seq
+
     def _fail(self, message: str) -> None:
         self.last_error = message
         if message != self._logged:
@@ -289,10 +299,10 @@ class AuditLog:
             except Exception:  # pragma: no cover - a broken handler must not raise here
                 pass
 
-    def _append(self, rec: dict) -> None:
+    def _append(self, rec: dict) -> int:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with _file_lock(self.lock_path, os.O_RDWR | os.O_CREAT):
-            self._append_locked(rec)
+            return self._append_locked(rec)
 
     def ensure_key(self) -> bytes:
         """The audit MAC key, created (0600) on first use. Call under the log lock, or where
@@ -303,7 +313,7 @@ class AuditLog:
             self._key = read_key(self.key_path)
         return self._key
 
-    def _append_locked(self, rec: dict) -> None:
+    def _append_locked(self, rec: dict) -> int:
         key = self.ensure_key()
         last = _last_line(self.path)
         if last is None:  # fresh file (first ever, or just rotated): chain to the rotated one
@@ -337,6 +347,7 @@ class AuditLog:
         rebuilt = head.get("rebuilt_at") if head else (seq if anchored_before else None)
         write_head(self.head_path, key, {"count": seq, "first": first,
                                          "last": line_digest(line), "rebuilt_at": rebuilt})
+        return seq
 
     def _write_line(self, data: bytes, last: Optional[bytes]) -> None:
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _BINARY, 0o600)

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
 
-from . import __version__, cli_admin, cli_audit, cli_identity, cli_policy
+from . import __version__, cli_admin, cli_audit, cli_identity, cli_policy, cli_verify
 from .home import HomeError, choose_home
 
 # Files with these suffixes are always checked (a decoding failure is an error result); other
@@ -396,6 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_identity.add_parser(sub)
     cli_audit.add_parser(sub)
+    cli_verify.add_parser(sub)
     cli_admin.add_parser(sub)
     return parser
 
@@ -405,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
 _EXPECTED = (("consent_guard.policy", "PolicyError", ""),
              ("consent_guard.models", "ModelError", ""),
              ("consent_guard.registry", "RegistryError", ""),
+             ("consent_guard.provenance", "ProvenanceError", ""),
              ("sqlite3", "Error", "the identity registry cannot be used: "))
 
 

@@ -39,6 +39,8 @@ KEYS: Tuple[Tuple[str, str, str], ...] = (
     ("audit", "enabled", "audit_enabled"), ("audit", "path", "audit_path"),
     ("audit", "prompt", "audit_prompt"), ("audit", "max_mb", "audit_max_mb"),
     ("audit", "backups", "audit_backups"),
+    ("provenance", "watermark", "provenance_watermark"),
+    ("provenance", "sign", "provenance_sign"),
     ("models", "device", "device"), ("models.paths", "*", "model_paths"),
     ("limits", "max_pixels", "max_pixels"),
     ("messages", "contact", "contact"),

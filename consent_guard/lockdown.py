@@ -128,6 +128,8 @@ def apply(home: Path, policy, accounts: Accounts) -> Report:
     report.done.append(f"registry journal: {switch_registry_journal(db)}")
     log = AuditLog(audit_path(policy, home)) if policy.audit_enabled else None
     shared = _prepare_audit(log, report) if log is not None else set()
+    from .provenance import machine_key  # made now, so locking gives the UI's account read
+    machine_key(home)  # access; that account could not create it in a locked folder
     _lock_folder(home, accounts, shared, report)
     outside = [p for p in (db, key) if p.exists()]  # a policy may keep them elsewhere
     if log is not None:

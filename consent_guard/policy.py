@@ -8,7 +8,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Union
 
 try:  # Python 3.11+
     import tomllib
@@ -109,6 +109,14 @@ prompt = "hash"     # what of the prompt is kept: "hash" (sha256), "text" or "no
 max_mb = 10         # rotate when the log grows past this size
 backups = 5         # rotated files kept (audit.log.1 ... audit.log.5)
 
+[provenance]
+# Every image Consent Guard saves carries an invisible mark (32 bits: "made under Consent
+# Guard" and the number of its audit record, never a name) and a signed copy of its verdict
+# in the file's metadata, checked by `consent-guard verify FILE`. "auto": on in enforce mode,
+# off otherwise; true or false to choose. See docs/provenance.md.
+watermark = "auto"
+sign = "auto"
+
 [models]
 device = "auto"     # "auto" (CUDA if onnxruntime-gpu can use it, else CPU) or "cpu"
 # Optional paths that override where a model file is looked for (names from models/manifest.toml):
@@ -126,7 +134,7 @@ contact = ""
 
 ACTION_CATEGORIES = ("sexual", "nudity")
 TOP_LEVEL = ("version", "enforce", "actions", "censor", "explicit", "prompts", "faces",
-             "identities", "minors", "audit", "models", "limits", "messages")
+             "identities", "minors", "audit", "provenance", "models", "limits", "messages")
 AUDIT_PROMPT_MODES = ("hash", "text", "none")
 CENSOR_STYLES = ("pixelate", "blur", "black")
 DEVICES = ("auto", "cpu")
@@ -170,10 +178,26 @@ class Policy:
     audit_max_mb: float = 10.0
     audit_backups: int = 5
     contact: str = ""  # [messages] contact: the admin's line under every refusal
+    provenance_watermark: Union[bool, str] = "auto"  # [provenance] watermark: bool or "auto"
+    provenance_sign: Union[bool, str] = "auto"  # [provenance] sign: bool or "auto"
     source: Optional[str] = None  # the file it came from, None for built-in defaults
 
     def action_for(self, category: str) -> Decision:
         return self.actions[category]
+
+    @property
+    def watermark_on(self) -> bool:
+        """[provenance] watermark: "auto" follows enforce mode."""
+        return _on(self.provenance_watermark, self.enforce)
+
+    @property
+    def sign_on(self) -> bool:
+        """[provenance] sign: "auto" follows enforce mode."""
+        return _on(self.provenance_sign, self.enforce)
+
+
+def _on(switch: Union[bool, str], enforce: bool) -> bool:
+    return bool(enforce) if switch == "auto" else switch is True
 
 
 def _suggest(key: str, known) -> str:
@@ -278,6 +302,15 @@ def _contact(r: _Reader) -> str:
     return value
 
 
+def _auto_flag(r: "_Reader", table: dict, key: str) -> Union[bool, str]:
+    """A [provenance] switch: true, false, or "auto" (follow enforce mode)."""
+    value = table.get(key, "auto")
+    if value == "auto" or isinstance(value, bool):
+        return value
+    r.problems.append(f"[provenance] {key} must be true, false or \"auto\", got {value!r}.")
+    return "auto"
+
+
 def policy_from_dict(data: dict, where: str = "<policy>") -> Policy:
     defaults = Policy()
     r = _Reader(data, where)
@@ -343,6 +376,7 @@ def policy_from_dict(data: dict, where: str = "<policy>") -> Policy:
                           f"open_nsfw_explicit_at ({explicit_at}).")
 
     contact = _contact(r)
+    provenance_t = r.table("provenance", ("watermark", "sign"))
     max_pixels = limits_t.get("max_pixels", defaults.max_pixels)
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 64 * 64:
         r.problems.append(f"[limits] max_pixels must be a whole number of at least 4096, "
@@ -389,6 +423,8 @@ def policy_from_dict(data: dict, where: str = "<policy>") -> Policy:
         audit_max_mb=r.number(audit_t, "audit", "max_mb", defaults.audit_max_mb, 0.01, 10000),
         audit_backups=int(r.number(audit_t, "audit", "backups", defaults.audit_backups, 1, 100)),
         contact=contact,
+        provenance_watermark=_auto_flag(r, provenance_t, "watermark"),
+        provenance_sign=_auto_flag(r, provenance_t, "sign"),
         source=where,
     )
     if r.problems:

@@ -12,6 +12,9 @@
                                  once an admin passphrase exists
     POST /consent_guard/lock    {"locked": bool, "passphrase"} -> lock or unlock; always needs
                                  the admin passphrase
+    POST /consent_guard/verify  {"image": base64 file, "name"?, "passphrase"?} -> the invisible
+                                 mark, the signed verdict, this machine's or not; with the
+                                 admin passphrase also the audit record it points to
 
 Every refusal carries a "code" besides its message: "passphrase_missing" (type it) and
 "passphrase_wrong" (it was checked and is wrong) are told apart, "not_set_up" when there is no
@@ -45,6 +48,7 @@ POLICY_PATH = "/consent_guard/policy"
 AUDIT_PATH = "/consent_guard/audit"
 SETUP_PATH = "/consent_guard/setup"
 LOCK_PATH = "/consent_guard/lock"
+VERIFY_PATH = "/consent_guard/verify"
 
 
 def status_sync() -> Reply:
@@ -81,6 +85,11 @@ def lock_post_sync(data: dict, client: str = "") -> Reply:
     return admin_api.lock_post(SITE, data.get("locked"), data.get("passphrase"), client)
 
 
+def verify_sync(data: dict, client: str = "") -> Reply:
+    return admin_api.verify_image(SITE, data.get("image"), data.get("name"),
+                                  data.get("passphrase"), client)
+
+
 async def _json(request) -> dict:
     try:
         data = await request.json()
@@ -115,9 +124,10 @@ handle_audit = _sync_handler(audit_sync, True)
 handle_setup_get = _sync_handler(setup_get_sync, False)
 handle_setup_post = _sync_handler(setup_post_sync, True)
 handle_lock = _sync_handler(lock_post_sync, True)
+handle_verify = _sync_handler(verify_sync, True)
 
 ROUTES = (("GET", STATUS_PATH, handle_status), ("GET", POLICY_PATH, handle_policy_get),
           ("POST", POLICY_PATH, handle_policy_post), ("POST", AUDIT_PATH, handle_audit),
           ("GET", SETUP_PATH, handle_setup_get), ("POST", SETUP_PATH, handle_setup_post),
-          ("POST", LOCK_PATH, handle_lock))
+          ("POST", LOCK_PATH, handle_lock), ("POST", VERIFY_PATH, handle_verify))
 

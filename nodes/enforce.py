@@ -66,9 +66,12 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 
+import numpy as np
+
 from . import comfy_bridge, image_nodes, sources
 from .pure_transforms import is_stock
-from ..consent_guard import messages
+from ..consent_guard import messages, provenance
+from ..consent_guard.verdict import Decision, Verdict
 from .comfy_bridge import (REFUSAL_EVENT, ConsentGuardError, ConsentGuardRefusal,
                            frames_to_tensor, tensor_to_frames)
 
@@ -132,15 +135,21 @@ def gate_images(images, where: str, whole: bool = False):
     is written, not even a placeholder), censored ones are censored copies. Raises
     ConsentGuardError when every frame is blocked, when `whole` (an animation or a video)
     and any frame is, or when a check cannot run: the node then does not run at all."""
+    return _gate(images, where, whole)[0]
+
+
+def _gate(images, where: str, whole: bool = False):
+    """gate_images(), and the verdicts and audit record numbers of the frames it returns
+    (None, None when they were checked before: where they were made, or by this node run)."""
     if _already_gated(images):
-        return images
+        return images, None, None
     now, key = sources.state(), sources.digest(images)
     if sources.CACHE.allowed(key, now):  # checked where it was made (nodes/sources.py)
         _remember(images)
-        return images
+        return images, None, None
     engine = image_nodes.get_engine()
     frames = tensor_to_frames(images)
-    verdicts = image_nodes.check_frames(engine, frames, where=where)
+    verdicts, numbers = image_nodes.check_and_number(engine, frames, where=where)
     failed = [v for v in verdicts if v.error]
     if failed:
         raise ConsentGuardError(f"Consent Guard could not check the images going into {where}, "
@@ -153,8 +162,9 @@ def gate_images(images, where: str, whole: bool = False):
                 f"in two tones only, which cannot be told from a protected person)")
         sources.CACHE.add(key, now)
         _remember(images)
-        return images
-    kept = [(f, v) for f, v in zip(frames, verdicts) if v.decision.value != "block"]
+        return images, verdicts, numbers
+    kept = [(f, v, n) for f, v, n in zip(frames, verdicts, numbers)
+            if v.decision.value != "block"]
     blocked = [i + 1 for i, v in enumerate(verdicts) if v.decision.value == "block"]
     if blocked and (whole or not kept):
         first = verdicts[blocked[0] - 1]
@@ -167,10 +177,52 @@ def gate_images(images, where: str, whole: bool = False):
                     len(frames), sources.plain(verdicts[i - 1]))
     if blocked:
         image_nodes.blocked_notice(verdicts, where)
-    out = frames_to_tensor([engine.render(f, v) for f, v in kept])
+    out = frames_to_tensor([engine.render(f, v) for f, v, _ in kept])
     sources.CACHE.add(sources.digest(out), now)  # what the policy lets through, as it is
     _remember(out)
-    return out
+    return out, [v for _, v, _ in kept], [n for _, _, n in kept]
+
+
+# -- provenance (consent_guard/provenance.py) ---------------------------------------------------
+
+def _saved_pixels(frame) -> np.ndarray:
+    """The uint8 pixels a stock saver writes for a frame (nodes.SaveImage truncates)."""
+    return np.clip(255.0 * np.asarray(frame, np.float32), 0, 255).astype(np.uint8)
+
+
+def stamp_images(images, where: str):
+    """Gates the images like gate_images, then marks and signs each frame the policy lets
+    through ([provenance]); returns the tensor to save and the signed claims (a list, for
+    the saver's extra_pnginfo; None when nothing was signed). A frame checked where it was
+    made gets an audit record of its own here, so the mark points to a record of this save."""
+    out, verdicts, numbers = _gate(images, where)
+    engine = image_nodes.get_engine()
+    if not provenance.enabled(engine.policy) or out.shape[-1] != 3:
+        return out, None
+    frames = [_saved_pixels(f) for f in tensor_to_frames(out)]
+    if verdicts is None:
+        verdicts = [Verdict(Decision.ALLOW, rule="checked where it was made")] * len(frames)
+        numbers = [image_nodes.record(engine, "image", v, image=f,
+                                      note=f"{where}: saved (checked where it was made)")
+                   for f, v in zip(frames, verdicts)]
+    stamps = [image_nodes.stamp(engine, f, v, n) for f, v, n in zip(frames, verdicts, numbers)]
+    marked = frames_to_tensor([s.pixels for s in stamps])
+    sources.CACHE.add(sources.digest(marked), sources.state())
+    _remember(marked)
+    return marked, provenance.batch_metadata(stamps)
+
+
+def _with_signatures(input_data_all: dict, signed: list) -> dict:
+    """The saver's extra_pnginfo (stock SaveImage writes each key as a PNG text chunk) with
+    the signed claims added; a workflow's own keys of that name are replaced."""
+    if "extra_pnginfo" not in input_data_all:
+        return input_data_all
+    values = input_data_all["extra_pnginfo"]
+    values = values if isinstance(values, list) and values else [None]
+    input_data_all = dict(input_data_all)
+    input_data_all["extra_pnginfo"] = [
+        {**(v if isinstance(v, dict) else {}), provenance.METADATA_KEY: signed} for v in values]
+    return input_data_all
 
 
 def _gate_video(video, where: str):
@@ -195,18 +247,28 @@ def _gate_value(value, where: str, animated: bool = False):
 
 def gate_inputs(class_name: str, input_data_all: dict):
     """input_data_all as execution.get_output_data takes it ({name: [value per call]}), with
-    every image and video checked; and whether there was any."""
-    gated, any_visual = {}, False
+    every image and video checked, still images marked and signed ([provenance]; the signed
+    claims go into the node's extra_pnginfo); and whether there was any."""
+    gated, any_visual, signed = {}, False, []
+    animated = _animated(class_name)
     for name, values in input_data_all.items():
         if not isinstance(values, list):
             gated[name] = values
             continue
         new = []
         for v in values:
-            v, visual = _gate_value(v, f"{class_name} ('{name}')", _animated(class_name))
+            where = f"{class_name} ('{name}')"
+            if _is_image(v) and not animated:
+                v, claims = stamp_images(v, where)
+                signed += claims or []
+                visual = True
+            else:
+                v, visual = _gate_value(v, where, animated)
             any_visual |= visual
             new.append(v)
         gated[name] = new
+    if signed:
+        gated = _with_signatures(gated, signed)
     return gated, any_visual
 
 

@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import random
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 from PIL import Image
@@ -19,9 +19,10 @@ from PIL.PngImagePlugin import PngInfo
 import folder_paths
 from comfy.cli_args import args
 
-from ..consent_guard import Engine, messages
+from ..consent_guard import Engine, messages, provenance
 from ..consent_guard.censor import placeholder_for
 from ..consent_guard.verdict import Decision, Verdict
+from . import comfy_bridge
 from .comfy_bridge import (REFUSAL_EVENT, ConsentGuardError, ConsentGuardRefusal, checks_state,
                            client_id, contact, engine_for, frames_to_tensor, get_engine,
                            progress, send_event, tensor_to_frames, ui_locale)
@@ -37,17 +38,34 @@ OVERRIDE_INPUT = {"policy_override": ("STRING", {
 
 
 def record(engine: Engine, kind: str, verdict: Verdict, note: Optional[str] = None,
-           image=None, **extra) -> None:
-    """One audit record. In enforce mode a record that cannot be written stops the save.
-    `extra`: prompt, negative, client_id (default: the running prompt's client)."""
+           image=None, **extra) -> Optional[int]:
+    """One audit record; its number (the provenance mark carries it), or None when there is
+    no audit log or it could not be written. In enforce mode a record that cannot be written
+    stops the save. `extra`: prompt, negative, client_id (default: the running prompt's
+    client)."""
     audit = getattr(engine, "audit", None)
     if audit is None:
-        return
+        return None
     extra.setdefault("client_id", client_id())
-    ok = audit.record(kind, verdict, source="comfyui", image=image, note=note, **extra)
-    if not ok and engine.policy.enforce:
+    seq = audit.append(kind, verdict, source="comfyui", image=image, note=note, **extra)
+    if seq is None and engine.policy.enforce:
         raise ConsentGuardError("Consent Guard cannot write its audit log, and in enforce mode "
                                 "nothing is saved unlogged: " + str(audit.last_error))
+    return seq
+
+
+def stamp(engine: Engine, pixels: np.ndarray, verdict: Verdict,
+          record_id: Optional[int]) -> provenance.Stamp:
+    """The invisible mark and the signed verdict for pixels about to be saved, as the policy's
+    [provenance] asks (consent_guard/provenance.py); a stamp that cannot be made stops the
+    save (fail closed)."""
+    try:
+        return provenance.stamp(pixels, verdict, policy=engine.policy, home=comfy_bridge.home(),
+                                record_id=record_id,
+                                model_dirs=comfy_bridge.HOST.model_dirs())
+    except provenance.ProvenanceError as exc:
+        raise ConsentGuardError(f"Consent Guard could not stamp the image, so it was not "
+                                f"saved: {exc}") from exc
 
 
 def check_frames(engine: Engine, frames: List[np.ndarray], inputs: bool = False,
@@ -55,6 +73,12 @@ def check_frames(engine: Engine, frames: List[np.ndarray], inputs: bool = False,
     """Every frame, in chunks, all under the one engine (so one policy) of this node run, each
     decision recorded in the audit log. `inputs`: check them as img2img / inpaint / face-swap
     sources instead of as outputs."""
+    return check_and_number(engine, frames, inputs, where)[0]
+
+
+def check_and_number(engine: Engine, frames: List[np.ndarray], inputs: bool = False,
+                     where: str = "") -> Tuple[List[Verdict], List[Optional[int]]]:
+    """check_frames(), and the number of each frame's audit record (None: not recorded)."""
     check = engine.check_input_images if inputs else engine.check_images
     bar = progress(len(frames)) if len(frames) > CHUNK else None
     verdicts: List[Verdict] = []
@@ -63,10 +87,10 @@ def check_frames(engine: Engine, frames: List[np.ndarray], inputs: bool = False,
         if bar is not None:
             bar.update(min(CHUNK, len(frames) - start))
     kind = "input_image" if inputs else "image"
-    for i, (frame, verdict) in enumerate(zip(frames, verdicts)):
-        record(engine, kind, verdict, image=frame,
-               note=f"{where} frame {i + 1} of {len(frames)}" if where else None)
-    return verdicts
+    numbers = [record(engine, kind, verdict, image=frame,
+                      note=f"{where} frame {i + 1} of {len(frames)}" if where else None)
+               for i, (frame, verdict) in enumerate(zip(frames, verdicts))]
+    return verdicts, numbers
 
 
 def check_inputs(engine, images, where: str) -> None:
@@ -162,6 +186,8 @@ class ConsentGuardCheckImage(_PolicyBound):
             raise ConsentGuardError(f"Consent Guard could not check {len(failed)} of "
                                     f"{len(frames)} image(s), so the workflow stops here: "
                                     f"{failed[0].error}")
+        if all(v.allowed for v in verdicts):  # nothing censored or replaced: the batch goes
+            return (images, json.dumps(report(verdicts)))  # on as it came, no 8-bit round trip
         locale = ui_locale() if any(not v.allowed for v in verdicts) else None
         out = [shown(engine, f, v, locale) for f, v in zip(frames, verdicts)]
         for i, v in enumerate(verdicts):
@@ -220,20 +246,35 @@ class ConsentGuardSaveImage(_PolicyBound):
     CATEGORY = CATEGORY
     DESCRIPTION = "Checks each image, then saves what the policy allows to the output folder."
 
-    def _metadata(self, verdict: Verdict, prompt, extra_pnginfo) -> PngInfo:
+    def _metadata(self, stamped: provenance.Stamp, prompt, extra_pnginfo) -> PngInfo:
+        """ComfyUI's own metadata (unless --disable-metadata), then the verdict and, when
+        the policy signs, the signed verdict (consent_guard/provenance.py)."""
         metadata = PngInfo()
         if not args.disable_metadata:
             if prompt is not None:
                 metadata.add_text("prompt", json.dumps(prompt))
             if extra_pnginfo is not None:
                 for key in extra_pnginfo:
-                    metadata.add_text(key, json.dumps(extra_pnginfo[key]))
-        summary = {"decision": verdict.decision.value,
-                   "reasons": [{"label": r.label, "score": round(r.score, 3)}
-                               for r in verdict.reasons],
-                   "rule": verdict.rule}
-        metadata.add_text("consent_guard", json.dumps(summary))
+                    if key not in (provenance.VERDICT_KEY, provenance.METADATA_KEY):
+                        metadata.add_text(key, json.dumps(extra_pnginfo[key]))
+        for key, text in stamped.text_chunks().items():
+            metadata.add_text(key, text)
         return metadata
+
+    @staticmethod
+    def _stamps(engine: Engine, frames, verdicts, numbers) -> List[Optional[provenance.Stamp]]:
+        """What each frame is saved as (None: not saved), all made before anything is
+        written, so a stamp that fails leaves no part of the batch on disk."""
+        out: List[Optional[provenance.Stamp]] = []
+        for frame, verdict, number in zip(frames, verdicts, numbers):
+            pixels = None if verdict.error else engine.render(frame, verdict)
+            if pixels is None:
+                out.append(None)
+            elif provenance.enabled(engine.policy):
+                out.append(stamp(engine, pixels, verdict, number))
+            else:
+                out.append(provenance.Stamp(pixels, provenance.verdict_summary(verdict)))
+        return out
 
     @staticmethod
     def _placeholder(frame: np.ndarray, verdict: Verdict, locale: Optional[str] = None) -> dict:
@@ -251,29 +292,30 @@ class ConsentGuardSaveImage(_PolicyBound):
                     policy_override=""):
         engine = engine_for(get_engine(), policy_override)
         frames = tensor_to_frames(images)
-        verdicts = check_frames(engine, frames, where=type(self).__name__)
+        verdicts, numbers = check_and_number(engine, frames, where=type(self).__name__)
         if all(v.error for v in verdicts):
             raise ConsentGuardError("Consent Guard could not check the images, so nothing was "
                                     f"saved: {verdicts[0].error}")
+        stamps = self._stamps(engine, frames, verdicts, numbers)
         filename_prefix += self.prefix_append
         h, w = frames[0].shape[:2]
         full_output_folder, filename, counter, subfolder, filename_prefix = \
             folder_paths.get_save_image_path(filename_prefix, self.output_dir, w, h)
         results, notes = [], []
         locale = ui_locale() if any(not v.allowed for v in verdicts) else None
-        for batch_number, (frame, verdict) in enumerate(zip(frames, verdicts)):
-            pixels = None if verdict.error else engine.render(frame, verdict)
+        for batch_number, (frame, verdict, stamped) in enumerate(zip(frames, verdicts, stamps)):
             notes.append(f"image {batch_number + 1}: {verdict.summary()}")
-            if pixels is None:
+            if stamped is None:
                 log.warning("Consent Guard: image %d not saved (%s)", batch_number + 1,
                             verdict.summary())
                 results.append(self._placeholder(frame, verdict, locale))
                 continue
             name = filename.replace("%batch_num%", str(batch_number))
             file = f"{name}_{counter:05}_.png"
-            Image.fromarray(pixels).save(os.path.join(full_output_folder, file),
-                                         pnginfo=self._metadata(verdict, prompt, extra_pnginfo),
-                                         compress_level=self.compress_level)
+            Image.fromarray(stamped.pixels).save(
+                os.path.join(full_output_folder, file),
+                pnginfo=self._metadata(stamped, prompt, extra_pnginfo),
+                compress_level=self.compress_level)
             results.append({"filename": file, "subfolder": subfolder, "type": self.type})
             counter += 1
         blocked_notice(verdicts, "Save Image" if self.type == "output" else "Preview Image")

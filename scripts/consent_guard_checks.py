@@ -73,6 +73,11 @@ class ConsentGuardExtras(scripts_postprocessing.ScriptPostprocessing):
 
 
 def _on_app_started(demo, app):
+    try:  # the first prompt check after start should not wait for the encoder (issue 17)
+        from consent_guard.prompts.classifier import start_loading
+        start_loading()
+    except Exception:  # the first check loads it again and fails closed with the message
+        pass
     try:
         checks.install_api_guard(app)
     except Exception as exc:  # shown in the tab's status; the jobs are still stopped

@@ -92,7 +92,8 @@ def test_stock_save_keeps_allowed_censors_and_leaves_out_blocked(comfy, monkeypa
     saved = sorted((base / "output").glob("mix_*.png"))
     assert len(saved) == 2  # the blocked one is left out, not replaced
     first, second = (np.asarray(Image.open(p).convert("RGB")) for p in saved)
-    assert np.array_equal(first, keyed_image(ALLOW))
+    # enforce mode marks what it saves (consent_guard/provenance.py): close, not equal
+    assert 0 < np.abs(first.astype(int) - keyed_image(ALLOW)).mean() < 3
     assert not np.array_equal(second, keyed_image(CENSOR))  # censored copy
 
 

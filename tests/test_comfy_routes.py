@@ -166,7 +166,7 @@ def test_routes_registered_on_the_running_server(monkeypatch, tmp_path):
             ("GET", "/consent_guard/status"), ("GET", "/consent_guard/policy"),
             ("POST", "/consent_guard/policy"), ("POST", "/consent_guard/audit"),
             ("GET", "/consent_guard/setup"), ("POST", "/consent_guard/setup"),
-            ("POST", "/consent_guard/lock")]
+            ("POST", "/consent_guard/lock"), ("POST", "/consent_guard/verify")]
         code, body, headers = asyncio.run(table[0].handler(FakeRequest()))
         assert code == 200 and body["registry_exists"] is False and body["enrolled"] == 0
         assert headers["Cache-Control"] == "no-store"
@@ -174,7 +174,7 @@ def test_routes_registered_on_the_running_server(monkeypatch, tmp_path):
         assert code == 400 and "Missing" in body["error"]
         routes = sys.modules[pkg.__name__ + ".nodes.routes"]
         assert routes.register_with_comfyui() is False  # imported again: not added twice
-        assert len(table) == 9
+        assert len(table) == 10
     finally:
         for key in [k for k in sys.modules if k.startswith(pkg.__name__)]:
             del sys.modules[key]

@@ -170,12 +170,14 @@ const ROUTES = {
   policy: "/consent_guard/policy",
   lock: "/consent_guard/lock",
   audit: "/consent_guard/audit",
+  verify: "/consent_guard/verify",
 };
 const CMD = {
   setup: "ConsentGuard.Setup",
   enrol: "ConsentGuard.EnrolProtectedPerson",
   policy: "ConsentGuard.Policy",
   audit: "ConsentGuard.AuditLog",
+  verify: "ConsentGuard.VerifyImage",
   panel: "ConsentGuard.OpenPanel",
 };
 const TAB_ID = "consent-guard";
@@ -195,6 +197,16 @@ function refused(result, body, passphrase) {
   if (passphrase && (body.code === "passphrase_missing" || body.code === "passphrase_wrong")) {
     passphrase.focus();
   }
+}
+
+// Clears `result`; a refused reply's message is shown there instead, and true returned.
+function showRefusal(result, body, passphrase) {
+  result.replaceChildren();
+  if (body.ok) return false;
+  const line = el("div");
+  result.append(line);
+  refused(line, body, passphrase);
+  return true;
 }
 
 // -- first-run set-up -------------------------------------------------------------------------
@@ -467,13 +479,7 @@ function auditForm() {
     try {
       const body = await postJson(ROUTES.audit, { passphrase: passphrase.value,
         since: since.value, decision: decision.value, limit: 500 });
-      result.replaceChildren();
-      if (!body.ok) {
-        const line = el("div");
-        result.append(line);
-        refused(line, body, passphrase);
-        return;
-      }
+      if (showRefusal(result, body, passphrase)) return;
       result.append(el("div", { textContent: `${body.records.length} of ${body.total ?? 0} ` +
                                              `record(s), newest last (${body.path || ""})` }));
       const rows = body.records.map((r) => el("tr", {},
@@ -487,6 +493,70 @@ function auditForm() {
     } finally {
       passphrase.value = "";
       show.disabled = false;
+    }
+  };
+  return form;
+}
+
+// -- verify an image (consent_guard/provenance.py) ---------------------------------------------
+
+function readAsBase64(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(String(reader.result).split(",", 2)[1] || "");
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
+function verifyLines(body) {
+  const mark = body.watermark;
+  const sig = body.signature || {};
+  const claim = sig.claim || {};
+  const who = { true: "this machine's key", false: "another machine's key (self-signed)" };
+  const lines = [
+    mark ? `Invisible mark: ${mark.found ? "found" : "not found"} (${mark.tag_bits_matching} ` +
+           `tag bits, bit confidence ${mark.bit_confidence}` +
+           (mark.found ? `, id ${mark.mark_id})` : ")")
+         : `Invisible mark: not read (${(body.notes || []).join("; ")})`,
+    sig.status === "valid"
+      ? `Signed verdict: valid, ${who[sig.signed_by_this_machine] || "key not compared"}; ` +
+        `${claim.verdict?.decision}, audit record ${claim.audit_record}, signed ${claim.time}`
+      : `Signed verdict: ${sig.status} (${sig.problem})`,
+  ];
+  if (body.record) {
+    const recs = body.record.records || [];
+    lines.push(recs.length ? "Audit record: " + recs.map((r) =>
+      `#${r.seq} ${r.time} ${r.user} ${r.decision} ${r.note || ""}`).join("; ")
+      : `Audit record: none (${body.record.why || "not in the audit log"})`);
+  }
+  return lines;
+}
+
+function verifyForm() {
+  const file = input("image", { type: "file", accept: "image/*", required: true });
+  const passphrase = passphraseInput("passphrase");
+  const result = el("div", { className: "cg-result", style: "margin-top:8px" });
+  const check = el("button", { type: "submit", textContent: "Verify", className: "cg-button",
+                               style: "padding:4px 16px" });
+  const form = el("form", { className: "cg-verify" },
+    field("Image file", file, "a picture saved by ComfyUI or shared on"),
+    field("Admin passphrase", passphrase, "optional: also show the audit record it points to"),
+    el("div", { style: "display:flex;gap:8px;justify-content:flex-end" }, check), result);
+  form.onsubmit = async (event) => {
+    event.preventDefault();
+    if (!file.files.length) return;
+    check.disabled = true;
+    try {
+      const body = await postJson(ROUTES.verify, { image: await readAsBase64(file.files[0]),
+        name: file.files[0].name, passphrase: passphrase.value || undefined });
+      if (showRefusal(result, body, passphrase)) return;
+      result.append(...verifyLines(body).map((t) => el("div", { textContent: t })));
+    } catch (err) {
+      say(result, String(err), false);
+    } finally {
+      passphrase.value = "";
+      check.disabled = false;
     }
   };
   return form;
@@ -559,6 +629,7 @@ function renderPanel(root) {
         section("Policy", policyForm()),
         lockBody ? section("Lock", lockBody) : null,
         section("Audit log (admin)", auditForm()),
+        section("Verify an image", verifyForm()),
       ].filter(Boolean));
     }
     if (lockBody && lockBuiltFor !== !!s.locked) {
@@ -645,8 +716,11 @@ app.registerExtension({
       icon: "pi pi-file-edit", function: () => showDialog("policy", "Consent Guard policy", policyForm()) },
     { id: CMD.audit, label: "Consent Guard: Audit log", menubarLabel: "Audit log (admin)...",
       icon: "pi pi-list", function: () => showDialog("audit", "Audit log (admin)", auditForm()) },
+    { id: CMD.verify, label: "Consent Guard: Verify an image", menubarLabel: "Verify an image...",
+      icon: "pi pi-verified", function: () => showDialog("verify", "Verify an image", verifyForm()) },
   ],
   menuCommands: [{ path: ["Extensions", "Consent Guard"],
-                   commands: [CMD.setup, CMD.panel, CMD.enrol, CMD.policy, CMD.audit] }],
+                   commands: [CMD.setup, CMD.panel, CMD.enrol, CMD.policy, CMD.audit,
+                              CMD.verify] }],
   setup: onLoad,
 });

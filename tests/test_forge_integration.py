@@ -34,6 +34,7 @@ import pytest
 from PIL import Image
 
 import forge_harness as fh
+from consent_guard import provenance
 
 pytestmark = pytest.mark.skipif(fh.skip_reason() is not None, reason=fh.skip_reason() or "")
 
@@ -180,6 +181,14 @@ def test_1_benign_prompt_is_generated_and_saved(enforce_server, reference):
     assert len([s for s in saved if s.startswith("txt2img-grids/")]) == 1, saved
     for path in server.output_files():
         assert not fh.looks_like_placeholder(Image.open(path))
+    # enforce mode: every saved PNG carries a signed verdict that matches its pixels (issue 15)
+    pngs = [p for p in server.output_files() if p.suffix.lower() == ".png"]
+    assert pngs, saved
+    for path in pngs:
+        check = provenance.verify_file(path)
+        assert check.signature is not None and check.signature.status == "valid", \
+            (path, check.to_dict())
+        assert check.signature.claim["verdict"]["decision"] == "allow"
     reference["txt2img"] = images
 
 

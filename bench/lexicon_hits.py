@@ -12,6 +12,11 @@ their own (explicit, undress) are listed unless --category says otherwise; --lan
 entries of one lexicon file (every list is matched against every prompt, so a French word can
 fire on an English caption).
 
+--textlabelled SOURCE (overt, rtp_lx or openai_moderation: the sets the licence lets us
+tune on) counts, per term, the training rows of each label it fires on (held-out rows are
+never read), and the explicit rows no term fires on, per language: how a new word list is
+checked against both the rows it should catch and the non-sexual rows it must not.
+
 --words FILE checks candidate terms before they are added: for each, the number of safe
 prompts it matches, matched exactly as a list entry would be (lexicon.Lexicon.find), and the
 examples. This is how a word such as French "bite"
@@ -57,7 +62,12 @@ def main() -> int:
                     help="categories to list (default: explicit and undress)")
     ap.add_argument("--examples", type=int, default=3)
     ap.add_argument("--words", type=Path, help="candidate terms, one per line, to check")
+    ap.add_argument("--textlabelled", choices=("overt", "rtp_lx", "openai_moderation"),
+                    help="count hits per label on this source's training rows instead")
+    ap.add_argument("--row-lang", help="with --textlabelled: only rows of this language")
     args = ap.parse_args()
+    if args.textlabelled:
+        return textlabelled_hits(args)
     if not pd.DATA.is_dir():
         print(f"{pd.DATA} is absent: this check needs ../shared/eval", file=sys.stderr)
         return 2
@@ -103,12 +113,54 @@ def main() -> int:
           + (f"; entries of {args.lang}" if args.lang else ""))
     if not counts:
         print("no hits")
+    _print_counts(counts, examples)
+    return 0
+
+
+def _print_counts(counts, examples) -> None:
+    """One line per term, most hits first: where it fired, then its examples."""
     for key in sorted(counts, key=lambda k: -sum(counts[k].values())):
         lang, cat, term = key
         per = ", ".join(f"{n} {c}" for n, c in counts[key].most_common())
-        print(f"{lang}/{cat}: {term!r}: {per}")
+        print(f"{lang}/{cat}: {term[:60]!r}: {per}")
         for ex in examples[key]:
             print(f"      {ex}")
+
+
+def textlabelled_hits(args) -> int:
+    """Per lexicon term: the training rows of each label it fires on; then, per language,
+    the share of explicit training rows the lexicon catches at all."""
+    from consent_guard.prompts.lexicon import Lexicon
+    from consent_guard.prompts.normalise import drop_safety_tags, normalise
+    rows = [r for r in pd.textlabelled(args.textlabelled) if not pd.held_out_row(r)
+            and (not args.row_lang or r.lang == args.row_lang)]
+    if not rows:
+        print(f"no rows for {args.textlabelled} (is ../shared/eval there?)", file=sys.stderr)
+        return 2
+    lex = Lexicon.load()
+    cats = set(args.category or ("explicit", "undress", "minor", "suggestive"))
+    counts: dict = defaultdict(Counter)
+    examples: dict = defaultdict(list)
+    caught: Counter = Counter()
+    explicit_rows: Counter = Counter()
+    for r in rows:
+        label = "benign sexual-topic" if r.label == "benign" and r.sexual_topic else r.label
+        hits = lex.find(drop_safety_tags(normalise(r.text)))
+        if label == "explicit":
+            explicit_rows[r.lang] += 1
+            caught[r.lang] += any(h.category in ("explicit", "undress") for h in hits)
+        for h in hits:
+            if h.category not in cats or (args.lang and h.lang != args.lang):
+                continue
+            key = (h.lang, h.category, h.term)
+            counts[key][label] += 1
+            if label != "explicit" and len(examples[key]) < args.examples:
+                examples[key].append(f"[{r.lang} {label}] {r.text[:100]}  <- {h.matched}")
+    print(f"{len(rows)} training rows of {args.textlabelled}; hits per label")
+    _print_counts(counts, examples)
+    print("explicit training rows with an explicit or undress term, per language:")
+    for lang in sorted(explicit_rows):
+        print(f"  {lang:8} {caught[lang]:4} of {explicit_rows[lang]:4}")
     return 0
 
 

@@ -15,6 +15,12 @@ Categories and what decides them:
   protected_identity a protected person's display name or alias together with any sexual
                      term or classifier hit: always block
 The negative prompt never triggers anything: "nude, nsfw" there is a safety tool.
+
+Education, health and child-protection prompts ("a poster about preventing child sexual
+abuse", "a sex education class for teenagers") name a sexual subject without asking for a
+sexual picture: with a context word, the phrases that only name the subject are set aside and
+the lexicon reads the rest (context.py says which, and why the exception is narrow). Any
+other sexual word, and any classifier hit, still counts.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from ..verdict import Decision, Reason, Verdict
 from .classifier import PromptClassifier
+from .context import has_context, mask_topics
 from .lexicon import Hit, Lexicon
 from .normalise import drop_safety_tags, normalise
 
@@ -43,6 +50,9 @@ def check_prompt(text: str, negative: Optional[str] = None, *, lexicon: Lexicon,
     hits = lexicon.find(prompt)
     by_cat = {c: [h for h in hits if h.category == c] for c in
               ("explicit", "suggestive", "minor", "undress")}
+    topic_only = _topic_only(prompt, lexicon, by_cat)
+    if topic_only:
+        by_cat["explicit"], by_cat["suggestive"] = [], []
     use_classifier = classifier is not None and \
         sum(w != "," for w in prompt.text.split()) >= CLASSIFIER_MIN_WORDS
     score = float(classifier.score([prompt.text])[0]) if use_classifier else 0.0
@@ -78,6 +88,10 @@ def check_prompt(text: str, negative: Optional[str] = None, *, lexicon: Lexicon,
     categories = sorted({r.category for r in reasons})
     if not reasons:
         rule = "no sexual term, classifier score below its threshold"
+        if topic_only:
+            rule = ("sexual words only as the topic of an education, health or protection "
+                    "prompt (" + ", ".join(sorted({h.matched for h in topic_only})) +
+                    "), classifier score below its threshold")
     else:
         rule = "prompt: " + ", ".join(
             f"{c} -> {'block (always)' if c in ALWAYS_BLOCK else _action(reasons, c)}"
@@ -87,6 +101,17 @@ def check_prompt(text: str, negative: Optional[str] = None, *, lexicon: Lexicon,
                      f"threshold {threshold:.2f})")
     scores = {"prompt_classifier": score}
     return Verdict(decision, tuple(reasons), (), rule, None, scores)
+
+
+def _topic_only(prompt, lexicon: Lexicon, by_cat) -> List[Hit]:
+    """The explicit and suggestive hits, when every one of them is part of a phrase that only
+    names the subject of an education / health / protection prompt (context.py); else []."""
+    sexual = by_cat["explicit"] + by_cat["suggestive"]
+    if not sexual or not has_context(prompt.text):
+        return []
+    left = [h for h in lexicon.find(mask_topics(prompt))
+            if h.category in ("explicit", "suggestive")]
+    return [] if left else sexual
 
 
 def _threshold(classifier: PromptClassifier, text: str) -> float:

@@ -2,7 +2,7 @@
 
 File format (one file per language, validated on load; an error names the file and key)::
 
-    script = "latin"              # latin | cyrillic | hangul | cjk | thai
+    script = "latin"              # latin | cyrillic | arabic | devanagari | hangul | cjk | thai
     explicit = ["nude", "porn*", "bare breasts", ...]
     suggestive = [...]
     minor = [...]
@@ -18,7 +18,7 @@ An entry is a word or phrase, normalised with ``normalise_term`` exactly like th
 How an entry matches depends on its script, not on the prompt's language (every list is
 matched against every prompt, so a Spanish word in an English prompt is found):
 
-- alphabetic scripts (Latin, Cyrillic): whole words; the entry may not be preceded or
+- alphabetic scripts (Latin, Cyrillic, Arabic, Devanagari): whole words; the entry may not be preceded or
   followed by a letter or digit ("title", "Scunthorpe", "cocktail", "pussycat" do not match
   "tit", "cunt", "cock", "pussy"); the few emoji the normaliser keeps (normalise.EMOJI) are
   words of this class too;
@@ -62,8 +62,9 @@ __all__ = ["CATEGORIES", "LANGUAGES", "SCRIPTS", "Hit", "Entry", "Lexicon", "Lex
 
 CATEGORIES = ("explicit", "suggestive", "minor", "undress")
 #: the order in which languages are loaded; a term listed by several reports the first
-LANGUAGES = ("en", "id", "ko", "ms", "ja", "zh", "th", "vi", "es", "pt", "fr", "de", "ru", "tl")
-SCRIPTS = ("latin", "cyrillic", "hangul", "cjk", "thai")
+LANGUAGES = ("en", "id", "ko", "ms", "ja", "zh", "th", "vi", "es", "pt", "fr", "de", "ru", "tl",
+             "uk", "nl", "da", "hu", "ar", "hi")
+SCRIPTS = ("latin", "cyrillic", "arabic", "devanagari", "hangul", "cjk", "thai")
 LEXICON_DIR = Path(__file__).resolve().with_name("lexicon")
 
 _PATTERN_KEYS = tuple(f"{c}_patterns" for c in CATEGORIES)
@@ -71,8 +72,8 @@ _KNOWN_KEYS = frozenset(("lang", "script", "allow") + CATEGORIES + _PATTERN_KEYS
 
 # matching classes: how an entry is matched, decided by the characters it contains
 ALPHA, HANGUL, CJK, THAI = "alpha", "hangul", "cjk", "thai"
-_CLASS_OF_SCRIPT = {"latin": ALPHA, "cyrillic": ALPHA, "hangul": HANGUL, "cjk": CJK,
-                    "thai": THAI}
+_CLASS_OF_SCRIPT = {"latin": ALPHA, "cyrillic": ALPHA, "arabic": ALPHA, "devanagari": ALPHA,
+                    "hangul": HANGUL, "cjk": CJK, "thai": THAI}
 _HANGUL_CHARS = "\uac00-\ud7a3\u1100-\u11ff\u3130-\u318f"
 _CJK_CHARS = "\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f"
 _THAI_CHARS = "\u0e00-\u0e7f"
@@ -82,10 +83,14 @@ _HAS_CJK = re.compile(f"[{_CJK_CHARS}]")
 _HAS_THAI = re.compile(f"[{_THAI_CHARS}]")
 _ALL_KATAKANA = re.compile(f"[{_KATAKANA}]+")
 # a letter or digit of an alphabetic script: what may not touch a whole-word entry
-_WORDCHAR = r"0-9a-z\u00c0-\u024f\u0370-\u03ff\u0400-\u052f\u1e00-\u1eff"
+# (Arabic letters and Devanagari letters and vowel signs too: "سكس" is not inside "سكسونيا")
+_WORDCHAR = (r"0-9a-z\u00c0-\u024f\u0370-\u03ff\u0400-\u052f\u1e00-\u1eff"
+             r"\u0620-\u064a\u066e-\u06d3\u0900-\u0963\u0966-\u097f")
 _ALPHA_BEFORE = f"(?<![{_WORDCHAR}])"
 _ALPHA_AFTER = f"(?![{_WORDCHAR}])"
-_WILD_RE = "[^\\W_]*"
+# (a Devanagari vowel sign or nukta is not a \w character but is part of the word: "चोद*"
+# must reach the end of "चोदू")
+_WILD_RE = "(?:[^\\W_]|[\u0900-\u0903\u093a-\u094f\u0951-\u0957\u0962\u0963])*"
 _WILD = "\x00"  # the wildcard inside the trie
 _DOUBLE = re.compile(r"([^\W\d_])\1")
 

@@ -12,8 +12,9 @@ Every step undoes a way of writing the same word differently, in this order:
 3. casefold;
 4. combining marks of the generic combining blocks (accents on Latin, Greek and Cyrillic
    letters, Vietnamese tones, "zalgo" marks) are removed, so "nüde" is "nude" and
-   Russian "ё" is "е"; the marks of Thai, Indic scripts and Japanese kana are part of the
-   letters and stay; Hangul stays precomposed. A few letters without a decomposition are
+   Russian "ё" is "е"; Arabic short-vowel marks, hamza and madda on alef and the tatweel
+   are removed too ("عَارِيَة" is "عارية", "أ" is "ا"); the marks of Thai, Indic scripts and
+   Japanese kana are part of the letters and stay; Hangul stays precomposed. A few letters without a decomposition are
    folded (đ->d, ø->o, ł->l, æ->ae, small capitals ᴀ->a, ...);
 5. homoglyphs: inside a word that mixes Latin with Cyrillic or Greek letters ("nudе" with a
    Cyrillic е, "пude"), the Cyrillic and Greek look-alikes become Latin; Greek words are
@@ -32,7 +33,8 @@ Every step undoes a way of writing the same word differently, in this order:
    "s3x", "pu$$y", "n!pple". Numbers ("1920"), numbers with a unit or suffix ("4k", "8k",
    "3d", "35mm", "1080p", "1990s") are left alone, and Danbooru count tags are split:
    "1girl" -> "1 girl", "2boys" -> "2 boys", "5yo" -> "5 yo";
-8. punctuation: sentence and tag punctuation (, . ; ! ? and their CJK forms) becomes a
+8. punctuation: sentence and tag punctuation (, . ; ! ?, their CJK and Arabic forms and the
+   Devanagari danda) becomes a
    phrase break written " , "; every other non-letter becomes a space, except the few emoji
    that sexual prompts use as words (🍆 🍑 💦 👅 👉 👌 👈 🔞, see ``EMOJI``), which stay,
    each as a word of its own, a run of the same one written once ("🍆🍆🍆💦💦" -> "🍆 💦";
@@ -81,8 +83,11 @@ _INVISIBLE = (
 _DELETE_INVISIBLE: Dict[int, None] = {cp: None for cp in _INVISIBLE}
 
 # --- 4. combining marks (generic blocks only) and letters without a decomposition -------
+# (and Arabic: the optional short-vowel marks and the tatweel that stretches a word, so
+# "عَارِيَة" and "عـــارية" are "عارية"; the hamza and madda of alef go with them, so أ إ آ are ا)
 _MARK_RANGES = [(0x0300, 0x036F), (0x0483, 0x0489), (0x1AB0, 0x1AFF), (0x1DC0, 0x1DFF),
-                (0x20D0, 0x20FF), (0xFE20, 0xFE2F)]
+                (0x20D0, 0x20FF), (0xFE20, 0xFE2F), (0x0610, 0x061A), (0x064B, 0x065F),
+                (0x0670, 0x0670), (0x06D6, 0x06ED), (0x0640, 0x0640)]
 _DELETE_MARKS: Dict[int, object] = {cp: None for lo, hi in _MARK_RANGES
                                     for cp in range(lo, hi + 1)}
 _DELETE_MARKS.update(_DELETE_INVISIBLE)
@@ -154,7 +159,9 @@ UNITS = frozenset("""d k p i x s m mm cm km kg g mb gb tb px fps hz khz mhz th s
     h hr hrs min ms v w kw dpi ds dsmax dcg dcgi dprint wd gen in ft b c f l n""".split())
 
 # --- 8. punctuation -----------------------------------------------------------------------
-_PHRASE_BREAK = re.compile(r"[,.;!?\n\r\u3001\u3002\uff0c\uff1b\uff01\uff1f\u2026\u00bf\u00a1]+")
+# (with the Arabic comma, semicolon and question mark, and the Devanagari danda)
+_PHRASE_BREAK = re.compile(r"[,.;!?\n\r\u3001\u3002\uff0c\uff1b\uff01\uff1f\u2026\u00bf\u00a1"
+                           r"\u060c\u061b\u061f\u0964\u0965]+")
 # letters, digits and the combining marks that belong to letters (Thai, Indic, kana) are kept
 #: emoji kept as words (the lexicon lists their sexual combinations); all others are removed
 EMOJI = "\U0001f346\U0001f351\U0001f4a6\U0001f445\U0001f449\U0001f44c\U0001f448\U0001f51e"

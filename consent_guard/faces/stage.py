@@ -55,10 +55,14 @@ def detect_faces(detector: FaceDetector, rgb: np.ndarray, detect_size: int = DET
 def _detect_scaled(detector: FaceDetector, rgb: np.ndarray, scale: float) -> List[Face]:
     if scale >= 1.0:
         return detector.detect(np.ascontiguousarray(rgb))
+    return [f.scaled(1.0 / scale) for f in detector.detect(cut_down(rgb, scale))]
+
+
+def cut_down(rgb: np.ndarray, scale: float) -> np.ndarray:
+    """rgb made `scale` times as large (< 1), as the detector is handed it."""
     h, w = rgb.shape[:2]
-    small = Image.fromarray(np.ascontiguousarray(rgb)).resize(
-        (max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BILINEAR)
-    return [f.scaled(1.0 / scale) for f in detector.detect(np.asarray(small))]
+    return np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).resize(
+        (max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BILINEAR))
 
 
 def _starts(length: int, side: int, step: int) -> List[int]:
@@ -212,14 +216,22 @@ def turned_findings(stage: "FaceStage", rgb: np.ndarray, to_full: float = 1.0
     first copy (in TURNS + CLEANED order) where anyone matches, boxes in `rgb`'s pixels (times
     `to_full`); a tilted copy's finding gets the whole picture.
 
+    A turned copy is not made at full size for its search: the picture is cut down to
+    detection size once and that copy turned (_detection_copy), and its faces are embedded
+    from a view of the picture turned (turned_view), instead of a full-size turn, copy and
+    resize per turned copy: what that saves grows with the picture (bench/face_search.py;
+    the matches on its red-team probes are the same).
+
     The copies are searched side by side (in_order): the result is the one a search of one
     copy after the other gives, sooner, since the time goes to Pillow's filters and
     onnxruntime, which release the GIL (measured on 2 busy cores: 0.83-0.88x; more cores gain
     more, up to SEARCH_WORKERS copies at once)."""
     small, f = _shrunk(rgb, PREPASS_SIZE)
     cleaned_base = _Once(lambda: _shrunk(rgb, CLEAN_SIZE))
+    detect_base = _Once(lambda: _detection_copy(stage, rgb, to_full))
     with closing(in_order(lambda how: _copy_hits(stage, rgb, to_full, how, small, f,
-                                                 cleaned_base), TURNS + CLEANED)) as results:
+                                                 cleaned_base, detect_base),
+                          TURNS + CLEANED)) as results:
         for hits in results:
             if hits:
                 return hits
@@ -227,15 +239,22 @@ def turned_findings(stage: "FaceStage", rgb: np.ndarray, to_full: float = 1.0
 
 
 def _copy_hits(stage: "FaceStage", rgb: np.ndarray, to_full: float, how, small: np.ndarray,
-               f: float, cleaned_base: "_Once") -> List[FaceFinding]:
-    """turned_findings for one copy (`how`): the findings in it that match someone."""
+               f: float, cleaned_base: "_Once", detect_base: Optional["_Once"] = None
+               ) -> List[FaceFinding]:
+    """turned_findings for one copy (`how`): the findings in it that match someone.
+    `detect_base`: rgb cut down to detection size once (_detection_copy), for turned copies."""
     if not stage.detector.detect(np.ascontiguousarray(view_of(small, how, f))):
         return []
     h, w = rgb.shape[:2]
-    base, g = (rgb, 1.0) if isinstance(how, tuple) else cleaned_base()
-    copy, scale = view_of(base, how, g), to_full / g
-    faces = stage.matchable(detect_faces(stage.detector, copy, stage.detect_size,
-                                         stage.min_face_px / scale), scale)
+    if isinstance(how, tuple):
+        copy, scale = turned_view(rgb, how), to_full
+        faces = _turned_faces(stage, rgb, how, to_full, detect_base)
+    else:
+        base, g = cleaned_base()
+        copy, scale = view_of(base, how, g), to_full / g
+        faces = detect_faces(stage.detector, copy, stage.detect_size,
+                             stage.min_face_px / scale)
+    faces = stage.matchable(faces, scale)
     hits: List[FaceFinding] = []
     for face, finding in zip(faces, stage.match(copy, faces, scale)):
         if not finding.identity:
@@ -255,17 +274,53 @@ def _copy_hits(stage: "FaceStage", rgb: np.ndarray, to_full: float, how, small: 
     return hits
 
 
+def turned_view(rgb: np.ndarray, how) -> np.ndarray:
+    """turned(rgb, how) without copying the pixels when only turned (a view of rgb): the
+    embedder reads a few thousand of them per face, so a copy of the whole picture (tens of
+    ms at full size) buys nothing."""
+    k, inverted = how
+    out = np.rot90(rgb, k) if k else rgb
+    return 255 - out if inverted else out
+
+
+def _detection_copy(stage: "FaceStage", rgb: np.ndarray, to_full: float
+                    ) -> Optional[Tuple[np.ndarray, float]]:
+    """rgb cut down as detect_faces cuts it (scale, then Pillow's bilinear resize) and the
+    scale, made once for all turned copies: turning or inverting that copy is what
+    detect_faces would see of the turned copy at full size (a quarter turn and the resize
+    commute, but for the rounding of Pillow's two passes: +-1 in a few pixels), at a fraction
+    of the cost of turning and resizing the full picture for each. None when detect_faces
+    would not merely resize (no resize needed, or tiles: a large or long picture)."""
+    h, w = rgb.shape[:2]
+    scale = stage.detect_size / max(h, w)
+    if scale >= 1.0 or stage.min_face_px / to_full * scale < MIN_DETECTED:
+        return None
+    return cut_down(rgb, scale), scale
+
+
+def _turned_faces(stage: "FaceStage", rgb: np.ndarray, how, to_full: float,
+                  detect_base: Optional["_Once"]) -> List[Face]:
+    """detect_faces on turned(rgb, how), in that copy's pixels: from the shared cut-down
+    copy (_detection_copy) where there is one, else on the turned copy itself."""
+    made = detect_base() if detect_base is not None else None
+    if made is None:
+        return detect_faces(stage.detector, turned(rgb, how), stage.detect_size,
+                            stage.min_face_px / to_full)
+    small, scale = made
+    return [face.scaled(1.0 / scale) for face in stage.detector.detect(turned(small, how))]
+
+
 class _Once:
     """A value made on first use, once, whichever thread asks first (the cleaned copies'
     shared base: only made when one of them needs it)."""
 
     def __init__(self, make: Callable):
-        self._make, self._lock, self._value = make, threading.Lock(), None
+        self._make, self._lock, self._value, self._made = make, threading.Lock(), None, False
 
     def __call__(self):
         with self._lock:
-            if self._value is None:
-                self._value = self._make()
+            if not self._made:
+                self._value, self._made = self._make(), True
             return self._value
 
 

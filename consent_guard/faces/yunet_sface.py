@@ -222,7 +222,11 @@ class SFaceEmbedder:
         out = np.zeros((len(faces), self.dim), np.float32)
         if not faces:
             return out
-        rgb = np.ascontiguousarray(rgb[:, :, :3], dtype=np.uint8)
+        # no contiguous copy: alignment reads only the taps it needs, and a turned copy of
+        # the picture (stage.turned_view) is a view of it, tens of ms to copy at full size
+        rgb = np.asarray(rgb)[:, :, :3]
+        if rgb.dtype != np.uint8:
+            rgb = rgb.astype(np.uint8)
         for i, face in enumerate(faces):  # the file's batch dimension is fixed at 1
             crop = align_crop(rgb, face).astype(np.float32)
             blob = np.ascontiguousarray(crop.transpose(2, 0, 1)[None])

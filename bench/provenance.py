@@ -5,7 +5,10 @@
 Data: ../shared/eval/images (skimage + darknet samples) and ../shared/eval/faces/deepface/images
 (adult faces), each scaled to about 1 MP (a generator's usual output size). Two methods, both
 carrying the same 32-bit payload (watermark.payload_bits: 16 tag bits + a 16-bit id):
-  - rivagan: what Consent Guard uses (consent_guard/watermark.py: RivaGAN ONNX on a 256 px copy);
+  - rivagan: what Consent Guard uses (consent_guard/watermark.py: RivaGAN ONNX on a GRID px copy,
+    read at READ_SCALES and the best reading kept);
+  - rivagan_before: the same on a 256 px copy read once (issue 15's first version), so one run
+    prints before and after on the same images and the same loaded machine (--no-before: skip);
   - dwtdct: invisible-watermark's default "dwtDct" method (imwatermark/maxDct.py), rewritten
     here in numpy (a Haar DWT of the U channel, 4x4 blocks, the largest AC value quantised
     with step 36), measured only to compare: it is not in the product.
@@ -213,6 +216,8 @@ def main() -> int:
                                                         "subset on a busy machine)")
     ap.add_argument("--rounds", type=int, default=3, help="timing rounds")
     ap.add_argument("--timing-images", type=int, default=8)
+    ap.add_argument("--no-before", action="store_true",
+                    help="skip rivagan_before (the 256 px grid read at one scale)")
     a = ap.parse_args()
     files = benign_files(Path(a.shared))[::max(1, a.step)]
     if a.limit:
@@ -224,7 +229,10 @@ def main() -> int:
     images = [at_one_megapixel(f) for f in files]
     ids = list(np.random.default_rng(15).integers(0, 1 << 20, len(images)))
     methods = {"rivagan": Marker(device="cpu"), "dwtdct": DwtDct()}
-    print(f"{len(images)} benign images from {a.shared}/eval, each scaled to ~1 MP")
+    if not a.no_before:
+        methods["rivagan_before"] = Marker(device="cpu", grid=256, read_scales=(1.0,))
+    print(f"{len(images)} benign images from {a.shared}/eval, each scaled to ~1 MP; rivagan: "
+          f"grid {methods['rivagan'].grid}, read at {methods['rivagan'].read_scales}")
     for name, method in methods.items():
         report(name, measure(method, images, ids), len(images))
     engine = Engine()

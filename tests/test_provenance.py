@@ -102,6 +102,53 @@ def test_mark_survives_jpeg_and_half_size(marker):
         assert reading.found and reading.mark_id == 1234
 
 
+def test_mark_survives_an_80_percent_centre_crop(marker):
+    marked = marker.embed(picture(4, (640, 640)), watermark.payload_bits(4321))
+    reading = marker.read(marked[64:576, 64:576])
+    assert reading.found and reading.mark_id == 4321
+
+
+class ScriptedReads(watermark.Marker):
+    """A Marker whose decoder is a test double: `_read_at` returns the reading given for each
+    side, and records the sides it was asked for."""
+
+    def __init__(self, by_side, **kw):
+        super().__init__(ModelResolver(manifest={}), "cpu", **kw)
+        self.by_side, self.sides = by_side, []
+
+    def _read_at(self, rgb, side):
+        self.sides.append(side)
+        return self.by_side[side]
+
+
+def reading(bits: str, confidence: float) -> watermark.Reading:
+    return watermark._reading(bits, confidence)
+
+
+def test_read_keeps_the_reading_with_fewest_wrong_tag_bits():
+    clean = reading(watermark.payload_bits(77), 0.90)
+    one_off = reading(("0" if watermark.TAG[0] == "1" else "1") + clean.bits[1:], 0.99)
+    m = ScriptedReads({100: one_off, 90: clean, 80: one_off}, grid=100)
+    got = m.read(np.zeros((40, 30, 3), np.uint8))
+    assert m.sides == [100, 90, 80]  # the grid, then as if a 90% and an 80% crop
+    assert got is clean and got.mark_id == 77
+
+
+def test_read_breaks_ties_by_confidence_and_finds_nothing_in_noise():
+    sure, unsure = (reading(watermark.payload_bits(5), c) for c in (0.97, 0.80))
+    m = ScriptedReads({192: unsure, 173: sure, 154: unsure}, grid=192)
+    assert m.read(np.zeros((8, 8, 3), np.uint8)) is sure
+    noise = [reading(b, 0.6) for b in ("0" * 32, "1" * 32, "01" * 16)]
+    m = ScriptedReads(dict(zip((192, 173, 154), noise)), grid=192)
+    assert not m.read(np.zeros((8, 8, 3), np.uint8)).found
+
+
+def test_one_scale_reads_once():
+    clean = reading(watermark.payload_bits(3), 0.9)
+    m = ScriptedReads({256: clean}, grid=256, read_scales=(1.0,))
+    assert m.read(np.zeros((8, 8, 3), np.uint8)) is clean and m.sides == [256]
+
+
 def test_unmarked_image_is_not_found_and_unsigned(tmp_path, marker):
     path = tmp_path / "plain.png"
     Image.fromarray(picture(3)).save(path)

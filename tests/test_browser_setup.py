@@ -295,3 +295,27 @@ def test_8_unlock_then_the_policy_changes_without_passphrase(ui):
     pw_expect(form).to_contain_text("not locked")
     assert (home / "policy.toml").read_text() == "enforce = false\n"
     shot(page, "11_unlocked_policy_saved")
+
+
+def test_9_a_saved_image_verifies_in_the_dialog(ui):
+    """Issue 15: an image saved with [provenance] on carries the mark and a signed verdict,
+    and the "Verify an image" dialog says so."""
+    page, server, base, home = ui
+    (home / "policy.toml").write_text("enforce = false\n[provenance]\nwatermark = true\n"
+                                      "sign = true\n")
+    close_panel(page)
+    hist = run_in_ui(page, server, {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "t1.jpg"}},
+        "2": {"class_type": "ConsentGuardSaveImage",
+              "inputs": {"images": ["1", 0], "filename_prefix": "cg_browser_marked"}}})
+    assert hist is not None and hist["status"]["status_str"] == "success", hist
+    [saved] = outputs(base, "cg_browser_marked")
+    page.evaluate("app.extensionManager.command.execute('ConsentGuard.VerifyImage')")
+    form = page.locator("form.cg-verify").last
+    pw_expect(form).to_be_visible()
+    form.locator("input[name=image]").set_input_files(str(saved))
+    form.locator("button[type=submit]").click()
+    result = form.locator(".cg-result")
+    pw_expect(result).to_contain_text("Signed verdict: valid", timeout=60000)
+    pw_expect(result).to_contain_text("Invisible mark: found")
+    shot(page, "12_verify_dialog")

@@ -540,7 +540,7 @@ function verifyForm() {
   const check = el("button", { type: "submit", textContent: "Verify", className: "cg-button",
                                style: "padding:4px 16px" });
   const form = el("form", { className: "cg-verify" },
-    field("Image file", file, "a picture saved by ComfyUI or shared on"),
+    field("Image file", file, "a picture saved by ComfyUI, or a copy of one shared elsewhere"),
     field("Admin passphrase", passphrase, "optional: also show the audit record it points to"),
     el("div", { style: "display:flex;gap:8px;justify-content:flex-end" }, check), result);
   form.onsubmit = async (event) => {

@@ -119,7 +119,9 @@ function showDialogOnce(key, title, content, onClosed) {
       render: () => "",
       mounted() {
         this.$el.parentNode.insertBefore(content, this.$el.nextSibling);
-        setTimeout(() => focusFirst(content), 60);  // after PrimeVue's own focus on show
+        // after PrimeVue's own focus on show; never taken from a field already chosen (on a
+        // busy machine the timer can fire after someone has clicked into the second field)
+        setTimeout(() => { if (!content.contains(document.activeElement)) focusFirst(content); }, 60);
       },
       unmounted() { content.remove(); },
     };

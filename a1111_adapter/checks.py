@@ -535,18 +535,13 @@ def postprocess_image(p, pp) -> None:
 
 def postprocess(p, processed) -> None:
     """Script.postprocess: everything the job returns (and the API encodes) is gated."""
-    images = getattr(processed, "images", None)
-    if isinstance(images, list):
-        if refusal_of(p) is not None:
-            images.clear()
-        else:
-            gate_list(images, "result image", p)
-    extra = getattr(processed, "extra_images", None)
-    if isinstance(extra, list):
-        if refusal_of(p) is not None:
-            extra.clear()
-        else:
-            gate_list(extra, "extra result image", p)
+    for attr, where in (("images", "result image"), ("extra_images", "extra result image")):
+        pictures = getattr(processed, attr, None)
+        if isinstance(pictures, list):
+            if refusal_of(p) is not None:  # asked each time: gating the first may refuse
+                pictures.clear()
+            else:
+                gate_list(pictures, where, p)
     refusal = refusal_of(p)
     if refusal is not None:  # the info box under the gallery (the UI's html_info)
         note = f"Consent Guard: {refusal.text()}"

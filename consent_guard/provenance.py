@@ -101,7 +101,25 @@ def machine_key(home: Union[str, Path], create: bool = True):
                 f"cannot create the provenance key {path}: {exc.strerror or exc}. Run "
                 f"`consent-guard verify --make-key` once as the account that owns the Consent "
                 f"Guard home, or set [provenance] sign = false") from None
-    return read_key(path)
+    return _cached_key(path)
+
+
+_keys: Dict[str, Tuple[Tuple[int, int, int], object]] = {}
+
+
+def _cached_key(path: Path):
+    """read_key once per file version (size, mtime, inode): every saved image is signed, and
+    re-reading the file for each would be I/O on the save path; a replaced key is read anew."""
+    try:
+        st = path.stat()
+    except OSError:
+        return read_key(path)  # raises ProvenanceError with the reason
+    version = (st.st_size, st.st_mtime_ns, st.st_ino)
+    cached = _keys.get(str(path))
+    if cached is None or cached[0] != version:
+        cached = (version, read_key(path))
+        _keys[str(path)] = cached
+    return cached[1]
 
 
 def public_bytes(private_key) -> bytes:

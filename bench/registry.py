@@ -1,7 +1,7 @@
 """Loading the identity registry for matching: the sealed matrix against row by row (issue 17).
 
     python bench/registry.py [--count 100000] [--per-person 10] [--dims 128,512] [--rounds 5]
-                             [--baseline-src DIR]
+                             [--baseline-src DIR] [--ids sequential|random]
 
 For each dim, builds a registry of --count random unit embeddings (--per-person per identity)
 in a temporary folder, through the product's own bulk path (an export file, then `identity
@@ -13,11 +13,16 @@ identities, the model's embeddings):
 for "matrix" (this version, registry with the matrix) and "rows" (this version, the old-format
 copy: the fallback, row by row). With --baseline-src (a folder holding another version's
 consent_guard/, e.g. `git archive HEAD consent_guard | tar -x -C DIR` before a change) the
-cold rounds also time that version on a copy whose sealed copies it wrote itself ("baseline
-matrix") and on the old-format copy ("baseline rows"). Prints median seconds, the ratios, whether
-every variant loaded the identical matrix (sha256 of vectors, owners, ids and scopes), and
-what one enrolment costs now that every write updates the copies (this version, and the
-baseline's when given; each in a new process, on a fresh copy of the registry).
+cold rounds also time that version on the same registry built by it ("baseline matrix": its
+own file layout and sealed copies) and on an old-format copy of that ("baseline rows").
+Prints median seconds, the ratios, whether every variant loaded the identical matrix (sha256
+of vectors, owners, ids and scopes), what one enrolment costs now that every write updates
+the copies (this version, and the baseline's when given; each in a new process, on a fresh
+copy of the registry that version built), and where a warm load of this version spends its
+time (the digests of the rows, the identity list, the matrix). Identity ids are sequential by
+default (as in earlier runs, so figures compare); `--ids random` makes them as enrolment does
+(random hex), so that reading the rows in identity order (the digest of versions before
+registry_matrix.ROWS_SQL, the row-by-row fallback) visits the file's pages out of order.
 
 No network, no faces: random vectors. Timings on a shared machine are noisy: compare the
 ratios of one run, and see the load average printed at the end.
@@ -53,7 +58,7 @@ def unit_vectors(n: int, dim: int, seed: int) -> np.ndarray:
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
-def build(home: Path, dim: int, count: int, per_person: int) -> dict:
+def build(home: Path, dim: int, count: int, per_person: int, random_ids: bool = False) -> dict:
     """A registry of `count` embeddings at home/identities.db (key file beside it), made by
     writing an export and importing it: one transaction, as a school's import is."""
     from consent_guard.registry import Consent, Registry, _b64, write_export
@@ -63,9 +68,11 @@ def build(home: Path, dim: int, count: int, per_person: int) -> dict:
     vectors = unit_vectors(count, dim, seed=dim)
     consent = Consent("bench").to_dict()
     records = []
+    rng = np.random.default_rng(dim)
     for i, start in enumerate(range(0, count, per_person)):
         rows = vectors[start:start + per_person]
-        records.append({"id": f"id_{i:012x}", "name": f"Person {i}", "aliases": [],
+        ident = f"id_{rng.bytes(6).hex()}" if random_ids else f"id_{i:012x}"
+        records.append({"id": ident, "name": f"Person {i}", "aliases": [],
                         "scope": ("any", "explicit")[i % 2], "created": "2026-01-01T00:00:00Z",
                         "consent": consent,
                         "embeddings": {MODEL: {"dim": dim,
@@ -82,7 +89,8 @@ def build(home: Path, dim: int, count: int, per_person: int) -> dict:
 
 
 def old_format_copy(home: Path, to: Path) -> None:
-    """The same registry as a version before the matrix leaves it: no matrix, no triggers."""
+    """The same registry as a version before the matrix leaves it: no matrix, no triggers,
+    no index for the rows' digest (its page size is the one `home` has)."""
     shutil.copytree(home, to)
     db = sqlite3.connect(to / "identities.db", isolation_level=None)
     try:
@@ -90,6 +98,7 @@ def old_format_copy(home: Path, to: Path) -> None:
                                   "AND name LIKE 'matrix_%'").fetchall():
             db.execute(f"DROP TRIGGER {name}")
         db.execute("DROP TABLE matrix")
+        db.execute("DROP INDEX IF EXISTS embedding_rows")
         db.execute("VACUUM")
     finally:
         db.close()
@@ -117,6 +126,33 @@ def load(home: Path) -> tuple:
     return seconds, h.hexdigest()
 
 
+def stages(home: Path, rounds: int) -> dict:
+    """Median seconds of each part of a load, timed apart on one open registry: the digest of
+    the model's rows, the digest of the identity rows, the identity list (decrypt, parse,
+    objects) and the matrix (read, decrypt, arrays; its rows' digest already checked)."""
+    from consent_guard.policy import Policy
+    from consent_guard.registry import open_for_matching
+
+    times: dict = {"rows digest": [], "identity digest": [], "identity list": [],
+                   "matrix": []}
+    reg = open_for_matching(Policy(), home)
+    try:
+        model = reg.model_ids()[0]
+        for _ in range(rounds):
+            for name, part in (("rows digest", lambda: reg._rows_digest(model)),
+                               ("identity digest", reg._identity_digest),
+                               ("identity list", reg._matrix_identities),
+                               ("matrix", lambda: reg._open_matrix(model))):
+                t0 = time.perf_counter()
+                part()
+                times[name].append(time.perf_counter() - t0)
+    finally:
+        reg.close()
+    out = {k: statistics.median(v) for k, v in times.items()}
+    out["identity list"] -= out["identity digest"]  # it checks that digest too
+    return out
+
+
 def child(home: Path) -> None:
     """One cold load in this fresh process: prints import and load seconds and the digest."""
     t0 = time.perf_counter()
@@ -138,18 +174,19 @@ def cold(home: Path, src: Path) -> dict:
 
 def bench_dim(dim: int, args, tmp: Path) -> None:
     home, old = tmp / f"d{dim}" / "home", tmp / f"d{dim}" / "old"
-    info = build(home, dim, args.count, args.per_person)
+    info = build(home, dim, args.count, args.per_person, args.ids == "random")
     old_format_copy(home, old)
     print(f"\n{args.count} x {dim}-d embeddings, {info['identities']} identities, "
           f"{info['mb']:.0f} MB: built in {info['export_s'] + info['import_s']:.1f} s "
           f"(export file {info['export_s']:.1f} s, import with matrix {info['import_s']:.1f} s)")
     variants = {"matrix": (home, REPO), "rows": (old, REPO)}
-    if args.baseline_src:  # its own copies, written by it (a write that changes no row)
-        base = tmp / f"d{dim}" / "baseline"
-        shutil.copytree(home, base)
-        child_run(Path(args.baseline_src), "--child-rewrite", str(base))
-        variants["baseline matrix"] = (base, Path(args.baseline_src))
-        variants["baseline rows"] = (old, Path(args.baseline_src))
+    base = tmp / f"d{dim}" / "baseline"
+    if args.baseline_src:  # the same registry, built by the baseline: its file, its copies
+        child_run(Path(args.baseline_src), "--child-build",
+                  f"{base / 'home'},{dim},{args.count},{args.per_person},{args.ids}")
+        old_format_copy(base / "home", base / "old")
+        variants["baseline matrix"] = (base / "home", Path(args.baseline_src))
+        variants["baseline rows"] = (base / "old", Path(args.baseline_src))
     cold_s = {k: [] for k in variants}
     cold_import = []
     digests = {k: set() for k in variants}
@@ -169,6 +206,8 @@ def bench_dim(dim: int, args, tmp: Path) -> None:
     print(f"  import of the registry module in a new process: median "
           f"{statistics.median(cold_import):.3f} s (not included above)")
     report("warm (same process)", warm_s)
+    print("  where a warm load of this version goes, median: " + ", ".join(
+        f"{k} {v:.3f} s" for k, v in stages(home, args.rounds).items()))
     same = len(set.union(*digests.values())) == 1 and all(len(d) == 1 for d in digests.values())
     print(f"  identical matrices loaded by every variant and round: {'yes' if same else 'NO'}")
     if not same:
@@ -176,9 +215,10 @@ def bench_dim(dim: int, args, tmp: Path) -> None:
     enrol = {"this version": [], "baseline": []} if args.baseline_src else {"this version": []}
     for i in range(args.enrol_rounds):  # a copy per round, so each enrolment sees the same file
         for name in enrol:
-            src = REPO if name == "this version" else Path(args.baseline_src)
+            src, built = (REPO, home) if name == "this version" else \
+                (Path(args.baseline_src), base / "home")
             copy = tmp / f"d{dim}" / f"enrol-{name.split()[0]}-{i}"
-            shutil.copytree(home, copy)
+            shutil.copytree(built, copy)
             enrol[name].append(cold_enrol(copy, src, dim, args.per_person))
             shutil.rmtree(copy)
     print(f"  one enrolment ({args.per_person} embeddings) on this registry, copies updated "
@@ -232,9 +272,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--baseline-src", help="a folder with another version's consent_guard/")
     ap.add_argument("--enrol-rounds", type=int, default=3)
+    ap.add_argument("--ids", choices=("sequential", "random"), default="sequential")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--child-enrol", help=argparse.SUPPRESS)
-    ap.add_argument("--child-rewrite", help=argparse.SUPPRESS)
+    ap.add_argument("--child-build", help=argparse.SUPPRESS)
     args = ap.parse_args()
     # the row-by-row fallback logs a warning on every load of the old-format copy
     logging.getLogger("consent_guard").setLevel(logging.ERROR)
@@ -243,10 +284,10 @@ def main() -> None:
     if args.child_enrol:
         home, dim, n = args.child_enrol.split(",")
         return print(enrol_seconds(Path(home), int(dim), int(n)))
-    if args.child_rewrite:  # a write that changes no row: the copies are made by this code
-        from consent_guard.registry import Registry
-        with Registry.open(Path(args.child_rewrite) / "identities.db", passphrase=PASS) as reg:
-            return reg.change_passphrase(PASS)
+    if args.child_build:  # the registry as the consent_guard/ on PYTHONPATH builds it
+        home, dim, count, per_person, ids = args.child_build.split(",")
+        build(Path(home), int(dim), int(count), int(per_person), ids == "random")
+        return None
     with tempfile.TemporaryDirectory(prefix="cg-bench-registry-") as tmp:
         for dim in (int(d) for d in args.dims.split(",")):
             bench_dim(dim, args, Path(tmp))

@@ -37,7 +37,11 @@ the row and refuse); otherwise it reads the rows one by one and logs why. The ro
 source of truth: export, import and the damage report work on them, and triggers in the file
 drop the copies whenever any program (older versions included) changes a row, so revoking
 someone also wipes the copy of their vectors. Registries made before the copies are read row
-by row until the admin's next write adds them.
+by row until the admin's next write adds them. A matrix is read from sqlite in pieces and
+decrypted straight into the arrays matching uses (registry_matrix.open_sealed). The identity
+list is stored as columns; an older version that meets one reads the identity rows instead
+(slower, with a log line) until its own next write, and this version still reads the older
+one-object-per-person list.
 """
 from __future__ import annotations
 
@@ -51,7 +55,7 @@ import threading
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -159,6 +163,41 @@ def _identity_from_dict(p: dict) -> Identity:
                               "created": p["created"], "models": dict(p["embeddings"])})
 
 
+_CONSENT_ORDER = tuple(f.name for f in fields(Consent))
+_IDENTITY_COLUMNS = ("id", "name", "scope", "aliases", "consent", "created", "models")
+
+
+def _identity_columns(people: Sequence[Identity]) -> Dict[str, list]:
+    """The sealed identity list's form (registry_matrix.pack_identities): one list per field,
+    a consent as its values in field order (or None)."""
+    return {"id": [p.id for p in people], "name": [p.name for p in people],
+            "scope": [p.scope for p in people], "aliases": [list(p.aliases) for p in people],
+            "consent": [[getattr(p.consent, f) for f in _CONSENT_ORDER] if p.consent else None
+                        for p in people],
+            "created": [p.created for p in people], "models": [dict(p.models) for p in people]}
+
+
+def _identities_from_columns(columns: Dict[str, list]) -> List[Identity]:
+    """The Identity objects of _identity_columns' form, built as _fields does (see
+    registry_matrix.pack_identities for the time it saves). KeyError/ValueError when a column
+    is missing or of another length, or a consent has other fields."""
+    values = [columns[name] for name in _IDENTITY_COLUMNS]
+    if any(len(v) != len(values[0]) for v in values):
+        raise ValueError("identity list columns of different lengths")
+    new, out = object.__new__, []
+    for ident, name, scope, aliases, consent, created, models in zip(*values):
+        if consent is not None:
+            if len(consent) != len(_CONSENT_ORDER):
+                raise ValueError(f"a consent of {len(consent)} fields")
+            given, consent = consent, new(Consent)
+            consent.__dict__.update(zip(_CONSENT_ORDER, given))
+        person = new(Identity)
+        person.__dict__.update(id=ident, name=name, scope=scope, aliases=tuple(aliases),
+                               consent=consent, created=created, models=models)
+        out.append(person)
+    return out
+
+
 def _with_models(ident: Identity, models: Dict[str, int]) -> Identity:
     """dataclasses.replace(ident, models=models), at a fifth of the cost (see above)."""
     return _fields(Identity, {**ident.__dict__, "models": models})
@@ -225,6 +264,20 @@ CREATE INDEX IF NOT EXISTS embedding_model ON embedding(model_id, identity_id);
 """
 
 
+# sqlite page size of new registries (and of older ones at their next VACUUM, after a revoke).
+# Not sqlite's 4096: loading reads all of a model's rows (for their digest) and its matrix,
+# 50-200 MB at 100,000 embeddings, and with 16 KB pages that is a quarter of the page reads;
+# a load of 100,000 x 128-d took 0.55 s against 0.63 s (this machine, others running). Any
+# sqlite, older Consent Guard versions included, reads either.
+PAGE_SIZE = 16384
+
+# sqlite3 reads a value in pieces (Connection.blobopen) from Python 3.11 on.
+_BLOB_READS = hasattr(sqlite3.Connection, "blobopen")
+
+_MODEL_IDS = ("WITH RECURSIVE m(id) AS (SELECT min(model_id) FROM embedding UNION ALL "
+              "SELECT (SELECT min(model_id) FROM embedding WHERE model_id > m.id) FROM m "
+              "WHERE m.id IS NOT NULL) SELECT id FROM m WHERE id IS NOT NULL")
+
 # The rows of one model, grouped by identity in enrolment order: what the matrix holds.
 _ROWS_OF_MODEL = ("FROM embedding e LEFT JOIN identity i ON i.id = e.identity_id "
                   "WHERE e.model_id = ? ORDER BY i.rowid, e.identity_id, e.id")
@@ -265,6 +318,7 @@ class Registry:
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.new")
         try:
             db = _connect(tmp)
+            db.execute(f"PRAGMA page_size = {PAGE_SIZE}")  # before the first table
             with db:
                 db.executescript(_SCHEMA + ";\n".join(matrix.SCHEMA) + ";")
                 meta = {"format": str(FORMAT), "generation": "0",
@@ -450,7 +504,7 @@ class Registry:
         """Everyone enrolled, from the sealed snapshot kept with the matrices (one decryption
         instead of one per person), when it is current and the identity rows are byte for
         byte those it was built from; else None (the rows are then decoded one by one)."""
-        found = self._matrix_row(matrix.IDENTITIES, with_vectors=True)
+        found = self._matrix_row(matrix.IDENTITIES, "m.sealed")
         if found is None or found[0] != found[-1]:
             return None
         generation, digest, sealed, _ = found
@@ -462,7 +516,9 @@ class Registry:
                 self._unseal(sealed, matrix.context(matrix.IDENTITIES, generation, "vectors")))
             if built_at != generation:
                 return None
-            return [_identity_from_dict(p) for p in people]
+            if isinstance(people, dict):
+                return _identities_from_columns(people)
+            return [_identity_from_dict(p) for p in people]  # written by an earlier version
         except (LockedError, TypeError, ValueError, KeyError):
             log.warning("Consent Guard: the identity registry %s has a sealed list of "
                         "identities that does not verify (damaged or altered): reading them "
@@ -579,15 +635,18 @@ class Registry:
         return hits[0]
 
     def model_ids(self) -> List[str]:
-        return [r[0] for r in self._query(
-            "SELECT DISTINCT model_id FROM embedding ORDER BY model_id")]
+        """The embedder model ids that have rows, in order. One index seek per model (a
+        skip-scan of embedding_model), not DISTINCT's walk of every index entry: 6 ms at
+        100,000 rows, and a load asks twice."""
+        return [r[0] for r in self._query(_MODEL_IDS)]
 
     def embeddings(self, model_id: str) -> Embeddings:
         """All embeddings made by `model_id`, grouped by identity (rows of one owner adjacent).
         Read from the model's sealed matrix when it is current and the rows are unchanged (see
         registry_matrix.py), else row by row, with a log line saying why. Raises
         DamagedRowError naming any row that cannot be read back: matching without it would
-        leave that person unprotected. The arrays are read-only."""
+        leave that person unprotected. The arrays are read-only (and, from the matrix,
+        aligned, so the matching product needs no copy)."""
         with self._lock, self._snapshot():
             emb, why = self._matrix_embeddings(model_id)
             if emb is not None:
@@ -611,7 +670,7 @@ class Registry:
         with self._lock, self._snapshot():
             damaged += self._identity_rows()[1]
             for model_id in self.model_ids():
-                found = self._matrix_row(model_id, with_vectors=False)
+                found = self._matrix_row(model_id)
                 if found and found[0] == found[-1] and \
                         not self._rows_changed(model_id, found[0], found[1]):
                     continue
@@ -716,14 +775,15 @@ class Registry:
         return (Embeddings(model_id, vectors, owners, idents), row_ids[order].tolist(),
                 damaged)
 
-    def _matrix_row(self, model_id: str, with_vectors: bool) -> Optional[tuple]:
-        """(generation, sealed digest[, sealed matrix], registry generation) of the model's
-        matrix, in one statement; None when there is none (or no matrix table: a registry
-        that only older versions have written)."""
+    def _matrix_row(self, model_id: str, column: str = "") -> Optional[tuple]:
+        """(generation, sealed digest[, column], registry generation) of the model's matrix,
+        in one statement (`column`: "m.sealed" for the sealed value, "m.rowid" to open it as
+        a blob); None when there is none (or no matrix table: a registry that only older
+        versions have written)."""
         if not self._query("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
                            "name = 'matrix'"):
             return None
-        columns = "m.generation, m.digest" + (", m.sealed" if with_vectors else "")
+        columns = "m.generation, m.digest" + (f", {column}" if column else "")
         rows = self._query(f"SELECT {columns}, (SELECT value FROM meta WHERE key = "
                            f"'generation') FROM matrix m WHERE m.model_id = ?", (model_id,))
         if not rows:
@@ -747,12 +807,12 @@ class Registry:
         return Embeddings(model_id, vectors, owners, tuple(identities)), ""
 
     def _open_matrix(self, model_id: str) -> Tuple[Optional[tuple], str]:
-        """(registry_matrix.unpack of the model's matrix, "") when its seal verifies, it is
+        """(registry_matrix.open_sealed of the model's matrix, "") when its seal verifies, it is
         current and the model's rows hash to its sealed digest; else (None, why not)."""
-        found = self._matrix_row(model_id, with_vectors=True)
+        found = self._matrix_row(model_id, "m.rowid")
         if found is None:
             return None, "has no sealed matrix (it was made or last changed by an older version)"
-        generation, digest, sealed, current = found
+        generation, digest, rowid, current = found
         if generation != current:
             return None, (f"has a stale sealed matrix (built at change {generation}, the "
                           f"registry is at {current}: an older version changed it)")
@@ -760,21 +820,36 @@ class Registry:
         if why:
             return None, why
         try:
-            payload = self._unseal(sealed, matrix.context(model_id, generation, "vectors"))
-            opened = matrix.unpack(payload)
-        except (LockedError, TypeError, ValueError, KeyError):
+            with self._sealed_matrix(rowid) as sealed:
+                opened = matrix.open_sealed(self._key, sealed,
+                                            matrix.context(model_id, generation, "vectors"))
+        except (sqlite3.DatabaseError, TypeError, ValueError, KeyError):
             return None, "has a sealed matrix that does not verify (damaged or altered)"
         if opened[0].get("model_id") != model_id or opened[0].get("generation") != generation:
             return None, "has a sealed matrix of another model or change"
         return opened, ""
 
-    def _rows_digest(self, model_id: str) -> bytes:
-        """The digest of the model's rows as they are now (registry_matrix.rows_digest); b""
-        when sqlite cannot hand them over: the rows are then read one by one, which raises
-        RegistryError with the explanation."""
+    @contextmanager
+    def _sealed_matrix(self, rowid: int) -> Iterator[object]:
+        """The sealed value of the matrix row `rowid`, for registry_matrix.open_sealed: an
+        open sqlite blob (read in chunks, never whole in memory: Python 3.11 and later),
+        else the bytes. sqlite3.DatabaseError when it cannot be read."""
+        with self._lock:
+            if not _BLOB_READS:
+                rows = self._db.execute("SELECT sealed FROM matrix WHERE rowid = ?",
+                                        (rowid,)).fetchall()
+                yield rows[0][0] if rows else b""
+                return
+            with self._db.blobopen("matrix", "sealed", rowid, readonly=True) as blob:
+                yield blob
+
+    def _rows_digest(self, model_id: str, sql: str = matrix.ROWS_SQL) -> bytes:
+        """The digest of the model's rows as they are now (registry_matrix.rows_digest), in
+        the order of `sql`; b"" when sqlite cannot hand them over: the rows are then read one
+        by one, which raises RegistryError with the explanation."""
         with self._lock:
             try:
-                return matrix.rows_digest(self._db.execute(matrix.DIGEST_SQL, (model_id,)))
+                return matrix.rows_digest(self._db.execute(sql, (model_id,)))
             except sqlite3.DatabaseError:
                 return b""
 
@@ -785,10 +860,12 @@ class Registry:
         if self._verified.get(model_id) == generation:
             return ""
         try:
-            wanted = self._unseal(sealed_digest, matrix.context(model_id, generation, "digest"))
+            sql, wanted = matrix.digest_query(
+                self._unseal(sealed_digest, matrix.context(model_id, generation, "digest")))
         except (LockedError, TypeError):
             return "has a sealed matrix that does not verify (damaged or altered)"
-        if self._rows_digest(model_id) != wanted:
+        got = self._rows_digest(model_id, sql)
+        if not got or got != wanted:
             return "has rows that changed since its sealed matrix was built (one is damaged?)"
         self._verified[model_id] = generation
         return ""
@@ -867,7 +944,7 @@ class Registry:
             if damaged:
                 self._db.execute("DELETE FROM matrix WHERE model_id = ?", (model_id,))
                 continue
-            digest = self._rows_digest(model_id)
+            digest = matrix.ROW_ORDER + self._rows_digest(model_id)
             payload = matrix.pack(model_id, generation, row_ids, emb.vectors, emb.owners,
                                   emb.identities)
             self._store_matrix(model_id, generation, digest, payload)
@@ -878,8 +955,7 @@ class Registry:
             self._db.execute("DELETE FROM matrix WHERE model_id = ?", (matrix.IDENTITIES,))
         else:
             self._store_matrix(matrix.IDENTITIES, generation, self._identity_digest(),
-                               matrix.pack_identities(generation,
-                                                      [p.public_dict() for p in people]))
+                               matrix.pack_identities(generation, _identity_columns(people)))
         return people, damaged
 
     def _store_matrix(self, key: str, generation: int, digest: bytes, payload: bytes) -> None:
@@ -952,6 +1028,7 @@ class Registry:
     def _scrub(self) -> None:
         with self._lock:
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # a no-op unless still WAL
+            self._db.execute(f"PRAGMA page_size = {PAGE_SIZE}")  # VACUUM moves older files to it
             self._db.execute("VACUUM")
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 

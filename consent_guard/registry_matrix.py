@@ -32,18 +32,25 @@ checking it is the per-row decryption the digest exists to avoid. A digest of (r
 identity id, tag) plus a length check would pass a row with a flipped byte in its body; the
 matrix would still match with the right vector, but the damaged row would go unnoticed until
 an export silently dropped it. Hashing 100,000 rows of 540 bytes is about 54 MB of SHA-256
-(SHA-NI: some tens of ms); the larger cost is sqlite handing the rows over.
+(SHA-NI: some tens of ms); the larger cost is sqlite handing the rows over, 0.1-0.2 s for
+100,000 rows here, most of it making three Python objects per row: now most of a load
+(bench/registry.py). The rows are read in row id order (ROWS_SQL), which is file order; a
+64 MB page cache or mmap saved nothing measurable here, and mmap would turn a disk error into
+a crash (SIGBUS) instead of an error.
 
 Layout of the sealed payload: MAGIC, a 4-byte little-endian header length, a JSON header
 (model id, generation, dim, count, the (identity id, scope) of each owner), then the row ids
 (int64), the owner index of each row (int64) and the vectors (float32), all little-endian.
+Readers decrypt it in chunks straight into the arrays (open_sealed). The identity list's
+payload is MAGIC and one JSON object: the generation and one list per field (see
+pack_identities; versions before it wrote one object per person, which is still read).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import struct
-from typing import Iterable, List, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -58,6 +65,7 @@ IDENTITIES = "*identities*"
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS matrix (model_id TEXT PRIMARY KEY, "
     "generation INTEGER NOT NULL, digest BLOB NOT NULL, sealed BLOB NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS embedding_rows ON embedding(model_id)",  # for ROWS_SQL
     "CREATE TRIGGER IF NOT EXISTS matrix_stale_insert AFTER INSERT ON embedding BEGIN "
     f"DELETE FROM matrix WHERE model_id IN (NEW.model_id, '{IDENTITIES}'); END",
     "CREATE TRIGGER IF NOT EXISTS matrix_stale_update AFTER UPDATE ON embedding BEGIN "
@@ -98,10 +106,30 @@ CLEAR_CHANGES = "DELETE FROM temp.changed"
 CHANGED_SQL = "SELECT key FROM temp.changed WHERE kind = ?"
 
 
-# The rows a digest covers, in index order (model_id, identity_id, rowid): only this model's
-# rows are read, and no sort is needed.
+# The rows a digest covers, in the order they are hashed: row id order, through the index
+# embedding_rows (SCHEMA), whose entries sqlite keeps in (model_id, rowid) order: only this
+# model's rows, no sort, and the table's pages in file order. Digests taken so are stored
+# with ROW_ORDER in front.
+ROWS_SQL = "SELECT identity_id, id, sealed FROM embedding WHERE model_id = ? ORDER BY id"
+ROW_ORDER = b"row order:"
+
+# The order versions before took their digests in (32 bytes, no prefix), still checked so that
+# their matrices stay trusted until the next write: identity id, then row id, through the
+# index embedding_model. With the random ids enrolment gives, that order visits the table's
+# pages at random: 0.15 s against 0.11 s for ROWS_SQL at 100,000 rows (this machine, others
+# running; the same with sequential ids). An earlier version that meets a ROW_ORDER digest
+# finds it unequal to its own and reads the rows one by one (correct, slower, with a log
+# line saying the rows changed) until its own next write.
 DIGEST_SQL = ("SELECT identity_id, id, sealed FROM embedding WHERE model_id = ? "
               "ORDER BY identity_id, id")
+
+
+def digest_query(stored: bytes) -> Tuple[str, bytes]:
+    """(the query whose rows a stored digest covers, the SHA-256 to compare): ROWS_SQL for
+    one this version took, DIGEST_SQL for one an earlier version took."""
+    if stored.startswith(ROW_ORDER):
+        return ROWS_SQL, stored[len(ROW_ORDER):]
+    return DIGEST_SQL, stored
 
 
 class MatrixError(ValueError):
@@ -156,16 +184,23 @@ IDENTITY_DIGEST_SQL = (
     "FROM identity ORDER BY rowid")
 
 
-def pack_identities(generation: int, people: Sequence[dict]) -> bytes:
-    return MAGIC + json.dumps({"generation": int(generation), "identities": list(people)}
-                              ).encode()
+def pack_identities(generation: int, columns: Dict[str, list]) -> bytes:
+    """The identity list as columns (field name -> one value per person): for 10,000 people,
+    parsing it and making the Identity objects took 0.07 s against 0.11 s for one JSON object
+    per person (this machine, others running). Versions before this one wrote
+    {"identities": [object per person]} and cannot read this: they read the identity rows
+    instead (and log that the list does not verify) until their own next write."""
+    return MAGIC + json.dumps({"generation": int(generation), "columns": columns}).encode()
 
 
-def unpack_identities(payload: bytes) -> Tuple[int, List[dict]]:
+def unpack_identities(payload: bytes) -> Tuple[int, Union[Dict[str, list], List[dict]]]:
+    """(generation, columns) of a list pack_identities made, or (generation, one dict per
+    person) of one that an earlier version made."""
     if not payload.startswith(MAGIC):
         raise MatrixError("not a Consent Guard matrix")
     data = json.loads(payload[len(MAGIC):])
-    return int(data["generation"]), list(data["identities"])
+    people = data["columns"] if "columns" in data else list(data["identities"])
+    return int(data["generation"]), people
 
 
 def pack(model_id: str, generation: int, row_ids: Sequence[int], vectors: np.ndarray,
@@ -182,19 +217,119 @@ def pack(model_id: str, generation: int, row_ids: Sequence[int], vectors: np.nda
 
 def unpack(payload: bytes) -> Tuple[dict, np.ndarray, np.ndarray, np.ndarray,
                                      List[Tuple[str, str]]]:
-    """(header, row ids, owners, vectors, identities). The arrays are read-only views of
-    `payload` (no copy: at 100,000 x 512 that is 200 MB not copied)."""
+    """(header, row ids, owners, vectors, identities) of a plain payload. The arrays are
+    read-only views of `payload` (no copy: at 100,000 x 512 that is 200 MB not copied)."""
     if not payload.startswith(MAGIC):
         raise MatrixError("not a Consent Guard matrix")
     at = len(MAGIC)
     (size,) = struct.unpack_from("<I", payload, at)
     header = json.loads(payload[at + 4:at + 4 + size])
     at += 4 + size
-    count, dim = int(header["count"]), int(header["dim"])
+    count, dim = _shape(header)
     if len(payload) != at + count * (16 + 4 * dim):
         raise MatrixError(f"{len(payload)} bytes, the header describes {count} x {dim}")
-    row_ids = np.frombuffer(payload, "<i8", count, at)
-    owners = np.frombuffer(payload, "<i8", count, at + 8 * count)
-    vectors = np.frombuffer(payload, "<f4", count * dim, at + 16 * count).reshape(count, dim)
+    return (header, *_arrays(header, np.frombuffer(payload, np.uint8, offset=at)))
+
+
+class NotVerified(ValueError):
+    """A sealed matrix whose seal does not verify, or that is cut short or does not parse
+    before its seal could be checked: damage or an alteration (the rows are read instead)."""
+
+
+# Bytes decrypted per step by open_sealed: large enough that the Python loop costs nothing,
+# small enough to stay in the CPU cache on the way from sqlite to the output array.
+CHUNK = 1 << 20
+
+
+def open_sealed(key: bytes, sealed, context: bytes) -> Tuple[dict, np.ndarray, np.ndarray,
+                                                               np.ndarray, List[Tuple[str, str]]]:
+    """As unpack(), for a payload sealed under `key` with `context` (nonce, ciphertext, tag:
+    what Registry._seal makes), which it decrypts in CHUNK steps straight into one numpy array.
+    `sealed` is bytes or an open sqlite3.Blob (anything with len() and slicing): read from a
+    blob, the ciphertext is never in memory whole.
+
+    Why not one AESGCM.decrypt of the whole value: at 100,000 x 128-d that makes a 51 MB
+    bytes object from sqlite and another from the decryption, and filling fresh memory costs
+    more here than the AES itself (about 0.015 s for 51 MB): reading the matrix took 0.15-0.25
+    s that way, 0.05-0.09 s this way (this machine, others running). The arrays start on an
+    aligned address (after a plain payload's header they do not), which halves the cost of the
+    matrix product that matches faces against them (0.034 s against 0.016 s for 4 faces and
+    100,000 x 128-d, this machine).
+
+    The plaintext is used only after the tag verified (GCM's finalize). The header is read
+    before that, to size the output: anything in it that does not add up to the sealed
+    length raises NotVerified, so a damaged header cannot ask for more memory than the
+    value holds. Raises NotVerified when the seal does not verify."""
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    source = memoryview(sealed) if isinstance(sealed, (bytes, bytearray)) else sealed
+    end = len(source) - 16
+    at = 12 + len(MAGIC) + 4
+    if end < at:
+        raise NotVerified(f"{len(source)} bytes: too short for a sealed matrix")
+    # the tag is read last: sqlite reaches the end of a blob by walking the chain of its
+    # pages, so reading it first would read the whole value twice
+    decryptor = Cipher(algorithms.AES(key), modes.GCM(bytes(source[:12]))).decryptor()
+    decryptor.authenticate_additional_data(context)
+    head = _decrypt(decryptor, source, 12, at)
+    if head[:len(MAGIC)] != MAGIC:
+        raise NotVerified("not a Consent Guard matrix")
+    (size,) = struct.unpack_from("<I", head, len(MAGIC))
+    if at + size > end:
+        raise NotVerified(f"a header of {size} bytes in a value of {len(source)}")
+    try:
+        header = json.loads(_decrypt(decryptor, source, at, at + size))
+        count, dim = _shape(header)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise NotVerified(f"an unreadable header ({exc})") from None
+    at += size
+    if end - at != count * (16 + 4 * dim):
+        raise NotVerified(f"{end - at} bytes of rows, the header describes {count} x {dim}")
+    # update_into needs 15 bytes to spare. A bytearray, not np.empty: numpy asks the kernel
+    # for huge pages for large arrays, and the first such request in a process sometimes
+    # stalls (0.15-0.2 s here) while memory is compacted; a bytearray's pages come as needed.
+    body = np.frombuffer(bytearray(end - at + 16), np.uint8)
+    _decrypt(decryptor, source, at, end, memoryview(body))
+    try:
+        decryptor.finalize_with_tag(bytes(source[end:]))
+    except InvalidTag:
+        raise NotVerified("its seal does not verify") from None
+    body.flags.writeable = False
+    try:
+        return (header, *_arrays(header, body))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise MatrixError(f"a sealed matrix that does not parse ({exc})") from None
+
+
+def _decrypt(decryptor, source, start: int, stop: int, out: Optional[memoryview] = None
+             ) -> bytes:
+    """source[start:stop] through `decryptor` into `out` (at least stop - start + 15 bytes),
+    CHUNK bytes at a time; without `out`, into a new buffer, returned trimmed."""
+    trim = out is None
+    if trim:
+        out = memoryview(bytearray(stop - start + 15))
+    at = start
+    while at < stop:
+        data = source[at:min(at + CHUNK, stop)]
+        decryptor.update_into(data, out[at - start:at - start + len(data) + 15])
+        at += len(data)
+    return bytes(out[:stop - start]) if trim else b""
+
+
+def _shape(header: dict) -> Tuple[int, int]:
+    count, dim = int(header["count"]), int(header["dim"])
+    if count < 0 or dim < 0:
+        raise MatrixError(f"a header that describes {count} x {dim}")
+    return count, dim
+
+
+def _arrays(header: dict, body: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                     List[Tuple[str, str]]]:
+    """(row ids, owners, vectors, identities): views of `body`, the bytes after the header."""
+    count, dim = _shape(header)
+    row_ids = np.frombuffer(body, "<i8", count, 0)
+    owners = np.frombuffer(body, "<i8", count, 8 * count)
+    vectors = np.frombuffer(body, "<f4", count * dim, 16 * count).reshape(count, dim)
     identities = [(str(i), str(s)) for i, s in header["identities"]]
-    return header, row_ids, owners, vectors, identities
+    return row_ids, owners, vectors, identities

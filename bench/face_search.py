@@ -2,17 +2,22 @@
 what it catches and what it costs, now against the code at a git ref, in one process.
 
     python bench/face_search.py [--shared PATH] [--ref HEAD] [--step 1] [--rounds 2]
+                                [--side 768] [--skip-red-team] [--only-sizes]
 
 1. Red team. Every deepface cluster with 2+ photos is enrolled (scope any) from its first photo
    (768 px, as bench/enforce_sources.py); each other photo is a probe under each of that
-   bench's transforms (turned, inverted, grid, noise, tilt, squash). A probe matched upright
+   bench's transforms (turned, inverted, grid, noise, tilt, squash), made from the photo cut
+   down to at most --side px (768 as that bench; a larger side keeps large photos large, so
+   that the finer detection copy of a large picture is searched too). A probe matched upright
    needs no search; for the others, the identities turned_findings returns, at --ref and now:
    the counts, and every probe where they differ.
 2. Benign. The 90 benign images of bench/images.py, 10 identities enrolled (bench/speed.py's
    registry): the engine's outcome (decision, labels, identities) with --ref's turned_findings
    and with today's, and the time of each (interleaved rounds, same process: a ratio).
 3. By size. The search alone on 4 deepface photos nobody enrolled matches (so every copy is
-   searched), resized to 800, 1024 and 2048 px: ms a photo at --ref and now, and the ratio.
+   searched), resized to 800, 1024, 2048 and 3072 px: ms a photo at --ref and now, and the
+   ratio; then the work counted (detector runs and megapixels, megapixels resized, faces
+   embedded), which no other process on the machine can blur.
 
 --step N takes every Nth probe (a quicker, smaller run). Needs ../shared/eval (exits 2
 without it) and git (the code at --ref is read with `git show`).
@@ -57,7 +62,7 @@ def identities(findings) -> list:
     return sorted(f.identity for f in findings if f.identity)
 
 
-def red_team(shared: Path, before, step: int) -> None:
+def red_team(shared: Path, before, step: int, side: int = 768) -> None:
     import enforce_sources as es  # bench/enforce_sources.py: its data and transforms
 
     deepface = shared / "eval" / "faces" / "deepface"
@@ -68,12 +73,13 @@ def red_team(shared: Path, before, step: int) -> None:
         probes = []
         for cluster, files in es.clusters(deepface).items():
             if es.enrol(reg, backend, cluster, es.load(deepface / "images" / files[0])):
-                probes += [es.load(deepface / "images" / f) for f in files[1:]]
+                probes += [es.load(deepface / "images" / f, side) for f in files[1:]]
         probes = probes[::step]
         engine = Engine(policy, registry=reg, face_backend=backend)
         engine.load()
         stage = engine.face_stage()
-        print(f"1. red team: {len(reg.identities())} enrolled, {len(probes)} probes each way")
+        print(f"1. red team: {len(reg.identities())} enrolled, {len(probes)} probes each way "
+              f"(at most {side} px, long side up to {max(max(p.shape[:2]) for p in probes)})")
         print(f"   {'probe':<11}{'upright':>8}{'before':>8}{'now':>6}  differs")
         spent = {"before": 0.0, "now": 0.0}
         for name, transform in es.TRANSFORMS.items():
@@ -142,7 +148,8 @@ def benign(shared: Path, before, rounds: int) -> None:
         reg.close()
 
 
-def by_size(shared: Path, before, rounds: int, sides=(800, 1024, 2048), n: int = 4) -> None:
+def by_size(shared: Path, before, rounds: int, sides=(800, 1024, 2048, 3072), n: int = 4
+            ) -> None:
     """The search alone, at --ref and now, on the first `n` deepface photos nobody enrolled
     matches, resized to each of `sides` on the long side (interleaved rounds)."""
     import speed
@@ -181,7 +188,41 @@ def by_size(shared: Path, before, rounds: int, sides=(800, 1024, 2048), n: int =
             b, now = statistics.median(spent["before"]), statistics.median(spent["now"])
             print(f"   {side} px: before {1000 * b / len(images):.0f} ms, now "
                   f"{1000 * now / len(images):.0f} ms a photo: {now / b:.2f}x")
+            for name, module in (("before", before), ("now", stage_now)):
+                print(f"     {name:<7} a photo: " + ", ".join(
+                    f"{v / len(images):.1f} {k}" for k, v in work(stage, module, images).items()))
         reg.close()
+
+
+def work(stage, module, images) -> dict:
+    """What `module`'s turned_findings does on `images`, counted rather than timed (a shared
+    machine's timings are noisy): detector runs and the megapixels they are handed, the
+    megapixels cut_down resizes, the faces embedded."""
+    done = {"detector runs": 0, "Mpx detected": 0.0, "Mpx resized": 0.0, "faces embedded": 0}
+    detect, embed, cut_down = stage.detector.detect, stage.embedder.embed, module.cut_down
+
+    def counted_detect(rgb):
+        done["detector runs"] += 1
+        done["Mpx detected"] += rgb.shape[0] * rgb.shape[1] / 1e6
+        return detect(rgb)
+
+    def counted_embed(rgb, faces):
+        done["faces embedded"] += len(faces)
+        return embed(rgb, faces)
+
+    def counted_cut_down(rgb, scale):
+        done["Mpx resized"] += rgb.shape[0] * rgb.shape[1] / 1e6
+        return cut_down(rgb, scale)
+
+    stage.detector.detect, stage.embedder.embed = counted_detect, counted_embed
+    module.cut_down = counted_cut_down
+    try:
+        for rgb in images:
+            module.turned_findings(stage, rgb)
+    finally:
+        del stage.detector.detect, stage.embedder.embed  # the class's methods again
+        module.cut_down = cut_down
+    return done
 
 
 def main() -> int:
@@ -190,6 +231,8 @@ def main() -> int:
     ap.add_argument("--ref", default="HEAD")
     ap.add_argument("--step", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--side", type=int, default=768, help="red-team probes at most this "
+                    "large (px)")
     ap.add_argument("--skip-red-team", action="store_true")
     ap.add_argument("--only-sizes", action="store_true", help="part 3 alone")
     a = ap.parse_args()
@@ -201,7 +244,7 @@ def main() -> int:
     before = stage_at(a.ref)
     if not a.only_sizes:
         if not a.skip_red_team:
-            red_team(shared, before, a.step)
+            red_team(shared, before, a.step, a.side)
         benign(shared, before, a.rounds)
     by_size(shared, before, max(3, a.rounds))
     print("Note: timings on a shared machine are noisy; compare ratios from one run.")

@@ -22,8 +22,10 @@ folder and run in a subprocess on the same files and the same registry); "none" 
 process, so a before/after pair of ratios comes from one run.
 
 --stages prints where the time goes (decode, preprocessing, each model, face detection,
-embedding, matching, the turned-copy search) per image and the execution providers every
-onnxruntime session uses: on a GPU machine with onnxruntime-gpu these are the absolute figures.
+embedding, matching, the turned-copy search) per image, for the search the detector runs and
+faces embedded per searched image and the time in each model, and the execution providers
+every onnxruntime session uses: on a GPU machine with onnxruntime-gpu these are the absolute
+figures.
 
 Needs ../shared/eval (exits 2 without it) and, for the reference, nudenet's own package with
 OpenCV (`pip install 'opencv-python-headless<5'`).
@@ -38,7 +40,9 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -246,7 +250,8 @@ def stage_times(engine: Engine, files: Sequence[Path]) -> None:
         totals[key] = totals.get(key, 0.0) + seconds
 
     stage = engine.face_stage()
-    faces_seen = 0
+    faces_seen = searched = 0
+    search_runs: Dict[str, float] = {}
     for f in files:
         (frame, size), t = timed(lambda: next(iter_image_frames(f, policy.max_pixels, draft)))
         add("decode", t)
@@ -271,8 +276,12 @@ def stage_times(engine: Engine, files: Sequence[Path]) -> None:
         matches, t = timed(lambda: stage._gallery().match(vectors, stage.threshold))
         add("faces: match", t)
         if not any(matches):
-            _, t = timed(turned_findings, stage, frame, to_full)
+            with counting(stage) as runs:
+                _, t = timed(turned_findings, stage, frame, to_full)
             add("faces: turned/cleaned copies", t)
+            searched += 1
+            for key, value in runs.items():
+                search_runs[key] = search_runs.get(key, 0) + value
     n = len(files)
     print("  stages, one image at a time (here the two explicit models run one after the "
           "other, each on its own half of the CPUs; the check runs them side by side):")
@@ -280,6 +289,46 @@ def stage_times(engine: Engine, files: Sequence[Path]) -> None:
         print(f"    {key:32} {1000 * seconds / n:7.1f} ms/image")
     if stage is not None:
         print(f"    ({faces_seen} matchable faces in {n} images)")
+    if searched:
+        per = {k: v / searched for k, v in search_runs.items()}
+        print(f"    the turned/cleaned search ran on {searched} images (nobody matched "
+              f"upright); for each: {per['detections']:.1f} detector runs, "
+              f"{per['faces']:.1f} faces embedded; the detector "
+              f"{1000 * per['detect s']:.0f} ms, the embedder {1000 * per['embed s']:.0f} ms "
+              f"({1000 * per['embed s'] / max(per['faces'], 1):.0f} ms a face), summed over "
+              f"the search's threads (they overlap: the sum can exceed the search's time)")
+
+
+@contextmanager
+def counting(stage):
+    """The detector runs, faces embedded and the seconds in each model while inside, for
+    the face stage's own detector and embedder (the search's threads included)."""
+    runs = {"detections": 0, "faces": 0, "detect s": 0.0, "embed s": 0.0}
+    lock = threading.Lock()
+    detect, embed = stage.detector.detect, stage.embedder.embed
+
+    def note(count: str, n: int, seconds: str, t: float) -> None:
+        with lock:
+            runs[count] += n
+            runs[seconds] += time.perf_counter() - t
+
+    def counted_detect(rgb):
+        t = time.perf_counter()
+        out = detect(rgb)
+        note("detections", 1, "detect s", t)
+        return out
+
+    def counted_embed(rgb, faces):
+        t = time.perf_counter()
+        out = embed(rgb, faces)
+        note("faces", len(faces), "embed s", t)
+        return out
+
+    stage.detector.detect, stage.embedder.embed = counted_detect, counted_embed
+    try:
+        yield runs
+    finally:
+        del stage.detector.detect, stage.embedder.embed  # back to the class's methods
 
 
 def print_providers() -> None:

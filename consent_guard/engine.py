@@ -11,8 +11,8 @@ import numpy as np
 from . import censor
 from .detectors.base import ImageScorer, PartDetector
 from .explicit import check_explicit
-from .faces.stage import (DETECT_SIZE, FaceStage, apply_identity_rules, detect_faces,
-                          input_rules, turned_findings)
+from .faces.stage import (DETECT_SIZE, FaceStage, apply_identity_rules, detection_copies,
+                          faces_in_copies, input_rules, turned_findings)
 from .imageio import ImageInputError, iter_image_frames, to_rgb_uint8
 from .minors import apply_minor_rule, needs_age_check, with_age
 from .models import ModelError, ModelResolver, onnx_session, paired_threads
@@ -215,7 +215,8 @@ class Engine:
             # the minors rule never looks for faces on a smaller copy than the default
             size = max(self.policy.detect_size, DETECT_SIZE) if age_check \
                 else self.policy.detect_size
-            faces = detect_faces(detector, rgb, size, self.policy.min_face_px / to_full)
+            copies = detection_copies(rgb, size, self.policy.min_face_px / to_full)
+            faces = faces_in_copies(detector, copies)  # detect_faces, the copies kept
             estimates = self.age_estimator().estimate(rgb, faces) if age_check and faces \
                 else [None] * len(faces)
             matched = {}
@@ -235,7 +236,9 @@ class Engine:
                 verdict = apply_minor_rule(verdict, findings, self.policy)
             if stage is not None:
                 if not any(f.identity for f in findings):  # turned or inverted copies
-                    findings += turned_findings(stage, rgb, to_full)
+                    same = (size == stage.detect_size
+                            and self.policy.min_face_px == stage.min_face_px)
+                    findings += turned_findings(stage, rgb, to_full, copies if same else None)
                 verdict = apply_identity_rules(verdict, findings)
             return verdict
         except Exception as exc:  # fail closed

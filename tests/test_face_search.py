@@ -10,8 +10,9 @@ import pytest
 from PIL import Image
 
 from consent_guard.faces.base import Face
-from consent_guard.faces.stage import (TURNS, FaceStage, _detection_copy, _Once, _turned_faces,
-                                       detect_faces, turned, turned_view, turned_findings)
+from consent_guard.faces.stage import (FINE_TILE, TURNS, FaceStage, _detection_copy, _Once,
+                                       _turned_faces, detect_faces, turned, turned_view,
+                                       turned_findings)
 from consent_guard.faces.matching import Gallery
 
 SHADES = (40, 80, 120, 160, 200)  # red of each landmark square, in landmark order
@@ -84,7 +85,7 @@ def test_the_shared_cut_down_copy_turned_is_the_turned_copy_cut_down(how):
     rgb = np.asarray(Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8))
                      .resize((1300, 1000), Image.Resampling.BICUBIC))
     stage = stage_of(Squares(), Recorder())
-    small, scale = _detection_copy(stage, rgb, 1.0)
+    [(small, scale)] = _detection_copy(stage, rgb, 1.0)
     assert scale == 640 / 1300
     copy = turned(rgb, how)
     h, w = copy.shape[:2]
@@ -105,12 +106,19 @@ def test_faces_of_a_turned_copy_are_those_detect_faces_finds_in_it(how):
     assert np.abs(found.landmarks - expected.landmarks).max() < 1.0
 
 
-def test_large_or_long_pictures_keep_the_tiled_search():
-    """No shared copy where detect_faces would search tiles or not resize at all."""
+def test_large_or_long_pictures_get_a_finer_shared_copy():
+    """Where detect_faces would also search a finer copy (a face of the smallest size would
+    be under 10 px at detection size), the shared copies include it, made once; a picture no
+    larger than detection size is its own copy."""
     stage = stage_of(Squares(), Recorder())
-    assert _detection_copy(stage, np.zeros((512, 16384, 3), np.uint8), 1.0) is None
-    assert _detection_copy(stage, np.zeros((500, 600, 3), np.uint8), 1.0) is None
-    assert _detection_copy(stage, np.zeros((1000, 1300, 3), np.uint8), 1.0) is not None
+    strip = np.zeros((512, 16384, 3), np.uint8)
+    (coarse, s1), (fine, s2) = _detection_copy(stage, strip, 1.0)
+    assert coarse.shape[:2] == (20, 640) and s1 == 640 / 16384
+    assert fine.shape[:2] == (160, 5120) and s2 == 10 / 32
+    small = np.zeros((500, 600, 3), np.uint8)
+    [(same, s)] = _detection_copy(stage, small, 1.0)
+    assert same is small and s == 1.0
+    assert len(_detection_copy(stage, np.zeros((1000, 1300, 3), np.uint8), 1.0)) == 1
 
 
 def test_the_search_cuts_the_full_picture_down_once_and_embeds_the_turned_pixels(monkeypatch):
@@ -131,7 +139,7 @@ def test_the_search_cuts_the_full_picture_down_once_and_embeds_the_turned_pixels
     detector, embedder = Squares(), Recorder()
     stage = stage_of(detector, embedder)
     assert turned_findings(stage, rgb) == []
-    assert sum(full) == 1 and max(detector.sizes) <= 640
+    assert sum(full) == 1 and max(detector.sizes) <= FINE_TILE
     turned_seen = [(img, faces) for img, faces in embedder.seen if img.shape[:2] in
                    (rgb.shape[:2], rgb.shape[1::-1])]
     assert len(turned_seen) == len(TURNS)  # each turned copy finds and embeds the face

@@ -33,29 +33,63 @@ def detect_faces(detector: FaceDetector, rgb: np.ndarray, detect_size: int = DET
     """Faces in `rgb`'s pixels, found on a copy no larger than `detect_size`. When that copy
     would shrink a face of `min_face` px below what the detector finds (a large or very long
     picture: a face 3 px tall in the copy of a 16384 x 512 strip was missed), the picture is
-    also searched in overlapping tiles, each small enough for such a face to be found, unless
-    `tiles` is False (a cheap first pass)."""
+    also searched on a finer copy, where such a face is MIN_DETECTED px (in tiles when that
+    copy is large: fine_tiles), unless `tiles` is False (a cheap first pass)."""
+    return faces_in_copies(detector, detection_copies(rgb, detect_size, min_face, tiles))
+
+
+def detection_copies(rgb: np.ndarray, detect_size: int = DETECT_SIZE,
+                     min_face: float = MIN_FACE, tiles: bool = True
+                     ) -> List[Tuple[np.ndarray, float]]:
+    """The copies detect_faces searches, each with its scale to rgb: rgb itself when it is
+    no larger than `detect_size`; else rgb cut down to `detect_size`, and, when a face of
+    `min_face` px would be under MIN_DETECTED px there (and `tiles`), rgb cut down only so
+    far that it is MIN_DETECTED px. That fine copy is one resize of the picture; the tiles it
+    replaces (each cut from the full-size picture, resized and searched on its own) read up to
+    (4/3)^2 = 1.8x the picture's pixels through their quarter overlaps and ran the detector
+    on as much more (bench/face_search.py part 3; bench/speed.py --cases faces)."""
     h, w = rgb.shape[:2]
     scale = detect_size / max(h, w)
     if scale >= 1.0:
-        return detector.detect(rgb)
-    faces = _detect_scaled(detector, rgb, scale)
-    if not tiles or min_face * scale >= MIN_DETECTED:
-        return faces
-    side = int(detect_size * min_face / MIN_DETECTED)  # a tile's long side, in rgb's pixels
-    step = max(1, side * 3 // 4)  # a quarter overlap: a face up to side / 4 is whole in one
+        return [(rgb, 1.0)]
+    copies = [(cut_down(rgb, scale), scale)]
+    if tiles and min_face * scale < MIN_DETECTED:
+        fine = min(1.0, MIN_DETECTED / min_face)
+        copies.append((cut_down(rgb, fine) if fine < 1.0 else rgb, fine))
+    return copies
+
+
+def faces_in_copies(detector: FaceDetector, copies: Sequence[Tuple[np.ndarray, float]],
+                    how=None) -> List[Face]:
+    """The faces of detection_copies' copies, in the picture's pixels (turned by `how`, a
+    TURNS entry, when given: each copy is turned before it is searched, so a turned copy of
+    the picture needs no full-size turn of its own). One face for each place."""
+    faces: List[Face] = []
+    for i, (copy, scale) in enumerate(copies):
+        copy = copy if how is None else turned(copy, how)
+        found = fine_tiles(detector, copy) if i else detector.detect(
+            np.ascontiguousarray(copy))
+        faces += found if scale == 1.0 else [f.scaled(1.0 / scale) for f in found]
+    return faces if len(copies) == 1 else _distinct(faces)
+
+
+FINE_TILE = 1280  # px: the fine copy is searched in tiles no larger (bounds the detector's memory)
+
+
+def fine_tiles(detector: FaceDetector, copy: np.ndarray, side: int = FINE_TILE) -> List[Face]:
+    """detector.detect on `copy`, in overlapping tiles of at most `side` px when it is larger
+    (a quarter overlap: a face up to side / 4 is whole in one; larger faces are the coarse
+    copy's to find)."""
+    h, w = copy.shape[:2]
+    if max(h, w) <= side:
+        return detector.detect(np.ascontiguousarray(copy))
+    step = max(1, side * 3 // 4)
+    faces: List[Face] = []
     for y in _starts(h, side, step):
         for x in _starts(w, side, step):
-            tile = rgb[y:y + side, x:x + side]
-            found = _detect_scaled(detector, tile, min(1.0, detect_size / max(tile.shape[:2])))
-            faces += [_moved(f, x, y) for f in found]
-    return _distinct(faces)
-
-
-def _detect_scaled(detector: FaceDetector, rgb: np.ndarray, scale: float) -> List[Face]:
-    if scale >= 1.0:
-        return detector.detect(np.ascontiguousarray(rgb))
-    return [f.scaled(1.0 / scale) for f in detector.detect(cut_down(rgb, scale))]
+            tile = np.ascontiguousarray(copy[y:y + side, x:x + side])
+            faces += [_moved(f, x, y) for f in detector.detect(tile)]
+    return faces
 
 
 def cut_down(rgb: np.ndarray, scale: float) -> np.ndarray:
@@ -115,10 +149,11 @@ class FaceStage:
         `to_full` maps `rgb`'s pixels to the full image's (when it was decoded smaller).
         `turns`: also look for protected people in turned and inverted copies
         (turned_findings)."""
-        faces = detect_faces(self.detector, rgb, self.detect_size, self.min_face_px / to_full)
+        copies = _detection_copy(self, rgb, to_full)
+        faces = faces_in_copies(self.detector, copies)  # detect_faces, copies kept
         found = self.match(rgb, self.matchable(faces, to_full), to_full)
         if turns and not any(f.identity for f in found):
-            found += turned_findings(self, rgb, to_full)
+            found += turned_findings(self, rgb, to_full, copies)
         return found
 
     def matchable(self, faces: Sequence[Face], to_full: float = 1.0) -> List[Face]:
@@ -202,7 +237,8 @@ def _shrunk(rgb: np.ndarray, side: int) -> Tuple[np.ndarray, float]:
     return np.asarray(small), f
 
 
-def turned_findings(stage: "FaceStage", rgb: np.ndarray, to_full: float = 1.0
+def turned_findings(stage: "FaceStage", rgb: np.ndarray, to_full: float = 1.0,
+                    copies: Optional[List[Tuple[np.ndarray, float]]] = None
                     ) -> List[FaceFinding]:
     """Protected people in copies of `rgb` that undo what a picture may have been given to
     slip past matching: turned 90, 180 or 270 degrees, with inverted colours, or both (TURNS:
@@ -217,10 +253,13 @@ def turned_findings(stage: "FaceStage", rgb: np.ndarray, to_full: float = 1.0
     `to_full`); a tilted copy's finding gets the whole picture.
 
     A turned copy is not made at full size for its search: the picture is cut down to
-    detection size once and that copy turned (_detection_copy), and its faces are embedded
+    detection size once (and for a large picture once more, to the finer copy:
+    detection_copies) and those copies turned (_detection_copy), and its faces are embedded
     from a view of the picture turned (turned_view), instead of a full-size turn, copy and
     resize per turned copy: what that saves grows with the picture (bench/face_search.py;
-    the matches on its red-team probes are the same).
+    the matches on its red-team probes are the same). `copies`: those copies, when the
+    caller made them for the upright detection (FaceStage.findings), so they are not made
+    twice; they must be _detection_copy(stage, rgb, to_full)'s.
 
     The copies are searched side by side (in_order): the result is the one a search of one
     copy after the other gives, sooner, since the time goes to Pillow's filters and
@@ -228,7 +267,8 @@ def turned_findings(stage: "FaceStage", rgb: np.ndarray, to_full: float = 1.0
     more, up to SEARCH_WORKERS copies at once)."""
     small, f = _shrunk(rgb, PREPASS_SIZE)
     cleaned_base = _Once(lambda: _shrunk(rgb, CLEAN_SIZE))
-    detect_base = _Once(lambda: _detection_copy(stage, rgb, to_full))
+    detect_base = _Once(lambda: copies if copies is not None
+                        else _detection_copy(stage, rgb, to_full))
     with closing(in_order(lambda how: _copy_hits(stage, rgb, to_full, how, small, f,
                                                  cleaned_base, detect_base),
                           TURNS + CLEANED)) as results:
@@ -284,30 +324,24 @@ def turned_view(rgb: np.ndarray, how) -> np.ndarray:
 
 
 def _detection_copy(stage: "FaceStage", rgb: np.ndarray, to_full: float
-                    ) -> Optional[Tuple[np.ndarray, float]]:
-    """rgb cut down as detect_faces cuts it (scale, then Pillow's bilinear resize) and the
-    scale, made once for all turned copies: turning or inverting that copy is what
-    detect_faces would see of the turned copy at full size (a quarter turn and the resize
-    commute, but for the rounding of Pillow's two passes: +-1 in a few pixels), at a fraction
-    of the cost of turning and resizing the full picture for each. None when detect_faces
-    would not merely resize (no resize needed, or tiles: a large or long picture)."""
-    h, w = rgb.shape[:2]
-    scale = stage.detect_size / max(h, w)
-    if scale >= 1.0 or stage.min_face_px / to_full * scale < MIN_DETECTED:
-        return None
-    return cut_down(rgb, scale), scale
+                    ) -> List[Tuple[np.ndarray, float]]:
+    """rgb's detection_copies, as detect_faces makes them (Pillow's bilinear resize), made
+    once for all turned copies: turning or inverting them is what detect_faces would see of
+    the turned copy at full size (a quarter turn and the resize commute, but for the rounding
+    of Pillow's two passes: +-1 in a few pixels), at a fraction of the cost of turning and
+    resizing the full picture for each. A picture no larger than detection size is its own
+    copy (turned whole, as before)."""
+    return detection_copies(rgb, stage.detect_size, stage.min_face_px / to_full)
 
 
 def _turned_faces(stage: "FaceStage", rgb: np.ndarray, how, to_full: float,
                   detect_base: Optional["_Once"]) -> List[Face]:
     """detect_faces on turned(rgb, how), in that copy's pixels: from the shared cut-down
-    copy (_detection_copy) where there is one, else on the turned copy itself."""
-    made = detect_base() if detect_base is not None else None
-    if made is None:
+    copies (_detection_copy) when given, else on the turned copy itself."""
+    if detect_base is None:
         return detect_faces(stage.detector, turned(rgb, how), stage.detect_size,
                             stage.min_face_px / to_full)
-    small, scale = made
-    return [face.scaled(1.0 / scale) for face in stage.detector.detect(turned(small, how))]
+    return faces_in_copies(stage.detector, detect_base(), how)
 
 
 class _Once:

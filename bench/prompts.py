@@ -149,14 +149,18 @@ class _Silent:
     """The shipped classifier, scoring as usual but never reaching a threshold: check_prompt
     then decides by the lexicon alone and still reports the score."""
 
-    def __init__(self, inner):
-        self.inner, self.threshold = inner, 2.0
+    def __init__(self, inner, corroborate=None):
+        self.inner, self.threshold, self.corroborate = inner, 2.0, corroborate
+        self.cache = {}
 
     def threshold_for(self, text):
         return 2.0
 
     def score(self, texts):
-        return self.inner.score(texts)
+        missing = [t for t in texts if t not in self.cache]
+        if missing:
+            self.cache.update(zip(missing, self.inner.score(missing)))
+        return np.array([self.cache[t] for t in texts], np.float32)
 
 
 DELTAS = (-0.3, -0.2, -0.15, -0.1, -0.05, -0.02, 0.0, 0.02, 0.04, 0.06, 0.08)
@@ -164,16 +168,21 @@ DELTAS = (-0.3, -0.2, -0.15, -0.1, -0.05, -0.02, 0.0, 0.02, 0.04, 0.06, 0.08)
 
 def print_tradeoff() -> None:
     """The trade-off curve on the held-out rows of the trainable sources: every script's
-    threshold moved by the same delta, the lexicon's decision unchanged (a classifier hit
-    beside a minor term is not modelled here: it only adds blocks)."""
+    threshold, and the threshold that confirms a suggestive word, moved by the same delta, the
+    lexicon's decision unchanged (a classifier hit beside a minor term is not modelled here:
+    it only adds blocks)."""
     from consent_guard.prompts.check import check_prompt
     from consent_guard.prompts.classifier import PromptClassifier
     from consent_guard.prompts.lexicon import Lexicon
     from consent_guard.prompts.normalise import drop_safety_tags, normalise
     from consent_guard.verdict import Decision
 
+    from consent_guard.prompts.check import CORROBORATED
+
     real = PromptClassifier.load()
     silent, lexicon = _Silent(real), Lexicon.load()
+    confirm_all = _Silent(silent, corroborate=0.0)  # which prompts have a word to confirm
+    corroborate = 2.0 if real.corroborate is None else real.corroborate
     groups = {}
     for source in pd.TRAINABLE_SOURCES:
         for r in pd.textlabelled(source):
@@ -184,16 +193,20 @@ def print_tradeoff() -> None:
     print("\ntrade-off on held-out rows (all scripts' thresholds + delta; share not allowed)")
     print("  " + " " * 34 + "".join(f"{d:+7.2f}" for d in DELTAS))
     for name, texts in sorted(groups.items()):
-        lex, score, thr = [], [], []
+        lex, score, thr, word = [], [], [], []
         for t in texts:
             v = check_prompt(t, lexicon=lexicon, classifier=silent,
                              explicit_action=Decision.BLOCK, suggestive_action=Decision.ALLOW)
             lex.append(v.decision.value != "allow")
             score.append(float(v.scores.get("prompt_classifier", 0.0)))
             thr.append(real.threshold_for(drop_safety_tags(normalise(t)).text))
-        lex, score, thr = np.array(lex), np.array(score), np.array(thr)
+            w = check_prompt(t, lexicon=lexicon, classifier=confirm_all,
+                             explicit_action=Decision.BLOCK, suggestive_action=Decision.ALLOW)
+            word.append(any(r.label == CORROBORATED for r in w.reasons))
+        lex, score, thr, word = np.array(lex), np.array(score), np.array(thr), np.array(word)
         used = score > 0
-        rates = [np.mean(lex | (used & (score >= thr + d))) for d in DELTAS]
+        rates = [np.mean(lex | (used & (score >= thr + d))
+                         | (used & word & (score >= corroborate + d))) for d in DELTAS]
         print(f"  {name:34}" + "".join(f"{x:7.1%}" for x in rates) + f"   ({len(texts)})")
 
 

@@ -1,0 +1,41 @@
+"""Issue 16, round three: sex acts and bared parts written in ways the lists missed (a part
+named before "exposed", "sucking him off", penetration of a person, Spanish and Portuguese
+"sexual relations"), and the ordinary uses of the same words that must stay allowed. Text
+only; the lexicon alone (no classifier)."""
+from __future__ import annotations
+
+import pytest
+
+from consent_guard.prompts.check import check_prompt
+from consent_guard.prompts.lexicon import Lexicon
+from consent_guard.verdict import Decision
+
+
+def check(text):
+    return check_prompt(text, lexicon=Lexicon.load(), classifier=None,
+                        explicit_action=Decision.BLOCK, suggestive_action=Decision.ALLOW)
+
+
+@pytest.mark.parametrize("text", [
+    "a woman on the beach, her breasts are exposed",
+    "model with nipples fully exposed, photorealistic",
+    "a woman sucking a man off in a car",
+    "two men penetrating each other",
+    "tentacle penetration, anime style",
+    "una pareja teniendo relaciones sexuales en la cama",
+    "casal tendo relações sexuais no quarto",
+])
+def test_acts_and_bared_parts_are_explicit(text):
+    assert check(text).decision is Decision.BLOCK, text
+
+
+@pytest.mark.parametrize("text", [
+    "sunlight penetrating the morning fog over the lake",
+    "armor penetration chart for a strategy game",
+    "a penetrating gaze, oil portrait of an old sailor",
+    "sucking the venom off a snake bite, survival manual illustration",
+    "roots exposed on a riverbank after the flood",
+    "a breast cancer awareness poster with a pink ribbon",
+])
+def test_ordinary_uses_stay_allowed(text):
+    assert check(text).decision is Decision.ALLOW, text

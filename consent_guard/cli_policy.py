@@ -31,6 +31,7 @@ KEYS: Tuple[Tuple[str, str, str], ...] = (
     ("prompts", "sexual_suggestive", "prompt_suggestive"),
     ("prompts", "classifier", "prompt_classifier"),
     ("prompts", "classifier_threshold", "prompt_classifier_threshold"),
+    ("prompts", "confirm_words", "prompt_confirm_words"),
     ("faces", "backend", "face_backend"), ("faces", "insightface_pack", "insightface_pack"),
     ("faces", "min_face_px", "min_face_px"), ("faces", "detect_size", "detect_size"),
     ("faces.thresholds", "*", "face_thresholds"),

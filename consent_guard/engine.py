@@ -25,6 +25,12 @@ log = logging.getLogger("consent_guard")
 FILE_CHUNK = 8  # frames of one file checked together (check_file)
 
 
+def _prompt_settings(policy: Policy) -> tuple:
+    """What the loaded prompt checker depends on: two policies with the same share one."""
+    return (policy.prompt_classifier, policy.prompt_classifier_threshold,
+            policy.prompt_confirm_words)
+
+
 class Engine:
     """Checks images against a policy. Detectors are loaded on first use; if they cannot be,
     every check fails closed with the loader's message."""
@@ -62,7 +68,8 @@ class Engine:
                        insightface_dirs=self._insightface_dirs,
                        age_estimator=self._age_estimator)
         other.audit = self.audit
-        other._prompt_parts = self._prompt_parts
+        if _prompt_settings(policy) == _prompt_settings(self.policy):  # else loaded its own way
+            other._prompt_parts = self._prompt_parts
         return other
 
     def load(self) -> None:
@@ -291,6 +298,8 @@ class Engine:
                 classifier = PromptClassifier.load() if self.policy.prompt_classifier else None
                 if classifier is not None and self.policy.prompt_classifier_threshold:
                     classifier.threshold = self.policy.prompt_classifier_threshold
+                if classifier is not None and not self.policy.prompt_confirm_words:
+                    classifier.corroborate = None  # check.py: no word is confirmed
                 self._prompt_parts = (Lexicon.load(), classifier)
             return self._prompt_parts
 

@@ -33,6 +33,7 @@ _STRICTER: Dict[Tuple[str, str], Tuple[str, Callable]] = {
     ("prompts", "sexual_suggestive"): ("prompt_suggestive",
                                        lambda new, old: _rank(new) >= _rank(old)),
     ("prompts", "classifier"): ("prompt_classifier", lambda new, old: new or not old),
+    ("prompts", "confirm_words"): ("prompt_confirm_words", lambda new, old: new or not old),
     ("minors", "minor_unknown"): ("minor_unknown",
                                   lambda new, old: new == "block" or old != "block"),
     ("faces", "min_face_px"): ("min_face_px", lambda new, old: new <= old),

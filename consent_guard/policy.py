@@ -66,6 +66,7 @@ region_context = 3.0
 sexual_explicit = "block"
 sexual_suggestive = "allow"   # lingerie, "seductive", ...: allowed, and logged
 classifier = true             # the multilingual semantic layer on top of the word lists
+confirm_words = true          # a suggestive word the classifier confirms counts as explicit
 # classifier_threshold = 0.98 # default: the one stored with the trained weights
 
 [faces]
@@ -162,6 +163,7 @@ class Policy:
     prompt_suggestive: Decision = Decision.ALLOW
     prompt_classifier: bool = True
     prompt_classifier_threshold: Optional[float] = None  # None: the trained one
+    prompt_confirm_words: bool = True  # the classifier may confirm a suggestive word
     face_backend: str = "auto"
     insightface_pack: str = "auto"
     min_face_px: float = 32.0
@@ -333,11 +335,16 @@ def policy_from_dict(data: dict, where: str = "<policy>") -> Policy:
     models_t = r.table("models", ("device", "paths"))
     limits_t = r.table("limits", ("max_pixels",))
     prompts_t = r.table("prompts", ("sexual_explicit", "sexual_suggestive", "classifier",
-                                     "classifier_threshold"))
+                                     "classifier_threshold", "confirm_words"))
     use_classifier = prompts_t.get("classifier", True)
     if not isinstance(use_classifier, bool):
         r.problems.append(f"[prompts] classifier must be true or false, got {use_classifier!r}.")
         use_classifier = True
+    confirm_words = prompts_t.get("confirm_words", True)
+    if not isinstance(confirm_words, bool):
+        r.problems.append(f"[prompts] confirm_words must be true or false, got "
+                          f"{confirm_words!r}.")
+        confirm_words = True
     faces_t = r.table("faces", ("backend", "insightface_pack", "min_face_px", "detect_size",
                                 "thresholds"))
     ident_t = r.table("identities", ("registry", "key_file"))
@@ -401,6 +408,7 @@ def policy_from_dict(data: dict, where: str = "<policy>") -> Policy:
         prompt_suggestive=Decision(r.choice(prompts_t, "prompts", "sexual_suggestive", "allow",
                                             ("allow", "block"))),
         prompt_classifier=use_classifier,
+        prompt_confirm_words=confirm_words,
         prompt_classifier_threshold=(r.number(prompts_t, "prompts", "classifier_threshold",
                                               0.5, 0.01, 1.0)
                                      if "classifier_threshold" in prompts_t else None),

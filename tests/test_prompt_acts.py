@@ -1,7 +1,9 @@
 """Issue 16, round three: sex acts and bared parts written in ways the lists missed (a part
 named before "exposed", "sucking him off", penetration of a person, Spanish and Portuguese
-"sexual relations"), and the ordinary uses of the same words that must stay allowed. Text
-only; the lexicon alone (no classifier)."""
+"sexual relations"; "in the altogether", a dress that slipped off; a spaced-out word fused
+with its neighbour, "w o m a n n a k e d"; a child or teenager kissing in bed), and the
+ordinary uses of the same words that must stay allowed. Text only; the lexicon alone (no
+classifier)."""
 from __future__ import annotations
 
 import pytest
@@ -24,6 +26,11 @@ def check(text):
     "tentacle penetration, anime style",
     "una pareja teniendo relaciones sexuales en la cama",
     "casal tendo relações sexuais no quarto",
+    "a lady in the altogether posing for a painter",
+    "her dress slipped off completely, candid photo",
+    "photo of a w o m a n n a k e d",
+    "g i r l t o p l e s s on the beach",
+    "a teen girl kissing her boyfriend in bed",
 ])
 def test_acts_and_bared_parts_are_explicit(text):
     assert check(text).decision is Decision.BLOCK, text
@@ -36,6 +43,11 @@ def test_acts_and_bared_parts_are_explicit(text):
     "sucking the venom off a snake bite, survival manual illustration",
     "roots exposed on a riverbank after the flood",
     "a breast cancer awareness poster with a pink ribbon",
+    "an altogether different approach to landscape painting",
+    "her hat fell off in the wind, street photo",
+    "photo of the S N A K E D E N reptile house",
+    "E S S E X county map, vintage print",
+    "a couple kissing in bed, morning light",   # suggestive: allowed by default
 ])
 def test_ordinary_uses_stay_allowed(text):
     assert check(text).decision is Decision.ALLOW, text

@@ -207,9 +207,33 @@ def _join_segment(chars: List[str], sep: str) -> str:
     return joined
 
 
+#: words a spaced-out run may have fused with its neighbours ("w o m a n n a k e d" is one run:
+#: "womannaked"); ``alternates`` then holds the reading with the word apart ("woman naked").
+#: Four letters or more, so a spaced place name ("E S S E X") is not read as holding "sex".
+FUSED_WORDS = ("naked", "nudes", "nude", "nudity", "topless", "porno", "porn", "penis",
+               "vagina", "pussy", "nipples", "nipple", "hentai", "boobs", "breasts", "sexy",
+               "nsfw")
+
+
+def _fused(token: str) -> Optional[str]:
+    """``token`` (a joined spaced run) with a FUSED_WORDS word set apart, when it holds one
+    between other words: what is before and after it is empty or three letters or more
+    ("woman|naked", not "s|naked|en" in "snakeden"), and there is something; else None."""
+    for word in FUSED_WORDS:
+        at = token.find(word)
+        if at < 0 or len(token) == len(word):
+            continue
+        before, after = token[:at], token[at + len(word):]
+        if all(len(p) == 0 or len(p) >= 3 for p in (before, after)):
+            return " ".join(p for p in (before, word, after) if p)
+    return None
+
+
 def _join_split_word(match: "re.Match[str]", split_first: bool = False,
                      ambiguous: Optional[List[bool]] = None) -> str:
-    """Join one run of spaced single letters, cut where the separator changes (step 6)."""
+    """Join one run of spaced single letters, cut where the separator changes (step 6). A
+    joined run that holds one of FUSED_WORDS with other letters marks the text ambiguous
+    (``ambiguous``), so that ``alternates`` reads it with that word apart."""
     run = match.group(0)
     chars = _SEP_CHARS.split(run)
     seps = _SEP_CHARS.findall(run)
@@ -232,6 +256,8 @@ def _join_split_word(match: "re.Match[str]", split_first: bool = False,
     out = _join_segment(segments[0], usual)
     for g, seg in zip(glue, segments[1:]):
         out += g + _join_segment(seg, usual)
+    if ambiguous is not None and any(_fused(t) for t in out.split()):
+        ambiguous.append(True)
     return out
 
 
@@ -336,6 +362,9 @@ def _alternates(raw: str, text: str, ambiguous: bool) -> Tuple[str, ...]:
     out: List[str] = []
     if ambiguous:
         out.append(_core(raw, split_first=True))
+        apart = " ".join(_fused(t) or t for t in text.split(" "))
+        if apart != text:
+            out.append(apart)
     if "*" in raw and _MASKED.search(raw):
         for vowel in VOWELS:
             out.append(_core(_MASKED.sub(vowel, raw)))

@@ -9,7 +9,8 @@ Categories and what decides them:
                      sexual_explicit, default block). A block by the classifier alone says so
                      (its reason is labelled CLASSIFIER_ONLY and the rule names the score and
                      threshold): no explicit or confirmable word was found, a model judged the
-                     meaning, and it can be wrong. A confirmed suggestive word says so too (CORROBORATED).
+                     meaning, and it can be wrong. A confirmed suggestive word says so too
+                     (CORROBORATED).
   sexual_suggestive  a suggestive term only: policy action (default allow; it is logged)
   undress_request    "remove her clothes", "make him naked", ...: always block (with an input
                      photo, this is how real people are undressed)

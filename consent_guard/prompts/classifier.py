@@ -13,9 +13,10 @@ a woman in an interior", "a woman getting ready for work, buttoning her blazer")
 (a few KB) are committed beside this file. The file also carries ``corroborate``, a lower
 threshold at which the score confirms a suggestive word (check.py). The model may also carry
 weights for hashed character 3-5-grams (``ngram_features``, NGRAM_BUCKETS buckets; used when
-the file has ``w_ngram``): they were measured for issue 16 and are off in the shipped file (on held-out RTP-LX rows they caught 5
-points more explicit rows, but they learned word stems and blocked benign look-alikes in other
-languages: a dog's tail in German, a kiss in French, "finished" in Russian).
+the file has ``w_ngram``): they were measured for issue 16 and are off in the shipped file
+(on held-out RTP-LX rows they caught 5 points more explicit rows, but they learned word stems
+and blocked benign look-alikes in other languages: a dog's tail in German, a kiss in French,
+"finished" in Russian).
 
 Calibration per script: a prompt's threshold depends on the script it is written in (Latin,
 Cyrillic, Hangul, CJK, Thai, Arabic, Hebrew, Devanagari; ``script_of``), each chosen at

@@ -359,9 +359,10 @@ def main() -> int:
                 if USE_NGRAMS else ""),
             "inputs": "embedding + script one-hot (classifier.SCRIPT_ORDER)" if SCRIPT_INPUT
                       else "embedding",
-            "model": f"logistic regression + {HIDDEN} ReLU units, class-balanced, Adam "
-                     f"{STEPS} steps lr {HIDDEN_RATE if HIDDEN else LEARNING_RATE}, "
-                     f"L2 {L2:g} / n-grams {L2_NGRAM:g}, seed {SEED}",
+            "model": "logistic regression" + (f" + {HIDDEN} ReLU units" if HIDDEN else "")
+                     + f", class-balanced, Adam {STEPS} steps lr "
+                     f"{HIDDEN_RATE if HIDDEN else LEARNING_RATE}, L2 {L2:g} / n-grams "
+                     f"{L2_NGRAM:g}" + (f", seed {SEED}" if HIDDEN else ""),
             "data": {"positive": ["i2p E (x%d)" % FRAME_WEIGHT,
                                   "bench/classifier_data/explicit.txt (x%d)" % EXTRA_WEIGHT]
                      + [f"{s} explicit, minor_sexual" for s in pd.TRAINABLE_SOURCES],

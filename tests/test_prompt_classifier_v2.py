@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from consent_guard.prompts import classifier as clf
-from consent_guard.prompts.check import CLASSIFIER_ONLY, check_prompt
+from consent_guard.prompts.check import CLASSIFIER_ONLY
 from consent_guard.prompts.classifier import (NGRAM_BUCKETS, PromptClassifier, ngram_features,
                                               script_of)
-from consent_guard.prompts.lexicon import Lexicon
 from consent_guard.verdict import Decision
+from prompt_checks import check
 
 
 class ScriptStub:
@@ -27,10 +27,6 @@ class ScriptStub:
     def score(self, texts):
         return np.full(len(texts), 0.97, np.float32)
 
-
-def check(text, classifier):
-    return check_prompt(text, lexicon=Lexicon.load(), classifier=classifier,
-                        explicit_action=Decision.BLOCK, suggestive_action=Decision.ALLOW)
 
 
 @pytest.mark.parametrize("text,script", [

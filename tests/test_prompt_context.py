@@ -6,11 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from consent_guard.prompts.check import check_prompt
 from consent_guard.prompts.context import has_context, mask_topics
-from consent_guard.prompts.lexicon import Lexicon
 from consent_guard.prompts.normalise import normalise
 from consent_guard.verdict import Decision
+from prompt_checks import check
 
 
 class AlwaysFires:
@@ -21,10 +20,6 @@ class AlwaysFires:
     def score(self, texts):
         return np.full(len(texts), 0.99, np.float32)
 
-
-def check(text, classifier=None):
-    return check_prompt(text, lexicon=Lexicon.load(), classifier=classifier,
-                        explicit_action=Decision.BLOCK, suggestive_action=Decision.ALLOW)
 
 
 @pytest.mark.parametrize("text", [

@@ -5,19 +5,15 @@ from __future__ import annotations
 
 import pytest
 
-from consent_guard.prompts.check import check_prompt
 from consent_guard.prompts.lexicon import Lexicon
 from consent_guard.prompts.normalise import normalise
 from consent_guard.verdict import Decision
+from prompt_checks import check
 
 
 def categories(text):
     return {h.category for h in Lexicon.load().find(normalise(text))}
 
-
-def check(text):
-    return check_prompt(text, lexicon=Lexicon.load(), classifier=None,
-                        explicit_action=Decision.BLOCK, suggestive_action=Decision.ALLOW)
 
 
 @pytest.mark.parametrize("text", [

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import statistics
 import subprocess
 import sys
@@ -58,6 +59,20 @@ def stage_at(ref: str):
     return module
 
 
+def search(module, stage, rgb, to_full=1.0, copies=None, seen=()):
+    """`module`'s turned_findings, handed the upright faces (`seen`) when it takes them: the
+    code at an older ref does not."""
+    if "seen" in inspect.signature(module.turned_findings).parameters:
+        return module.turned_findings(stage, rgb, to_full, copies, seen=seen)
+    return module.turned_findings(stage, rgb, to_full)
+
+
+def upright_faces(stage, rgb) -> list:
+    """The faces the upright search embeds (FaceStage.findings), the search's `seen`."""
+    return stage.matchable(stage_now.detect_faces(stage.detector, rgb, stage.detect_size,
+                                                  stage.min_face_px))
+
+
 def identities(findings) -> list:
     return sorted(f.identity for f in findings if f.identity)
 
@@ -87,16 +102,15 @@ def red_team(shared: Path, before, step: int, side: int = 768) -> None:
             differs = []
             for i, probe in enumerate(probes):
                 rgb = transform(probe)
-                faces = stage.matchable(stage_now.detect_faces(
-                    stage.detector, rgb, stage.detect_size, stage.min_face_px))
+                faces = upright_faces(stage, rgb)
                 if identities(stage.match(rgb, faces)):
                     upright += 1
                     continue
                 t = time.perf_counter()
-                old = identities(before.turned_findings(stage, rgb))
+                old = identities(search(before, stage, rgb, seen=faces))
                 spent["before"] += time.perf_counter() - t
                 t = time.perf_counter()
-                new = identities(stage_now.turned_findings(stage, rgb))
+                new = identities(search(stage_now, stage, rgb, seen=faces))
                 spent["now"] += time.perf_counter() - t
                 caught_before += bool(old)
                 caught_now += bool(new)
@@ -119,7 +133,7 @@ def benign(shared: Path, before, rounds: int) -> None:
         engine = Engine(registry=reg)
         engine.load()
         now_search = engine_module.turned_findings
-        searches = {"before": lambda s, rgb, to_full=1.0: before.turned_findings(s, rgb, to_full),
+        searches = {"before": lambda *args, **kw: search(before, *args, **kw),
                     "now": now_search}
         times = {"before": [], "now": []}
         outcomes = {}
@@ -164,9 +178,7 @@ def by_size(shared: Path, before, rounds: int, sides=(800, 1024, 2048, 3072), n:
         for f in speed.face_files(shared):
             img = ImageOps.exif_transpose(Image.open(f)).convert("RGB")
             rgb = np.asarray(img)
-            faces = stage.matchable(stage_now.detect_faces(
-                stage.detector, rgb, stage.detect_size, stage.min_face_px))
-            if not identities(stage.match(rgb, faces)):
+            if not identities(stage.match(rgb, upright_faces(stage, rgb))):
                 picks.append(img)
             if len(picks) == n:
                 break
@@ -176,14 +188,14 @@ def by_size(shared: Path, before, rounds: int, sides=(800, 1024, 2048, 3072), n:
             images = [np.asarray(img.resize((round(img.width * side / max(img.size)),
                                              round(img.height * side / max(img.size))),
                                             Image.Resampling.BICUBIC)) for img in picks]
+            seen = [upright_faces(stage, rgb) for rgb in images]
             spent = {"before": [], "now": []}
             for r in range(rounds):
                 for name in (("before", "now") if r % 2 == 0 else ("now", "before")):
-                    search = before.turned_findings if name == "before" else \
-                        stage_now.turned_findings
+                    module = before if name == "before" else stage_now
                     t = time.perf_counter()
-                    for rgb in images:
-                        search(stage, rgb)
+                    for rgb, faces in zip(images, seen):
+                        search(module, stage, rgb, seen=faces)
                     spent[name].append(time.perf_counter() - t)
             b, now = statistics.median(spent["before"]), statistics.median(spent["now"])
             print(f"   {side} px: before {1000 * b / len(images):.0f} ms, now "
@@ -214,11 +226,12 @@ def work(stage, module, images) -> dict:
         done["Mpx resized"] += rgb.shape[0] * rgb.shape[1] / 1e6
         return cut_down(rgb, scale)
 
+    seen = [upright_faces(stage, rgb) for rgb in images]  # not counted: the upright search's
     stage.detector.detect, stage.embedder.embed = counted_detect, counted_embed
     module.cut_down = counted_cut_down
     try:
-        for rgb in images:
-            module.turned_findings(stage, rgb)
+        for rgb, faces in zip(images, seen):
+            search(module, stage, rgb, seen=faces)
     finally:
         del stage.detector.detect, stage.embedder.embed  # the class's methods again
         module.cut_down = cut_down

@@ -226,10 +226,11 @@ class Engine:
             faces = faces_in_copies(detector, copies)  # detect_faces, the copies kept
             estimates = self.age_estimator().estimate(rgb, faces) if age_check and faces \
                 else [None] * len(faces)
-            matched = {}
+            matched, embedded = {}, []
             if stage is not None:
                 big = [i for i, f in enumerate(faces) if f.size * to_full >= stage.min_face_px]
-                matched = dict(zip(big, stage.match(rgb, [faces[i] for i in big], to_full)))
+                embedded = [faces[i] for i in big]
+                matched = dict(zip(big, stage.match(rgb, embedded, to_full)))
             findings = []
             for i, (face, est) in enumerate(zip(faces, estimates)):
                 finding = matched.get(i)
@@ -245,7 +246,8 @@ class Engine:
                 if not any(f.identity for f in findings):  # turned or inverted copies
                     same = (size == stage.detect_size
                             and self.policy.min_face_px == stage.min_face_px)
-                    findings += turned_findings(stage, rgb, to_full, copies if same else None)
+                    findings += turned_findings(stage, rgb, to_full, copies if same else None,
+                                                seen=embedded)
                 verdict = apply_identity_rules(verdict, findings)
             return verdict
         except Exception as exc:  # fail closed

@@ -150,10 +150,10 @@ class FaceStage:
         `turns`: also look for protected people in turned and inverted copies
         (turned_findings)."""
         copies = _detection_copy(self, rgb, to_full)
-        faces = faces_in_copies(self.detector, copies)  # detect_faces, copies kept
-        found = self.match(rgb, self.matchable(faces, to_full), to_full)
+        faces = self.matchable(faces_in_copies(self.detector, copies), to_full)
+        found = self.match(rgb, faces, to_full)
         if turns and not any(f.identity for f in found):
-            found += turned_findings(self, rgb, to_full, copies)
+            found += turned_findings(self, rgb, to_full, copies, seen=faces)
         return found
 
     def matchable(self, faces: Sequence[Face], to_full: float = 1.0) -> List[Face]:
@@ -205,6 +205,7 @@ CLEAN_SIZE = 1024  # cleaned and tilted copies are made of a copy at most this l
 # the astronaut: 0.03-0.33 cosine as given, 0.73-0.92 cleaned or tilted back)
 CLEANED = ("median", "blur", "tilt+45", "tilt-45", "taller", "wider")
 STRETCH = {"taller": (1, 2), "wider": (2, 1)}  # a picture squashed by half, stretched back
+TILTS = {"tilt+45": 45.0, "tilt-45": -45.0}  # degrees, counter-clockwise (Pillow's rotate)
 SEARCH_WORKERS = 4  # copies searched at once, at most (search_workers)
 
 
@@ -222,8 +223,7 @@ def view_of(rgb: np.ndarray, how, scale: float = 1.0) -> np.ndarray:
         fx, fy = STRETCH[how]
         h, w = rgb.shape[:2]
         return np.asarray(img.resize((w * fx, h * fy), Image.Resampling.BILINEAR))
-    angle = 45 if how == "tilt+45" else -45
-    return np.asarray(img.rotate(angle, resample=Image.Resampling.BILINEAR, expand=True,
+    return np.asarray(img.rotate(TILTS[how], resample=Image.Resampling.BILINEAR, expand=True,
                                  fillcolor=(128, 128, 128)))
 
 
@@ -238,8 +238,8 @@ def _shrunk(rgb: np.ndarray, side: int) -> Tuple[np.ndarray, float]:
 
 
 def turned_findings(stage: "FaceStage", rgb: np.ndarray, to_full: float = 1.0,
-                    copies: Optional[List[Tuple[np.ndarray, float]]] = None
-                    ) -> List[FaceFinding]:
+                    copies: Optional[List[Tuple[np.ndarray, float]]] = None,
+                    seen: Sequence[Face] = ()) -> List[FaceFinding]:
     """Protected people in copies of `rgb` that undo what a picture may have been given to
     slip past matching: turned 90, 180 or 270 degrees, with inverted colours, or both (TURNS:
     what a chain of stock rotate and invert nodes turns back), and cleaned or tilted
@@ -264,13 +264,23 @@ def turned_findings(stage: "FaceStage", rgb: np.ndarray, to_full: float = 1.0,
     The copies are searched side by side (in_order): the result is the one a search of one
     copy after the other gives, sooner, since the time goes to Pillow's filters and
     onnxruntime, which release the GIL (measured on 2 busy cores: 0.83-0.88x; more cores gain
-    more, up to SEARCH_WORKERS copies at once)."""
+    more, up to SEARCH_WORKERS copies at once).
+
+    `seen`: the faces the upright search found in `rgb` (its pixels), embedded and matched to
+    nobody. A copy that only turns, tilts or stretches the picture (not one that inverts or
+    filters its pixels) does not embed a face it finds at the place and size of one of them
+    when the detector is less sure of it there (by DOMINANCE_MARGIN): that is the detector
+    misreading a face it already read better upright (dominated). On a benign photo most such
+    copies find only that misreading (bench/face_search.py part 3: 11.5 faces embedded a
+    searched photo before, 4.8 with this); when an attacker turned, tilted or squashed the
+    face, the copy that undoes it reads the face better than the upright search does, so it is
+    still embedded (the same bench's red team: no match lost on any of its transforms)."""
     small, f = _shrunk(rgb, PREPASS_SIZE)
     cleaned_base = _Once(lambda: _shrunk(rgb, CLEAN_SIZE))
     detect_base = _Once(lambda: copies if copies is not None
                         else _detection_copy(stage, rgb, to_full))
     with closing(in_order(lambda how: _copy_hits(stage, rgb, to_full, how, small, f,
-                                                 cleaned_base, detect_base),
+                                                 cleaned_base, detect_base, seen),
                           TURNS + CLEANED)) as results:
         for hits in results:
             if hits:
@@ -279,10 +289,12 @@ def turned_findings(stage: "FaceStage", rgb: np.ndarray, to_full: float = 1.0,
 
 
 def _copy_hits(stage: "FaceStage", rgb: np.ndarray, to_full: float, how, small: np.ndarray,
-               f: float, cleaned_base: "_Once", detect_base: Optional["_Once"] = None
-               ) -> List[FaceFinding]:
+               f: float, cleaned_base: "_Once", detect_base: Optional["_Once"] = None,
+               seen: Sequence[Face] = ()) -> List[FaceFinding]:
     """turned_findings for one copy (`how`): the findings in it that match someone.
-    `detect_base`: rgb cut down to detection size once (_detection_copy), for turned copies."""
+    `detect_base`: rgb cut down to detection size once (_detection_copy), for turned copies.
+    `seen`: the upright search's faces (turned_findings): the ones they dominate are not
+    embedded."""
     if not stage.detector.detect(np.ascontiguousarray(view_of(small, how, f))):
         return []
     h, w = rgb.shape[:2]
@@ -295,6 +307,10 @@ def _copy_hits(stage: "FaceStage", rgb: np.ndarray, to_full: float, how, small: 
         faces = detect_faces(stage.detector, copy, stage.detect_size,
                              stage.min_face_px / scale)
     faces = stage.matchable(faces, scale)
+    if seen and _geometric(how):
+        base_shape = cleaned_base()[0].shape[:2] if how in TILTS else None
+        faces = [face for face in faces if not _dominated(face, in_picture(
+            face, how, w, h, copy.shape[:2], base_shape, to_full / scale), seen)]
     hits: List[FaceFinding] = []
     for face, finding in zip(faces, stage.match(copy, faces, scale)):
         if not finding.identity:
@@ -312,6 +328,59 @@ def _copy_hits(stage: "FaceStage", rgb: np.ndarray, to_full: float, how, small: 
         hits.append(dataclasses.replace(
             finding, box=tuple(int(round(v * to_full)) for v in box)))
     return hits
+
+
+DOMINANCE_MARGIN = 0.02  # how much less sure of a face the detector must be in a copy
+
+
+def _geometric(how) -> bool:
+    """A copy that moves the picture's pixels without changing them (turned, tilted,
+    stretched), as opposed to one that inverts or filters them."""
+    return (isinstance(how, tuple) and not how[1]) or how in TILTS or how in STRETCH
+
+
+def in_picture(face: Face, how, width: int, height: int, copy_shape: Tuple[int, int],
+               base_shape: Optional[Tuple[int, int]], g: float) -> Tuple[float, float, float]:
+    """(centre x, centre y, size) in the picture's pixels (width x height) of a face found in
+    copy `how` (its pixels: copy_shape). `g`: the copy's pixels per picture pixel (1 for a
+    turned copy, which is made at full size; the cleaned base's scale for the others);
+    `base_shape`: the cleaned base a tilted copy was turned from (PIL's rotate with expand,
+    about the centre)."""
+    x, y, w, h = face.box
+    cx, cy, size = x + w / 2, y + h / 2, min(w, h)
+    if isinstance(how, tuple):
+        k = how[0]
+        cx, cy = {1: (width - cy, cx), 2: (width - cx, height - cy),
+                  3: (cy, height - cx)}.get(k, (cx, cy))
+        return cx, cy, size
+    if how in STRETCH:
+        fx, fy = STRETCH[how]
+        return cx / fx / g, cy / fy / g, min(w / fx, h / fy) / g
+    if how in TILTS:
+        t = np.radians(TILTS[how])
+        dx, dy = cx - copy_shape[1] / 2, cy - copy_shape[0] / 2
+        bx = np.cos(t) * dx - np.sin(t) * dy + base_shape[1] / 2
+        by = np.sin(t) * dx + np.cos(t) * dy + base_shape[0] / 2
+        return float(bx) / g, float(by) / g, size / g
+    return cx / g, cy / g, size / g
+
+
+def _dominated(face: Face, where: Tuple[float, float, float], seen: Sequence[Face]) -> bool:
+    """Whether one of `seen` (the upright search's faces, embedded, matched to nobody) is at
+    `where` (the face's centre and size in the picture: within a quarter of its size, the
+    sizes within 1.5x of each other) with a detection score above the face's by
+    DOMINANCE_MARGIN: the same face, read worse."""
+    cx, cy, size = where
+    for other in seen:
+        ox, oy, ow, oh = other.box
+        osize = other.size
+        if osize <= 0 or not (1 / 1.5 <= size / osize <= 1.5):
+            continue
+        if np.hypot(cx - (ox + ow / 2), cy - (oy + oh / 2)) > 0.25 * osize:
+            continue
+        if face.score < other.score - DOMINANCE_MARGIN:
+            return True
+    return False
 
 
 def turned_view(rgb: np.ndarray, how) -> np.ndarray:

@@ -200,3 +200,35 @@ def test_the_engine_hands_the_upright_faces_to_the_search(registry):
     assert faces.embedded and sum(u < 0.9 for u in faces.embedded) == 0
     upside_down = np.ascontiguousarray(np.rot90(picture(ALICE), 2))
     assert engine.check_image(upside_down).decision is Decision.BLOCK
+
+
+def test_a_turned_or_tilted_copy_whose_cheap_pass_finds_only_the_misread_is_not_searched():
+    """The cheap pass (PREPASS_SIZE) of a geometric copy that finds only faces the upright
+    cheap pass read better ends that copy's search: no full-size detection of it."""
+    faces = DiskFaces()
+    stage = stage_for(faces)
+    rgb = picture(STRANGER, size=(480, 640))
+    shapes = []
+    detect = faces.detect
+
+    def counted(img):
+        shapes.append(img.shape[:2])
+        return detect(img)
+
+    faces.detect = counted
+    seen = upright(stage, rgb)
+    turned_full, tilted_full = (640, 480), (640, 640)  # a turned copy; a tilted one, cut down
+    for given, searched in (((), True), (seen, False)):
+        shapes.clear()
+        assert turned_findings(stage, rgb, seen=given) == []
+        assert (turned_full in shapes) is searched and (tilted_full in shapes) is searched
+    assert (480, 640) in shapes  # the copies that filter the picture are still searched
+
+
+def test_a_face_turned_by_an_attacker_is_searched_past_the_cheap_pass():
+    faces = DiskFaces()
+    stage = stage_for(faces)
+    rgb = np.ascontiguousarray(np.rot90(picture(ALICE, size=(480, 640)), 1))
+    seen = upright(stage, rgb)
+    assert seen and not any(m.identity for m in stage.match(rgb, seen))
+    assert [h.identity for h in turned_findings(stage, rgb, seen=seen)] == [f"person {ALICE}"]

@@ -270,7 +270,9 @@ def turned_findings(stage: "FaceStage", rgb: np.ndarray, to_full: float = 1.0,
     nobody. A copy that only turns, tilts or stretches the picture (not one that inverts or
     filters its pixels) does not embed a face it finds at the place and size of one of them
     when the detector is less sure of it there (by DOMINANCE_MARGIN): that is the detector
-    misreading a face it already read better upright (dominated). On a benign photo most such
+    misreading a face it already read better upright (dominated); when its cheap pass finds
+    only faces that the picture's own cheap pass read better, it is not searched at full size
+    either (the two passes compared at the same scale). On a benign photo most such
     copies find only that misreading (bench/face_search.py part 3: 11.5 faces embedded a
     searched photo before, 4.8 with this); when an attacker turned, tilted or squashed the
     face, the copy that undoes it reads the face better than the upright search does, so it is
@@ -279,8 +281,9 @@ def turned_findings(stage: "FaceStage", rgb: np.ndarray, to_full: float = 1.0,
     cleaned_base = _Once(lambda: _shrunk(rgb, CLEAN_SIZE))
     detect_base = _Once(lambda: copies if copies is not None
                         else _detection_copy(stage, rgb, to_full))
+    small_seen = _Once(lambda: _small_seen(stage, small, f, seen))
     with closing(in_order(lambda how: _copy_hits(stage, rgb, to_full, how, small, f,
-                                                 cleaned_base, detect_base, seen),
+                                                 cleaned_base, detect_base, seen, small_seen),
                           TURNS + CLEANED)) as results:
         for hits in results:
             if hits:
@@ -290,13 +293,23 @@ def turned_findings(stage: "FaceStage", rgb: np.ndarray, to_full: float = 1.0,
 
 def _copy_hits(stage: "FaceStage", rgb: np.ndarray, to_full: float, how, small: np.ndarray,
                f: float, cleaned_base: "_Once", detect_base: Optional["_Once"] = None,
-               seen: Sequence[Face] = ()) -> List[FaceFinding]:
+               seen: Sequence[Face] = (), small_seen: Optional["_Once"] = None
+               ) -> List[FaceFinding]:
     """turned_findings for one copy (`how`): the findings in it that match someone.
     `detect_base`: rgb cut down to detection size once (_detection_copy), for turned copies.
     `seen`: the upright search's faces (turned_findings): the ones they dominate are not
-    embedded."""
-    if not stage.detector.detect(np.ascontiguousarray(view_of(small, how, f))):
+    embedded. `small_seen`: those faces as the cheap pass finds them upright (_small_seen): a
+    geometric copy whose cheap pass finds only faces they dominate is not searched further."""
+    prepass = np.ascontiguousarray(view_of(small, how, f))
+    cheap = stage.detector.detect(prepass)
+    if not cheap:
         return []
+    if seen and small_seen is not None and _geometric(how):
+        sh, sw = small.shape[:2]
+        if all(_dominated(face, in_picture(face, how, sw, sh, prepass.shape[:2],
+                                           small.shape[:2], 1.0), small_seen())
+               for face in cheap):
+            return []
     h, w = rgb.shape[:2]
     if isinstance(how, tuple):
         copy, scale = turned_view(rgb, how), to_full
@@ -331,6 +344,21 @@ def _copy_hits(stage: "FaceStage", rgb: np.ndarray, to_full: float, how, small: 
 
 
 DOMINANCE_MARGIN = 0.02  # how much less sure of a face the detector must be in a copy
+
+
+def _small_seen(stage: "FaceStage", small: np.ndarray, f: float, seen: Sequence[Face]
+                ) -> List[Face]:
+    """The faces the cheap pass finds in `small` (the picture cut down by `f`) upright that
+    are one of `seen` (the upright search's faces, in the picture's pixels): the cheap passes
+    of the geometric copies are compared with these, at the same scale."""
+    if not seen:
+        return []
+    out = []
+    for face in stage.detector.detect(np.ascontiguousarray(small)):
+        x, y, w, h = (v / f for v in face.box)
+        if any(_same_place((x + w / 2, y + h / 2, min(w, h)), other) for other in seen):
+            out.append(face)
+    return out
 
 
 def _geometric(how) -> bool:
@@ -370,17 +398,19 @@ def _dominated(face: Face, where: Tuple[float, float, float], seen: Sequence[Fac
     `where` (the face's centre and size in the picture: within a quarter of its size, the
     sizes within 1.5x of each other) with a detection score above the face's by
     DOMINANCE_MARGIN: the same face, read worse."""
+    return any(_same_place(where, other) and face.score < other.score - DOMINANCE_MARGIN
+               for other in seen)
+
+
+def _same_place(where: Tuple[float, float, float], other: Face) -> bool:
+    """Whether a face at `where` (centre x, centre y, size) is `other`: centres within a
+    quarter of its size, sizes within 1.5x of each other."""
     cx, cy, size = where
-    for other in seen:
-        ox, oy, ow, oh = other.box
-        osize = other.size
-        if osize <= 0 or not (1 / 1.5 <= size / osize <= 1.5):
-            continue
-        if np.hypot(cx - (ox + ow / 2), cy - (oy + oh / 2)) > 0.25 * osize:
-            continue
-        if face.score < other.score - DOMINANCE_MARGIN:
-            return True
-    return False
+    ox, oy, ow, oh = other.box
+    osize = other.size
+    if osize <= 0 or not (1 / 1.5 <= size / osize <= 1.5):
+        return False
+    return bool(np.hypot(cx - (ox + ow / 2), cy - (oy + oh / 2)) <= 0.25 * osize)
 
 
 def turned_view(rgb: np.ndarray, how) -> np.ndarray:

@@ -277,7 +277,7 @@ def stage_times(engine: Engine, files: Sequence[Path]) -> None:
         add("faces: match", t)
         if not any(matches):
             with counting(stage) as runs:
-                _, t = timed(turned_findings, stage, frame, to_full)
+                _, t = timed(lambda: turned_findings(stage, frame, to_full, seen=big))
             add("faces: turned/cleaned copies", t)
             searched += 1
             for key, value in runs.items():

@@ -19,7 +19,9 @@ block, and because "educational" is the first word someone adds to get past a fi
    ("sexual abuse", "sexting", "child pornography") only with prevention framing around it
    ("preventing ...", "... awareness", "what ... is"), so "sex education class, a nude teenager" still blocks as minor_sexual;
 3. a word that asks for the act to be shown (``DEPICT``: explicit, graphic, details,
-   arousal, ...) cancels the exception;
+   arousal, ...) cancels the exception; "explicit" naming media ("explicit content",
+   "explicit photos") is the subject, not a request, and is set aside only as a topic phrase
+   (what is blocked, shared or reported: "how to block explicit content");
 4. the prompt is then read again by the lexicon with those phrases masked; any sexual term
    left decides as usual. The classifier still reads the whole prompt: a classifier hit with
    a minor term is minor_sexual, whatever the context.
@@ -56,7 +58,10 @@ _TOPIC = (r"(?:objectification|stereotypes?|orientation|consent|health|wellness|
 _HARM = (r"(?:(?:child |children s )?sex(?:ual)? (?:assault|abuse|exploitation|harassment|"
          r"violence|misconduct|predators?|predation|grooming|trafficking|offen[cs]es?|"
          r"offenders?)|sexting|child pornography|child sexual abuse material|csam|pornography "
-         r"involving (?:minors|children))")
+         r"involving (?:minors|children)|"
+         # (the word lists call these sexual too: issue 16, round four)
+         r"inappropriate(?:ly)? touch(?:ing|ed)?|(?:online |child )?grooming|(?:being )?groomed"
+         r"(?: by (?:an? |the )?[a-z]+)?|sexually (?:abused|assaulted|exploited|harassed))")
 _BEFORE_HARM = (r"(?:prevent[a-z]*|stop[a-z]*|report[a-z]*|recogni[sz][a-z]*|spot[a-z]*|"
                 r"identify[a-z]*|combat[a-z]*|fight[a-z]*|end|ending|awareness of|"
                 r"definition of|defin[a-z]*|explain[a-z]* what|what constitutes|"
@@ -67,8 +72,15 @@ _AFTER_HARM = (r" (?:prevention|awareness|education|survivors?|support|hotlines?
                r"reporting|campaigns?|workshops?|seminars?|programs?|programmes?|"
                r"polic(?:y|ies)|laws?|statistics|resources|is)")
 _PORN = (r"(?:online |internet |easily accessible )?(?:pornography|pornographic "
-         r"(?:content|material|media|websites?)|x rated (?:material|content)|sexually "
-         r"explicit (?:content|material))")
+         r"(?:content|material|media|websites?)|x rated (?:material|content)|(?:sexually )?"
+         r"explicit (?:content|material|photos|images|pictures|messages)|adult content)")
+_MEDIA = r"(?:content|material|photos|images|pictures|messages)"
+# what is done to such media in a protection prompt: blocked, filtered, shared, reported ...
+_PORN_ACTS = (r"(?:block[a-z]*|filter[a-z]*|report[a-z]*|shar[a-z]*|send[a-z]*|sent|"
+              r"receiv[a-z]*|circulat[a-z]*|distribut[a-z]*|spread[a-z]*|post[a-z]*|"
+              r"forward[a-z]*|access[a-z]*|avoid[a-z]*|restrict[a-z]*|flag[a-z]*|"
+              r"moderat[a-z]*|detect[a-z]*|recogni[sz][a-z]*|about|regarding|against)"
+              r"(?: [a-z]+){0,2} ")
 #: phrases that name a sexual subject and are set aside in an education / protection context
 TOPIC_PATTERNS = [re.compile(r"(?<![a-z])(?:" + p + r")(?![a-z])") for p in (
     r"(?:sex|sexual|sexuality|sexual and reproductive) (?:education|ed|health|wellness)",
@@ -86,12 +98,16 @@ TOPIC_PATTERNS = [re.compile(r"(?<![a-z])(?:" + p + r")(?![a-z])") for p in (
     r"influence|impact|effects?|on)",
     r"(?:between|versus|vs|contrasted with|compared with|compared to) " + _PORN,
     _PORN + r" (?:and|versus|vs) (?:real|realistic|healthy)",
+    # explicit media as what is blocked, shared or reported ("how to block explicit content",
+    # "the consequences of sharing explicit photos")
+    _PORN_ACTS + _PORN,
 )]
 
 
 #: words that ask for the act itself to be shown: with any of them there is no exception
 #: ("a minor reporting an assault, showing explicit details of it")
-DEPICT = re.compile(r"(?<![a-z])(?:explicit|graphic|graphically|detailed|details|arous[a-z]*|"
+DEPICT = re.compile(r"(?<![a-z])(?:explicit(?! " + _MEDIA + r")|graphic|graphically|detailed|"
+                    r"details|arous[a-z]*|"
                     r"sensual[a-z]*|physical sensations|uncensored|in the act|close up|"
                     r"closeup)(?![a-z])")
 

@@ -2,7 +2,9 @@
 
 Every step undoes a way of writing the same word differently, in this order:
 
-1. zero-width and bidi control characters are deleted; Unicode NFKC (full-width, circled,
+1. HTML character references are decoded ("n&#224;ked" is "nàked", "man&#39;s" is "man's":
+   prompts copied from web pages and scraped sets carry them, and they cut a word in two);
+   zero-width and bidi control characters are deleted; Unicode NFKC (full-width, circled,
    mathematical and other compatibility letters become plain ones);
 2. prompt syntax: ``<lora:name:0.8>``, ``<lyco:..>``, ``<hypernet:..>`` and ComfyUI's
    ``embedding:name`` become the name's words (camelCase, ``_``, ``-`` and paths split), and
@@ -28,7 +30,10 @@ Every step undoes a way of writing the same word differently, in this order:
    "a nude"). A run that starts with "a" or "i" may start with that word ("a n u d e woman"):
    the text keeps the joined reading ("anude") and ``alternates`` holds the one with the word
    apart ("a nude woman"). A letter hidden by an asterisk inside a word ("n*ked", "f*cking")
-   is read as each vowel in turn, in ``alternates`` as well;
+   is read as each vowel in turn, in ``alternates`` as well. A few words that are never
+   part of an ordinary word (``FUSED_TOKEN_WORDS``: naked, nsfw, hentai, ...) are also read
+   apart when glued to other letters in an ordinary word, as token-soup prompts write them
+   ("bairnaked", "nakedance", "sensunsfw"), in ``alternates`` too;
 7. leetspeak in words that mix letters and 4 3 1 0 5 7 @ $ ! (a e i o s t a s i): "p0rn",
    "s3x", "pu$$y", "n!pple". Numbers ("1920"), numbers with a unit or suffix ("4k", "8k",
    "3d", "35mm", "1080p", "1990s") are left alone, and Danbooru count tags are split:
@@ -47,6 +52,7 @@ Lexicon entries go through the same function (``normalise_term``), so both sides
 """
 from __future__ import annotations
 
+import html
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -215,16 +221,29 @@ FUSED_WORDS = ("naked", "nudes", "nude", "nudity", "topless", "porno", "porn", "
                "nsfw")
 
 
-def _fused(token: str) -> Optional[str]:
+#: words read apart when glued to other letters in an ordinary word (not only in a spaced
+#: run): token-soup prompts fuse them with junk ("bairnaked", "nakedance", "sensunsfw"). Only
+#: words that no ordinary word of the supported languages contains with three letters or more
+#: on a side: "nude" is in German "Nudel", "porn" in "Ansporn", "penis" in Indonesian
+#: "penistaan", "pussy" in "pussycat", "breasts" in "breaststroke", so those are not here.
+FUSED_TOKEN_WORDS = ("naked", "nudity", "topless", "hentai", "nsfw")
+_FUSED_TOKEN = re.compile("|".join(FUSED_TOKEN_WORDS))
+
+
+def _fused(token: str, words: Tuple[str, ...] = FUSED_WORDS,
+           least_before: int = 3) -> Optional[str]:
     """``token`` (a joined spaced run) with a FUSED_WORDS word set apart, when it holds one
     between other words: what is before and after it is empty or three letters or more
-    ("woman|naked", not "s|naked|en" in "snakeden"), and there is something; else None."""
-    for word in FUSED_WORDS:
+    ("woman|naked", not "s|naked|en" in "snakeden"), and there is something; else None.
+    ``least_before``: the fewest letters before it (two for FUSED_TOKEN_WORDS: "jw|naked";
+    one would read "s|naked" in "snaked")."""
+    for word in words:
         at = token.find(word)
         if at < 0 or len(token) == len(word):
             continue
         before, after = token[:at], token[at + len(word):]
-        if all(len(p) == 0 or len(p) >= 3 for p in (before, after)):
+        if (len(before) == 0 or len(before) >= least_before) and \
+                (len(after) == 0 or len(after) >= 3):
             return " ".join(p for p in (before, word, after) if p)
     return None
 
@@ -327,6 +346,8 @@ def normalise(text: str) -> NormalisedPrompt:
     """Normalise a prompt for matching (see the module docstring for every step)."""
     if not text:
         return NormalisedPrompt("", ())
+    if "&" in text:
+        text = html.unescape(text)
     s = text.translate(_DELETE_INVISIBLE)
     if not s.isascii():
         s = unicodedata.normalize("NFKC", s)
@@ -358,7 +379,8 @@ VOWELS = "aeiou"
 
 def _alternates(raw: str, text: str, ambiguous: bool) -> Tuple[str, ...]:
     """Other readings of the prompt (step 6): the spaced run with its one-letter word apart,
-    and each vowel in place of the asterisks inside words ("n*ked" -> "naked" ...)."""
+    each vowel in place of the asterisks inside words ("n*ked" -> "naked" ...), and a
+    FUSED_TOKEN_WORDS word glued to other letters set apart ("bairnaked" -> "bair naked")."""
     out: List[str] = []
     if ambiguous:
         out.append(_core(raw, split_first=True))
@@ -368,6 +390,10 @@ def _alternates(raw: str, text: str, ambiguous: bool) -> Tuple[str, ...]:
     if "*" in raw and _MASKED.search(raw):
         for vowel in VOWELS:
             out.append(_core(_MASKED.sub(vowel, raw)))
+    if _FUSED_TOKEN.search(text):
+        apart = " ".join(_fused(t, FUSED_TOKEN_WORDS, 2) or t for t in text.split(" "))
+        if apart != text:
+            out.append(apart)
     return tuple(dict.fromkeys(a for a in out if a and a != text))
 
 

@@ -13,8 +13,9 @@ from PIL import Image
 from consent_guard import Engine, Policy
 from consent_guard.faces.backends import FaceBackend
 from consent_guard.faces.base import Face
-from consent_guard.faces.stage import (DOMINANCE_MARGIN, STRETCH, TILTS, TURNS, FaceStage,
-                                       _dominated, in_picture, turned_findings, view_of)
+from consent_guard.faces.stage import (DOMINANCE_MARGIN, PREPASS_SIZE, STRETCH, TILTS, TURNS,
+                                       FaceStage, _dominated, in_picture, prepass_side,
+                                       turned_findings, view_of)
 from consent_guard.faces.matching import Gallery
 from consent_guard.registry import Consent, Registry
 from consent_guard.verdict import Decision
@@ -50,7 +51,7 @@ class DiskFaces:
             rgb = rgb[y0:max(y0, y + h), x0:max(x0, x + w)]
         red = (rgb[..., 0] > 160) & (rgb[..., 1] < 100)
         green = (rgb[..., 1] > 160) & (rgb[..., 0] < 100)
-        if red.sum() < 1000:  # the disk, not an inverted copy's dot
+        if red.sum() < 300:  # the disk (20 px and up), not an inverted copy's dot
             return None
         ys, xs = np.nonzero(red | green)
         cx, cy = xs.mean(), ys.mean()
@@ -87,10 +88,11 @@ def picture(blue: int, size=(240, 320)) -> np.ndarray:
     """A grey picture with one upright disk face of 80 px (the dot on top)."""
     h, w = size
     rgb = np.full((h, w, 3), 128, np.uint8)
-    ys, xs = np.mgrid[0:h, 0:w]
     cy, cx = h // 2, w // 2 + 20
-    rgb[(ys - cy) ** 2 + (xs - cx) ** 2 <= 40 ** 2] = (230, 20, blue)
-    rgb[(ys - (cy - 26)) ** 2 + (xs - cx) ** 2 <= 7 ** 2] = (20, 230, blue)
+    ys, xs = np.mgrid[cy - 50:cy + 50, cx - 50:cx + 50]
+    patch = rgb[cy - 50:cy + 50, cx - 50:cx + 50]
+    patch[(ys - cy) ** 2 + (xs - cx) ** 2 <= 40 ** 2] = (230, 20, blue)
+    patch[(ys - (cy - 26)) ** 2 + (xs - cx) ** 2 <= 7 ** 2] = (20, 230, blue)
     return rgb
 
 
@@ -229,6 +231,25 @@ def test_a_face_turned_by_an_attacker_is_searched_past_the_cheap_pass():
     faces = DiskFaces()
     stage = stage_for(faces)
     rgb = np.ascontiguousarray(np.rot90(picture(ALICE, size=(480, 640)), 1))
+    seen = upright(stage, rgb)
+    assert seen and not any(m.identity for m in stage.match(rgb, seen))
+    assert [h.identity for h in turned_findings(stage, rgb, seen=seen)] == [f"person {ALICE}"]
+
+
+def test_the_cheap_pass_of_a_large_picture_keeps_a_face_of_the_smallest_matched_size():
+    assert prepass_side(np.zeros((768, 1024, 3), np.uint8), 32) == PREPASS_SIZE
+    assert prepass_side(np.zeros((200, 300, 3), np.uint8), 32) == PREPASS_SIZE
+    side = prepass_side(np.zeros((1600, 3200, 3), np.uint8), 32)
+    assert side == 1000  # a 32 px face is MIN_DETECTED px there
+    assert prepass_side(np.zeros((100, 5000, 3), np.uint8), 4) == 5000  # never larger
+
+
+def test_a_small_face_turned_in_a_large_picture_is_found():
+    """An 80 px face in a 3000 px picture is 8.5 px at 320 px, below what the detector finds:
+    the cheap pass of every turned copy missed it, so none was searched."""
+    faces = DiskFaces()
+    stage = stage_for(faces)
+    rgb = np.ascontiguousarray(np.rot90(picture(ALICE, size=(3000, 3000)), 1))
     seen = upright(stage, rgb)
     assert seen and not any(m.identity for m in stage.match(rgb, seen))
     assert [h.identity for h in turned_findings(stage, rgb, seen=seen)] == [f"person {ALICE}"]

@@ -1,25 +1,28 @@
 """Loading the identity registry for matching: the sealed matrix against row by row (issue 17).
 
     python bench/registry.py [--count 100000] [--per-person 10] [--dims 128,512] [--rounds 5]
-                             [--baseline-src DIR] [--ids sequential|random]
+                             [--warm 3] [--baseline-src DIR] [--ids sequential|random]
 
 For each dim, builds a registry of --count random unit embeddings (--per-person per identity)
 in a temporary folder, through the product's own bulk path (an export file, then `identity
 import`), and a copy of it as an older version leaves it (no matrix table: the same rows).
 Then times what the matcher does when it starts or reloads (`open_for_matching`, the
-identities, the model's embeddings):
-  - cold: a new Python process per load (import time printed apart), rounds interleaved;
-  - warm: in this process, interleaved rounds;
+identities, the model's embeddings), each round in a new Python process per variant, rounds
+interleaved:
+  - cold: the first load in that process (import time printed apart);
+  - warm: the median of --warm more loads in the same process (a reload);
 for "matrix" (this version, registry with the matrix) and "rows" (this version, the old-format
 copy: the fallback, row by row). With --baseline-src (a folder holding another version's
 consent_guard/, e.g. `git archive HEAD consent_guard | tar -x -C DIR` before a change) the
-cold rounds also time that version on the same registry built by it ("baseline matrix": its
+rounds also time that version on the same registry built by it ("baseline matrix": its
 own file layout and sealed copies) and on an old-format copy of that ("baseline rows").
 Prints median seconds, the ratios, whether every variant loaded the identical matrix (sha256
 of vectors, owners, ids and scopes), what one enrolment costs now that every write updates
 the copies (this version, and the baseline's when given; each in a new process, on a fresh
 copy of the registry that version built), and where a warm load of this version spends its
-time (the digests of the rows, the identity list, the matrix). Identity ids are sequential by
+time, each part alone (the digests of the rows, row by row and as the load's thread takes it
+in blocks, the identity list, the matrix), against the load itself, whose thread runs the
+rows' digest beside the rest. Identity ids are sequential by
 default (as in earlier runs, so figures compare); `--ids random` makes them as enrolment does
 (random hex), so that reading the rows in identity order (the digest of versions before
 registry_matrix.ROWS_SQL, the row-by-row fallback) visits the file's pages out of order.
@@ -133,13 +136,17 @@ def stages(home: Path, rounds: int) -> dict:
     from consent_guard.policy import Policy
     from consent_guard.registry import open_for_matching
 
-    times: dict = {"rows digest": [], "identity digest": [], "identity list": [],
-                   "matrix": []}
+    from consent_guard.registry_matrix import rows_digest_by_blocks
+
+    times: dict = {"rows digest": [], "rows digest in blocks": [], "identity digest": [],
+                   "identity list": [], "matrix": []}
     reg = open_for_matching(Policy(), home)
     try:
         model = reg.model_ids()[0]
         for _ in range(rounds):
             for name, part in (("rows digest", lambda: reg._rows_digest(model)),
+                               ("rows digest in blocks",
+                                lambda: rows_digest_by_blocks(reg._db, model)),
                                ("identity digest", reg._identity_digest),
                                ("identity list", reg._matrix_identities),
                                ("matrix", lambda: reg._open_matrix(model))):
@@ -153,19 +160,33 @@ def stages(home: Path, rounds: int) -> dict:
     return out
 
 
-def child(home: Path) -> None:
-    """One cold load in this fresh process: prints import and load seconds and the digest."""
+def aside_now() -> str:
+    """Whether this version checks the rows in a thread at the moment (a core is free), and
+    why: on a saturated machine it does it all on one thread instead."""
+    from consent_guard.registry import _spare_core
+
+    load = f"load {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "no load average"
+    return f"{'yes' if _spare_core() else 'no'}, {load} on {os.cpu_count()} cores"
+
+
+def child(home: Path, warm: int) -> None:
+    """One cold load in this fresh process, then `warm` more: prints import seconds, the cold
+    load's seconds, the median of the warm ones and the digests of what each loaded."""
     t0 = time.perf_counter()
     import consent_guard.registry  # noqa: F401  (numpy, cryptography, sqlite3)
     import consent_guard.policy  # noqa: F401
     imported = time.perf_counter() - t0
     seconds, digest = load(home)
-    print(json.dumps({"import_s": imported, "load_s": seconds, "digest": digest}))
+    again = [load(home) for _ in range(warm)]
+    print(json.dumps({"import_s": imported, "load_s": seconds,
+                      "warm_s": statistics.median(s for s, _ in again) if again else None,
+                      "digests": sorted({digest, *(d for _, d in again)})}))
 
 
-def cold(home: Path, src: Path) -> dict:
+def cold(home: Path, src: Path, warm: int) -> dict:
     env = dict(os.environ, PYTHONPATH=str(src), PYTHONDONTWRITEBYTECODE="1")
-    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", str(home)],
+    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", str(home),
+                          "--warm", str(warm)],
                          env=env, capture_output=True, text=True, check=False)
     if out.returncode:
         raise SystemExit(f"cold load with {src} failed:\n{out.stderr}")
@@ -188,26 +209,26 @@ def bench_dim(dim: int, args, tmp: Path) -> None:
         variants["baseline matrix"] = (base / "home", Path(args.baseline_src))
         variants["baseline rows"] = (base / "old", Path(args.baseline_src))
     cold_s = {k: [] for k in variants}
+    warm_s = {k: [] for k in variants}
     cold_import = []
     digests = {k: set() for k in variants}
     for _ in range(args.rounds):
         for name, (where, src) in variants.items():
-            r = cold(where, src)
+            r = cold(where, src, args.warm)
             cold_s[name].append(r["load_s"])
+            if r["warm_s"] is not None:
+                warm_s[name].append(r["warm_s"])
             cold_import.append(r["import_s"])
-            digests[name].add(r["digest"])
-    warm_s = {"matrix": [], "rows": []}
-    for _ in range(args.rounds):
-        for name in warm_s:
-            seconds, digest = load(variants[name][0])
-            warm_s[name].append(seconds)
-            digests[name].add(digest)
-    report("cold (new process)", cold_s)
+            digests[name].update(r["digests"])
+    report("cold (first load in a new process)", cold_s)
     print(f"  import of the registry module in a new process: median "
           f"{statistics.median(cold_import):.3f} s (not included above)")
-    report("warm (same process)", warm_s)
-    print("  where a warm load of this version goes, median: " + ", ".join(
-        f"{k} {v:.3f} s" for k, v in stages(home, args.rounds).items()))
+    if args.warm:
+        report(f"warm (median of {args.warm} more loads in that process)", warm_s)
+    print("  where a warm load of this version goes, each part alone, median: " + ", ".join(
+        f"{k} {v:.3f} s" for k, v in stages(home, args.rounds).items())
+        + f"; the whole load: {statistics.median(load(home)[0] for _ in range(args.rounds)):.3f}"
+          f" s (rows' digest in a thread beside the rest: {aside_now()})")
     same = len(set.union(*digests.values())) == 1 and all(len(d) == 1 for d in digests.values())
     print(f"  identical matrices loaded by every variant and round: {'yes' if same else 'NO'}")
     if not same:
@@ -270,6 +291,7 @@ def main() -> None:
     ap.add_argument("--per-person", type=int, default=10)
     ap.add_argument("--dims", default="128,512")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--warm", type=int, default=3, help="loads after the cold one, per process")
     ap.add_argument("--baseline-src", help="a folder with another version's consent_guard/")
     ap.add_argument("--enrol-rounds", type=int, default=3)
     ap.add_argument("--ids", choices=("sequential", "random"), default="sequential")
@@ -280,7 +302,7 @@ def main() -> None:
     # the row-by-row fallback logs a warning on every load of the old-format copy
     logging.getLogger("consent_guard").setLevel(logging.ERROR)
     if args.child:
-        return child(Path(args.child))
+        return child(Path(args.child), args.warm)
     if args.child_enrol:
         home, dim, n = args.child_enrol.split(",")
         return print(enrol_seconds(Path(home), int(dim), int(n)))

@@ -38,7 +38,11 @@ source of truth: export, import and the damage report work on them, and triggers
 drop the copies whenever any program (older versions included) changes a row, so revoking
 someone also wipes the copy of their vectors. Registries made before the copies are read row
 by row until the admin's next write adds them. A matrix is read from sqlite in pieces and
-decrypted straight into the arrays matching uses (registry_matrix.open_sealed). The identity
+decrypted straight into the arrays matching uses (registry_matrix.open_sealed); meanwhile a
+thread hashes the model's rows on a second read-only connection (that digest is most of a
+load). The matrix is used only once they verified; when the thread could not verify them in a
+snapshot of the same generation (the file busy, a write between the two snapshots), the
+registry's own connection checks them as before. The identity
 list is stored as columns; an older version that meets one reads the identity rows instead
 (slower, with a log line) until its own next write, and this version still reads the older
 one-object-per-person list.
@@ -278,6 +282,10 @@ _MODEL_IDS = ("WITH RECURSIVE m(id) AS (SELECT min(model_id) FROM embedding UNIO
               "SELECT (SELECT min(model_id) FROM embedding WHERE model_id > m.id) FROM m "
               "WHERE m.id IS NOT NULL) SELECT id FROM m WHERE id IS NOT NULL")
 
+# Where a matrix is (_matrix_row's column): its rowid, to open it as a blob, and its sealed
+# length (from the record header: the value is not read).
+_MATRIX_PLACE = "m.rowid, length(m.sealed)"
+
 # The rows of one model, grouped by identity in enrolment order: what the matrix holds.
 _ROWS_OF_MODEL = ("FROM embedding e LEFT JOIN identity i ON i.id = e.identity_id "
                   "WHERE e.model_id = ? ORDER BY i.rowid, e.identity_id, e.id")
@@ -300,6 +308,9 @@ class Registry:
         self._identities_at: Optional[tuple] = None  # (generation, identities, damaged)
         self._writing = False
         self._previous: Dict[str, object] = {}  # during a write: _trusted_copies()
+        # (model id, generation) -> open_sealed of a matrix decrypted by check_for_matching
+        # after its rows verified: handed out once, by the next embeddings() (see _open_matrix)
+        self._prefetched: Dict[Tuple[str, int], tuple] = {}
 
     # -- opening -------------------------------------------------------------------------
     @classmethod
@@ -433,6 +444,7 @@ class Registry:
 
     def close(self) -> None:
         with self._lock:
+            self._prefetched = {}
             self._db.close()
 
     def __enter__(self) -> "Registry":
@@ -665,18 +677,80 @@ class Registry:
         """What the matcher checks when it opens the registry: every identity row, and every
         embedding row of every model: through the sealed digest of the rows when the model's
         matrix is current (the rows are read but not decrypted), else one by one. Raises
-        DamagedRowError naming every damaged row."""
+        DamagedRowError naming every damaged row.
+
+        The rows' digest is most of a load (sqlite handing 54 MB over at 100,000 x 128-d), so
+        it runs on a second connection in a thread (_RowsCheck) while this one checks the
+        identity rows and decrypts the current matrices; a matrix whose rows verified is kept
+        for the embeddings() that follows (once: see _open_matrix), so it is not decrypted
+        twice. A model whose rows the thread did not verify at this snapshot's generation
+        (busy, an error, a mismatch, another generation) is checked here as before, which
+        names a damaged row."""
         damaged: List[str] = []
         with self._lock, self._snapshot():
-            damaged += self._identity_rows()[1]
-            for model_id in self.model_ids():
-                found = self._matrix_row(model_id)
-                if found and found[0] == found[-1] and \
-                        not self._rows_changed(model_id, found[0], found[1]):
+            self._prefetched = {}
+            models = self.model_ids()
+            current = self._current_matrices(models)
+            checks = self._start_rows_checks(current)
+            opened: Dict[str, tuple] = {}
+            try:
+                damaged += self._identity_rows()[1]
+                for model_id, (generation, _, rowid, _) in current.items():
+                    opened[model_id] = self._unseal_matrix(model_id, generation, rowid)[0]
+            finally:
+                self._finish_rows_checks(checks)
+            for model_id in models:
+                found = current.get(model_id)
+                if found and not self._rows_changed(model_id, found[0], found[1]):
+                    if opened.get(model_id) is not None:
+                        self._prefetched[(model_id, found[0])] = opened[model_id]
                     continue
                 damaged += self._rows_embeddings(model_id)[2]
+            if damaged:
+                self._prefetched = {}
         if damaged:
             raise DamagedRowError(self.path, damaged)
+
+    def _current_matrices(self, models: Sequence[str]
+                          ) -> Dict[str, Tuple[int, bytes, int, int]]:
+        """model id -> (generation, sealed digest, rowid, sealed length) of each model's
+        matrix that is current (built at the registry's generation now); models without one
+        are left out."""
+        out = {}
+        for model_id in models:
+            found = self._matrix_row(model_id, _MATRIX_PLACE)
+            if found and found[0] == found[-1]:
+                out[model_id] = found[:4]
+        return out
+
+    def _start_rows_checks(self, current: Dict[str, Tuple[int, bytes, int, int]]
+                           ) -> List["_RowsCheck"]:
+        """A started _RowsCheck for each model in `current` whose rows are not yet verified
+        at its generation and whose matrix is large enough to be worth a thread
+        (ASIDE_MIN_BYTES), when a core is free for it (_spare_core). None during a write: rows
+        it changed are visible on its own connection only (and the write holds the file, so a
+        reader could wait on it)."""
+        if self._writing or not _spare_core():
+            return []
+        checks = []
+        for model_id, (generation, digest, _, size) in current.items():
+            if self._verified.get(model_id) == generation or size < ASIDE_MIN_BYTES:
+                continue
+            check = _RowsCheck(self.path, self._key, model_id, generation, digest)
+            try:
+                check.start()
+            except RuntimeError:  # no thread to be had: the rows are checked here instead
+                continue
+            checks.append(check)
+        return checks
+
+    def _finish_rows_checks(self, checks: Sequence["_RowsCheck"]) -> None:
+        """Wait for the checks; a model whose rows verified at the generation this snapshot
+        read (and with the sealed digest it read) counts as verified, as if _rows_changed had
+        found them unchanged; any other outcome leaves it to _rows_changed."""
+        for check in checks:
+            if check.outcome() == check.generation:
+                self._verified[check.model_id] = check.generation
 
     @contextmanager
     def _snapshot(self) -> Iterator[None]:
@@ -776,9 +850,9 @@ class Registry:
                 damaged)
 
     def _matrix_row(self, model_id: str, column: str = "") -> Optional[tuple]:
-        """(generation, sealed digest[, column], registry generation) of the model's matrix,
-        in one statement (`column`: "m.sealed" for the sealed value, "m.rowid" to open it as
-        a blob); None when there is none (or no matrix table: a registry that only older
+        """(generation, sealed digest[, columns], registry generation) of the model's matrix,
+        in one statement (`column`: "m.sealed" for the sealed value, _MATRIX_PLACE to open it
+        as a blob); None when there is none (or no matrix table: a registry that only older
         versions have written)."""
         if not self._query("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
                            "name = 'matrix'"):
@@ -797,7 +871,7 @@ class Registry:
         identity list (itself read from verified rows or a verified snapshot): the scope
         column is not sealed, and an edit of it that slipped past the triggers (the file
         edited byte by byte) must not leave matching on the old scope."""
-        opened, why = self._open_matrix(model_id)
+        opened, why = self._open_matrix(model_id, take_prefetched=True)
         if opened is None:
             return None, why
         _, _, owners, vectors, identities = opened
@@ -806,19 +880,43 @@ class Registry:
             return None, "has a sealed matrix whose scopes differ from the identities now"
         return Embeddings(model_id, vectors, owners, tuple(identities)), ""
 
-    def _open_matrix(self, model_id: str) -> Tuple[Optional[tuple], str]:
+    def _open_matrix(self, model_id: str, take_prefetched: bool = False
+                     ) -> Tuple[Optional[tuple], str]:
         """(registry_matrix.open_sealed of the model's matrix, "") when its seal verifies, it is
-        current and the model's rows hash to its sealed digest; else (None, why not)."""
-        found = self._matrix_row(model_id, "m.rowid")
+        current and the model's rows hash to its sealed digest; else (None, why not).
+
+        `take_prefetched` (embeddings()): the matrix check_for_matching decrypted at this
+        generation, after its rows verified, is handed out instead of decrypting it again,
+        once; every other prefetched matrix is dropped then (50 MB each at 100,000 x 128-d).
+        Otherwise the rows' digest, when still to be done, runs on a second connection while
+        this one decrypts (as in check_for_matching)."""
+        found = self._matrix_row(model_id, _MATRIX_PLACE)
+        kept = {}
+        if take_prefetched:
+            kept, self._prefetched = self._prefetched, {}
         if found is None:
             return None, "has no sealed matrix (it was made or last changed by an older version)"
-        generation, digest, rowid, current = found
+        generation, digest, rowid, size, current = found
         if generation != current:
             return None, (f"has a stale sealed matrix (built at change {generation}, the "
                           f"registry is at {current}: an older version changed it)")
-        why = self._rows_changed(model_id, generation, digest)
-        if why:
-            return None, why
+        prefetched = kept.get((model_id, generation))
+        if prefetched is not None and not self._writing and \
+                self._verified.get(model_id) == generation:
+            return prefetched, ""
+        checks = self._start_rows_checks({model_id: (generation, digest, rowid, size)})
+        try:
+            opened, why = self._unseal_matrix(model_id, generation, rowid)
+        finally:
+            self._finish_rows_checks(checks)
+        changed = self._rows_changed(model_id, generation, digest)
+        return (None, changed) if changed else (opened, why)
+
+    def _unseal_matrix(self, model_id: str, generation: int, rowid: int
+                       ) -> Tuple[Optional[tuple], str]:
+        """(registry_matrix.open_sealed of the matrix row `rowid`, "") when its seal verifies
+        for this model and generation, else (None, why not). Says nothing about the rows: the
+        caller uses it only once they hash to the matrix's sealed digest."""
         try:
             with self._sealed_matrix(rowid) as sealed:
                 opened = matrix.open_sealed(self._key, sealed,
@@ -881,7 +979,7 @@ class Registry:
                 self._db.execute("BEGIN IMMEDIATE")
             except sqlite3.DatabaseError as exc:
                 raise RegistryError(_explain(self.path, exc, "cannot be changed")) from None
-            self._writing, self._identities_at = True, None
+            self._writing, self._identities_at, self._prefetched = True, None, {}
             done = None  # (generation, identities, damaged) once committed
             try:
                 for statement in matrix.SCHEMA + matrix.CHANGE_LOG:
@@ -1098,6 +1196,89 @@ class Registry:
         return len(records), revoked
 
 
+# How long the rows' check on the second connection waits for the file. Short, because the
+# connection that started it holds a read lock meanwhile: when a writer is waiting to commit
+# (sqlite's PENDING lock), no new reader is let in until that read lock goes, which happens
+# only after the check gives up. It then gives up after this long and the rows are checked on
+# the first connection, instead of both waiting out the 30 s busy timeout.
+ASIDE_BUSY_S = 0.25
+
+# The smallest sealed matrix whose rows are checked in a thread: below it (about 8,000 rows of
+# 128-d, 2,000 of 512-d) the digest takes a few ms, and a thread and a second connection cost
+# about as much as they save.
+ASIDE_MIN_BYTES = 4 << 20
+
+
+def _spare_core() -> bool:
+    """Whether a core is likely free for the rows' check beside the load: more than one core
+    for this process, and fewer runnable tasks than cores over the last minute (the load
+    average, where the system has one). The two threads use more CPU than one thread doing
+    it all (they compete for the GIL and the caches): at 100,000 x 128-d on 2 cores a load
+    took 0.81-0.86x as long with a core free, but 1.25x with the machine saturated (load 5:
+    bench/registry.py, cold)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0]
+    except (AttributeError, OSError):  # Windows: no load average
+        busy = 0.0
+    return cores > 1 and busy < cores
+
+
+class _RowsCheck(threading.Thread):
+    """The digest of one model's rows on a second, read-only connection of its own, while the
+    registry's connection checks the identity rows and decrypts the matrix: the digest is most
+    of a load, and it runs beside that work because it holds the GIL little
+    (registry_matrix.rows_digest_by_blocks: sqlite joins the rows, SHA-256 lets go of the GIL)
+    and the decryption holds it little too.
+
+    outcome() is the generation at which the rows hashed to the matrix's sealed digest, in
+    a snapshot whose registry generation, matrix generation and sealed digest were those the
+    caller read (`generation`, `sealed_digest`); None for anything else (the file busy, an
+    error, a mismatch, another generation): the caller then checks the rows itself, on its
+    own connection, which names a damaged row. Never raises."""
+
+    def __init__(self, path: Path, key: bytes, model_id: str, generation: int,
+                 sealed_digest: bytes):
+        super().__init__(name=f"consent-guard rows check {model_id}", daemon=True)
+        self.path, self.key, self.model_id = path, key, model_id
+        self.generation, self.sealed_digest = generation, sealed_digest
+        self._outcome: Optional[int] = None
+
+    def run(self) -> None:
+        try:
+            self._outcome = self._verify()
+        except Exception as exc:  # noqa: BLE001 - any failure means "not verified here"
+            log.debug("Consent Guard: the rows of %s were not checked aside (%s); checking "
+                      "them on the registry's connection", self.model_id, exc)
+
+    def outcome(self) -> Optional[int]:
+        self.join()
+        return self._outcome
+
+    def _verify(self) -> Optional[int]:
+        db = _connect(self.path, read_only=True, timeout=ASIDE_BUSY_S)
+        try:
+            db.execute("BEGIN")
+            found = db.execute("SELECT m.generation, m.digest, (SELECT value FROM meta WHERE "
+                               "key = 'generation') FROM matrix m WHERE m.model_id = ?",
+                               (self.model_id,)).fetchall()
+            if not found or found[0][:2] != (self.generation, self.sealed_digest) or \
+                    int(found[0][2] or 0) != self.generation:
+                return None
+            sql, wanted = matrix.digest_query(unseal(
+                self.key, self.sealed_digest,
+                matrix.context(self.model_id, self.generation, "digest")))
+            got = matrix.rows_digest_by_blocks(db, self.model_id) if sql == matrix.ROWS_SQL \
+                else matrix.rows_digest(db.execute(sql, (self.model_id,)))
+            db.execute("COMMIT")
+            return self.generation if got and got == wanted else None
+        finally:
+            db.close()
+
+
 def write_export(path: Path, passphrase: str, records: List[dict]) -> None:
     """An export file holding `records` (as `export` makes them), sealed under `passphrase`."""
     payload = json.dumps({"format": FORMAT, "exported": _now(),
@@ -1168,16 +1349,18 @@ def read_key_file(path: Path) -> bytes:
     return key
 
 
-def _connect(path: Path, read_only: bool = False) -> sqlite3.Connection:
+def _connect(path: Path, read_only: bool = False, timeout: float = 30) -> sqlite3.Connection:
     """A connection. Read-only ones (sqlite mode=ro) need only read access to the file; the
-    writable ones switch an old WAL registry to the rollback journal (see the module doc)."""
+    writable ones switch an old WAL registry to the rollback journal (see the module doc).
+    `timeout`: seconds to wait for the file while another connection holds it."""
     try:
         if read_only:
             db = sqlite3.connect(Path(path).resolve().as_uri() + "?mode=ro", uri=True,
-                                 timeout=30, isolation_level=None, check_same_thread=False)
+                                 timeout=timeout, isolation_level=None,
+                                 check_same_thread=False)
             db.execute("PRAGMA query_only = ON")
             return db
-        db = sqlite3.connect(str(path), timeout=30, isolation_level=None,
+        db = sqlite3.connect(str(path), timeout=timeout, isolation_level=None,
                              check_same_thread=False)
         use_rollback_journal(db)
         db.execute("PRAGMA synchronous = FULL")

@@ -2,7 +2,8 @@
 what it catches and what it costs, now against the code at a git ref, in one process.
 
     python bench/face_search.py [--shared PATH] [--ref HEAD] [--step 1] [--rounds 2]
-                                [--side 768] [--skip-red-team] [--only-sizes]
+                                [--side 768] [--canvas N] [--skip-red-team]
+                                [--only-red-team] [--only-sizes]
 
 1. Red team. Every deepface cluster with 2+ photos is enrolled (scope any) from its first photo
    (768 px, as bench/enforce_sources.py); each other photo is a probe under each of that
@@ -10,7 +11,9 @@ what it catches and what it costs, now against the code at a git ref, in one pro
    down to at most --side px (768 as that bench; a larger side keeps large photos large, so
    that the finer detection copy of a large picture is searched too). A probe matched upright
    needs no search; for the others, the identities turned_findings returns, at --ref and now:
-   the counts, and every probe where they differ.
+   the counts, and every probe where they differ. --canvas N pastes each probe (cut down to
+   --side px) on a grey N px picture: small faces in a large picture (`--side 160 --canvas
+   1600`: faces of about 50 px, which the search's cheap pass missed at 320 px).
 2. Benign. The 90 benign images of bench/images.py, 10 identities enrolled (bench/speed.py's
    registry): the engine's outcome (decision, labels, identities) with --ref's turned_findings
    and with today's, and the time of each (interleaved rounds, same process: a ratio).
@@ -77,7 +80,19 @@ def identities(findings) -> list:
     return sorted(f.identity for f in findings if f.identity)
 
 
-def red_team(shared: Path, before, step: int, side: int = 768) -> None:
+def on_canvas(rgb: np.ndarray, canvas: int) -> np.ndarray:
+    """`rgb` pasted on a grey `canvas` px square (a third of the way across, a quarter down),
+    or `rgb` itself when `canvas` is 0."""
+    if not canvas:
+        return rgb
+    from PIL import Image
+
+    out = Image.new("RGB", (canvas, canvas), (120, 130, 125))
+    out.paste(Image.fromarray(rgb), (canvas // 3, canvas // 4))
+    return np.asarray(out)
+
+
+def red_team(shared: Path, before, step: int, side: int = 768, canvas: int = 0) -> None:
     import enforce_sources as es  # bench/enforce_sources.py: its data and transforms
 
     deepface = shared / "eval" / "faces" / "deepface"
@@ -88,13 +103,15 @@ def red_team(shared: Path, before, step: int, side: int = 768) -> None:
         probes = []
         for cluster, files in es.clusters(deepface).items():
             if es.enrol(reg, backend, cluster, es.load(deepface / "images" / files[0])):
-                probes += [es.load(deepface / "images" / f, side) for f in files[1:]]
+                probes += [on_canvas(es.load(deepface / "images" / f, side), canvas)
+                           for f in files[1:]]
         probes = probes[::step]
         engine = Engine(policy, registry=reg, face_backend=backend)
         engine.load()
         stage = engine.face_stage()
         print(f"1. red team: {len(reg.identities())} enrolled, {len(probes)} probes each way "
-              f"(at most {side} px, long side up to {max(max(p.shape[:2]) for p in probes)})")
+              f"(at most {side} px" + (f", on a {canvas} px canvas" if canvas else "")
+              + f", long side up to {max(max(p.shape[:2]) for p in probes)})")
         print(f"   {'probe':<11}{'upright':>8}{'before':>8}{'now':>6}  differs")
         spent = {"before": 0.0, "now": 0.0}
         for name, transform in es.TRANSFORMS.items():
@@ -246,7 +263,10 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--side", type=int, default=768, help="red-team probes at most this "
                     "large (px)")
+    ap.add_argument("--canvas", type=int, default=0, help="paste the red-team probes on a "
+                    "grey picture this large (px): small faces in a large picture")
     ap.add_argument("--skip-red-team", action="store_true")
+    ap.add_argument("--only-red-team", action="store_true", help="part 1 alone")
     ap.add_argument("--only-sizes", action="store_true", help="part 3 alone")
     a = ap.parse_args()
     shared = Path(a.shared)
@@ -257,7 +277,9 @@ def main() -> int:
     before = stage_at(a.ref)
     if not a.only_sizes:
         if not a.skip_red_team:
-            red_team(shared, before, a.step, a.side)
+            red_team(shared, before, a.step, a.side, a.canvas)
+        if a.only_red_team:
+            return 0
         benign(shared, before, a.rounds)
     by_size(shared, before, max(3, a.rounds))
     print("Note: timings on a shared machine are noisy; compare ratios from one run.")

@@ -13,8 +13,8 @@ from PIL import Image
 from consent_guard import Engine, Policy
 from consent_guard.faces.backends import FaceBackend
 from consent_guard.faces.base import Face
-from consent_guard.faces.stage import (DOMINANCE_MARGIN, PREPASS_SIZE, STRETCH, TILTS, TURNS,
-                                       FaceStage, _dominated, in_picture, prepass_side,
+from consent_guard.faces.stage import (CLEANED, DOMINANCE_MARGIN, PREPASS_SIZE, STRETCH, TILTS,
+                                       TURNS, FaceStage, _dominated, in_picture, prepass_side,
                                        turned_findings, view_of)
 from consent_guard.faces.matching import Gallery
 from consent_guard.registry import Consent, Registry
@@ -253,3 +253,38 @@ def test_a_small_face_turned_in_a_large_picture_is_found():
     seen = upright(stage, rgb)
     assert seen and not any(m.identity for m in stage.match(rgb, seen))
     assert [h.identity for h in turned_findings(stage, rgb, seen=seen)] == [f"person {ALICE}"]
+
+
+def test_the_larger_cheap_pass_runs_only_where_the_small_one_found_nothing(monkeypatch):
+    """The 320 px pass stays first (a larger one can lose a face that downscaling cleaned up:
+    a grid of 1 px lines); the larger one is made only for copies where it found nothing."""
+    from consent_guard.faces import stage as stage_module
+
+    used = []
+    made = stage_module._CheapPass.__init__
+
+    def recording(self, stage, rgb, side, seen):
+        made(self, stage, rgb, side, seen)
+        copy = self.copy
+        self.copy = lambda: used.append(side) or copy()
+
+    monkeypatch.setattr(stage_module._CheapPass, "__init__", recording)
+    faces = DiskFaces()
+    stage = stage_for(faces)
+    big = np.full((3000, 3000, 3), 128, np.uint8)
+    disk = picture(STRANGER, (120, 140))[10:110, 40:140]  # the 80 px disk, cut out
+    big[1000:1800, 1000:1800] = np.asarray(Image.fromarray(disk).resize(
+        (800, 800), Image.Resampling.NEAREST))  # now 640 px
+    larger = prepass_side(big, stage.min_face_px)
+    assert larger > PREPASS_SIZE
+    assert turned_findings(stage, big, seen=upright(stage, big)) == []
+    # every copy's first pass at 320 px (and once more, the upright faces at that scale for
+    # the geometric copies); the double finds the disk in all but the four inverted copies
+    # (a green disk), so only those get the larger pass
+    assert used.count(PREPASS_SIZE) == len(TURNS) + len(CLEANED) + 1
+    assert used.count(larger) == sum(inverted for _, inverted in TURNS) == 4
+    used.clear()
+    small = np.ascontiguousarray(np.rot90(picture(ALICE, size=(3000, 3000)), 1))
+    assert [h.identity for h in turned_findings(stage, small, seen=upright(stage, small))] \
+        == [f"person {ALICE}"]
+    assert larger in used

@@ -228,11 +228,14 @@ def view_of(rgb: np.ndarray, how, scale: float = 1.0) -> np.ndarray:
 
 
 def prepass_side(rgb: np.ndarray, min_face: float) -> int:
-    """The long side of the cheap pass's copy: PREPASS_SIZE, or larger when a face of
-    `min_face` px (the smallest one matched, in rgb's pixels) would be under MIN_DETECTED px
-    there: at 320 px, such a face in a picture over 1024 px was missed by every cheap pass,
-    so no turned or tilted copy of it was searched (a 50 px face turned 90 degrees in a
-    1600 px picture was found in 20 of 49 red-team probes)."""
+    """The long side of the second cheap pass, made of a copy whose first one (PREPASS_SIZE)
+    finds no face: large enough that a face of `min_face` px (the smallest one matched, in
+    rgb's pixels) is MIN_DETECTED px there (PREPASS_SIZE when that is enough: no second pass).
+    At 320 px alone such a face in a picture over 1024 px was missed by every cheap pass, so
+    no turned or tilted copy of it was searched (a 50 px face turned 90 degrees in a 1600 px
+    picture was found in 20 of 49 red-team probes). The second pass does not replace the
+    first: at 781 px a 2500 px picture under a grid of 1 px lines every 24 px hid its face
+    from the cheap pass, which the 320 px copy (the grid washed out) found."""
     side = max(rgb.shape[:2])
     return max(PREPASS_SIZE, min(side, int(np.ceil(side * MIN_DETECTED / max(min_face, 1.0)))))
 
@@ -257,8 +260,9 @@ def turned_findings(stage: "FaceStage", rgb: np.ndarray, to_full: float = 1.0,
     heavy JPEG, 45 degree tilts, a picture squashed to half its height or width stretched
     back). A face detector and the embedder's alignment only work on
     clean faces near upright, in natural colours. Each copy is first searched for faces at
-    PREPASS_SIZE (the cheap pass); only a copy where that finds one is searched at the usual
-    size, and its faces embedded and matched. Returns the findings that match someone in the
+    PREPASS_SIZE (the cheap pass; in a picture over 1024 px, a copy where that finds nothing
+    gets a second, larger one: prepass_side); only a copy where one finds a face is searched
+    at the usual size, and its faces embedded and matched. Returns the findings that match someone in the
     first copy (in TURNS + CLEANED order) where anyone matches, boxes in `rgb`'s pixels (times
     `to_full`); a tilted copy's finding gets the whole picture.
 
@@ -287,13 +291,13 @@ def turned_findings(stage: "FaceStage", rgb: np.ndarray, to_full: float = 1.0,
     searched photo before, 4.8 with this); when an attacker turned, tilted or squashed the
     face, the copy that undoes it reads the face better than the upright search does, so it is
     still embedded (the same bench's red team: no match lost on any of its transforms)."""
-    small, f = _shrunk(rgb, prepass_side(rgb, stage.min_face_px / to_full))
+    sides = [PREPASS_SIZE, prepass_side(rgb, stage.min_face_px / to_full)]
+    passes = [_CheapPass(stage, rgb, side, seen) for side in sorted(set(sides))]
     cleaned_base = _Once(lambda: _shrunk(rgb, CLEAN_SIZE))
     detect_base = _Once(lambda: copies if copies is not None
                         else _detection_copy(stage, rgb, to_full))
-    small_seen = _Once(lambda: _small_seen(stage, small, f, seen))
-    with closing(in_order(lambda how: _copy_hits(stage, rgb, to_full, how, small, f,
-                                                 cleaned_base, detect_base, seen, small_seen),
+    with closing(in_order(lambda how: _copy_hits(stage, rgb, to_full, how, passes,
+                                                 cleaned_base, detect_base, seen),
                           TURNS + CLEANED)) as results:
         for hits in results:
             if hits:
@@ -301,23 +305,28 @@ def turned_findings(stage: "FaceStage", rgb: np.ndarray, to_full: float = 1.0,
     return []
 
 
-def _copy_hits(stage: "FaceStage", rgb: np.ndarray, to_full: float, how, small: np.ndarray,
-               f: float, cleaned_base: "_Once", detect_base: Optional["_Once"] = None,
-               seen: Sequence[Face] = (), small_seen: Optional["_Once"] = None
+def _copy_hits(stage: "FaceStage", rgb: np.ndarray, to_full: float, how,
+               passes: Sequence["_CheapPass"], cleaned_base: "_Once",
+               detect_base: Optional["_Once"] = None, seen: Sequence[Face] = ()
                ) -> List[FaceFinding]:
     """turned_findings for one copy (`how`): the findings in it that match someone.
     `detect_base`: rgb cut down to detection size once (_detection_copy), for turned copies.
     `seen`: the upright search's faces (turned_findings): the ones they dominate are not
-    embedded. `small_seen`: those faces as the cheap pass finds them upright (_small_seen): a
-    geometric copy whose cheap pass finds only faces they dominate is not searched further."""
-    prepass = np.ascontiguousarray(view_of(small, how, f))
-    cheap = stage.detector.detect(prepass)
-    if not cheap:
+    embedded. `passes`: the cheap passes, smallest first (_CheapPass); the copy is searched
+    further only when one finds a face, and a geometric copy whose cheap pass finds only faces
+    the upright ones dominate at that scale (_CheapPass.seen) is not."""
+    for cheap_pass in passes:
+        small, f = cheap_pass.copy()
+        prepass = np.ascontiguousarray(view_of(small, how, f))
+        cheap = stage.detector.detect(prepass)
+        if cheap:
+            break
+    else:
         return []
-    if seen and small_seen is not None and _geometric(how):
+    if seen and _geometric(how):
         sh, sw = small.shape[:2]
         if all(_dominated(face, in_picture(face, how, sw, sh, prepass.shape[:2],
-                                           small.shape[:2], 1.0), small_seen())
+                                           small.shape[:2], 1.0), cheap_pass.seen())
                for face in cheap):
             return []
     h, w = rgb.shape[:2]
@@ -354,6 +363,15 @@ def _copy_hits(stage: "FaceStage", rgb: np.ndarray, to_full: float, how, small: 
 
 
 DOMINANCE_MARGIN = 0.02  # how much less sure of a face the detector must be in a copy
+
+
+class _CheapPass:
+    """One cheap pass of the search: the picture cut down to `side` px (made on first use)
+    and the upright search's faces as the detector finds them there (_small_seen)."""
+
+    def __init__(self, stage: "FaceStage", rgb: np.ndarray, side: int, seen: Sequence[Face]):
+        self.copy = _Once(lambda: _shrunk(rgb, side))
+        self.seen = _Once(lambda: _small_seen(stage, *self.copy(), seen))
 
 
 def _small_seen(stage: "FaceStage", small: np.ndarray, f: float, seen: Sequence[Face]

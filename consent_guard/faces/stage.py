@@ -313,22 +313,21 @@ def _copy_hits(stage: "FaceStage", rgb: np.ndarray, to_full: float, how,
     `detect_base`: rgb cut down to detection size once (_detection_copy), for turned copies.
     `seen`: the upright search's faces (turned_findings): the ones they dominate are not
     embedded. `passes`: the cheap passes, smallest first (_CheapPass); the copy is searched
-    further only when one finds a face, and a geometric copy whose cheap pass finds only faces
-    the upright ones dominate at that scale (_CheapPass.seen) is not."""
+    further only when one finds a face that, in a geometric copy, the upright ones do not
+    dominate at that scale (_CheapPass.seen). A pass that finds only dominated faces goes on
+    to the next: a small face turned beside a large upright one is seen only in the larger
+    pass."""
     for cheap_pass in passes:
         small, f = cheap_pass.copy()
         prepass = np.ascontiguousarray(view_of(small, how, f))
         cheap = stage.detector.detect(prepass)
-        if cheap:
-            break
-    else:
+        if cheap and not (seen and _geometric(how) and all(
+                _dominated(face, in_picture(face, how, small.shape[1], small.shape[0],
+                                            prepass.shape[:2], small.shape[:2], 1.0),
+                           cheap_pass.seen()) for face in cheap)):
+            break  # a face the upright search did not read better: search this copy
+    else:  # nothing new in any pass (the larger one may see a small face beside a big one)
         return []
-    if seen and _geometric(how):
-        sh, sw = small.shape[:2]
-        if all(_dominated(face, in_picture(face, how, sw, sh, prepass.shape[:2],
-                                           small.shape[:2], 1.0), cheap_pass.seen())
-               for face in cheap):
-            return []
     h, w = rgb.shape[:2]
     if isinstance(how, tuple):
         copy, scale = turned_view(rgb, how), to_full

@@ -281,16 +281,18 @@ def turned_findings(stage: "FaceStage", rgb: np.ndarray, to_full: float = 1.0,
     more, up to SEARCH_WORKERS copies at once).
 
     `seen`: the faces the upright search found in `rgb` (its pixels), embedded and matched to
-    nobody. A copy that only turns, tilts or stretches the picture (not one that inverts or
-    filters its pixels) does not embed a face it finds at the place and size of one of them
-    when the detector is less sure of it there (by DOMINANCE_MARGIN): that is the detector
-    misreading a face it already read better upright (dominated); when its cheap pass finds
-    only faces that the picture's own cheap pass read better, it is not searched at full size
-    either (the two passes compared at the same scale). On a benign photo most such
-    copies find only that misreading (bench/face_search.py part 3: 11.5 faces embedded a
-    searched photo before, 4.8 with this); when an attacker turned, tilted or squashed the
-    face, the copy that undoes it reads the face better than the upright search does, so it is
-    still embedded (the same bench's red team: no match lost on any of its transforms)."""
+    nobody. A copy that turns, tilts, stretches or inverts the picture (not one that filters
+    its pixels) does not embed a face it finds at the place and size of one of them when the
+    detector is less sure of it there (by DOMINANCE_MARGIN), or when, in a stretched or
+    tilted copy, the upright face has the more usual proportions or the more level eyes
+    (_less_natural): that is a face already read better upright (dominated); when its cheap
+    pass finds only faces that the picture's own cheap pass read better, it is not searched
+    at full size either (the two passes compared at the same scale). On a benign photo most
+    such copies find only that misreading (bench/face_search.py part 3: 11.5 faces embedded a
+    searched photo with no such rule, 4.8 with the score alone); when an attacker turned,
+    tilted, squashed or inverted the face, the copy that undoes it reads the face better than
+    the upright search does, so it is still embedded (the same bench's red team: no match
+    lost on any of its transforms)."""
     sides = [PREPASS_SIZE, prepass_side(rgb, stage.min_face_px / to_full)]
     passes = [_CheapPass(stage, rgb, side, seen) for side in sorted(set(sides))]
     cleaned_base = _Once(lambda: _shrunk(rgb, CLEAN_SIZE))
@@ -321,10 +323,10 @@ def _copy_hits(stage: "FaceStage", rgb: np.ndarray, to_full: float, how,
         small, f = cheap_pass.copy()
         prepass = np.ascontiguousarray(view_of(small, how, f))
         cheap = stage.detector.detect(prepass)
-        if cheap and not (seen and _geometric(how) and all(
+        if cheap and not (seen and _comparable(how) and all(
                 _dominated(face, in_picture(face, how, small.shape[1], small.shape[0],
                                             prepass.shape[:2], small.shape[:2], 1.0),
-                           cheap_pass.seen()) for face in cheap)):
+                           cheap_pass.seen(), how) for face in cheap)):
             break  # a face the upright search did not read better: search this copy
     else:  # nothing new in any pass (the larger one may see a small face beside a big one)
         return []
@@ -338,10 +340,10 @@ def _copy_hits(stage: "FaceStage", rgb: np.ndarray, to_full: float, how,
         faces = detect_faces(stage.detector, copy, stage.detect_size,
                              stage.min_face_px / scale)
     faces = stage.matchable(faces, scale)
-    if seen and _geometric(how):
+    if seen and _comparable(how):
         base_shape = cleaned_base()[0].shape[:2] if how in TILTS else None
         faces = [face for face in faces if not _dominated(face, in_picture(
-            face, how, w, h, copy.shape[:2], base_shape, to_full / scale), seen)]
+            face, how, w, h, copy.shape[:2], base_shape, to_full / scale), seen, how)]
     hits: List[FaceFinding] = []
     for face, finding in zip(faces, stage.match(copy, faces, scale)):
         if not finding.identity:
@@ -388,10 +390,12 @@ def _small_seen(stage: "FaceStage", small: np.ndarray, f: float, seen: Sequence[
     return out
 
 
-def _geometric(how) -> bool:
-    """A copy that moves the picture's pixels without changing them (turned, tilted,
-    stretched), as opposed to one that inverts or filters them."""
-    return (isinstance(how, tuple) and not how[1]) or how in TILTS or how in STRETCH
+def _comparable(how) -> bool:
+    """A copy whose faces are compared with the upright ones (_dominated): one that moves the
+    picture's pixels (turned, tilted, stretched) or inverts them, as opposed to one that
+    filters them. A median or blur can make a face embed better without the detector reading
+    it better (noise, a grid of lines), so their faces are always embedded."""
+    return isinstance(how, tuple) or how in TILTS or how in STRETCH
 
 
 def in_picture(face: Face, how, width: int, height: int, copy_shape: Tuple[int, int],
@@ -420,13 +424,59 @@ def in_picture(face: Face, how, width: int, height: int, copy_shape: Tuple[int, 
     return cx / g, cy / g, size / g
 
 
-def _dominated(face: Face, where: Tuple[float, float, float], seen: Sequence[Face]) -> bool:
+def _dominated(face: Face, where: Tuple[float, float, float], seen: Sequence[Face],
+               how=None) -> bool:
     """Whether one of `seen` (the upright search's faces, embedded, matched to nobody) is at
     `where` (the face's centre and size in the picture: within a quarter of its size, the
-    sizes within 1.5x of each other) with a detection score above the face's by
-    DOMINANCE_MARGIN: the same face, read worse."""
-    return any(_same_place(where, other) and face.score < other.score - DOMINANCE_MARGIN
+    sizes within 1.5x of each other) and reads as the more natural face: a detection score
+    above the face's by DOMINANCE_MARGIN, or, in a stretched or tilted copy `how`, a face of
+    more usual proportions or more level eyes (_less_natural): the same face, read worse."""
+    return any(_same_place(where, other) and (face.score < other.score - DOMINANCE_MARGIN
+                                              or _less_natural(face, other, how))
                for other in seen)
+
+
+# A face's width between the eyes over the height from eyes to mouth, as the embedder's
+# alignment template has it (ARCFACE_DST: 35.2 / 40.7); a face squashed to half its height
+# reads twice that, and stretched back, the usual value again.
+USUAL_PROPORTION = 0.866
+PROPORTION_MARGIN = float(np.log(1.25))  # how much further from it a stretched copy must be
+ROLL_MARGIN = 20.0  # degrees: how much less level a tilted copy's eyes must be
+
+
+def _less_natural(face: Face, upright: Face, how) -> bool:
+    """Whether `face`, found in the stretched or tilted copy `how`, looks less like a face as
+    faces are than `upright`, the same face found upright (each measured in its own copy's
+    pixels, on its five landmarks). A stretched copy undoes a picture squashed to half its
+    height or width: when the upright face has the more usual proportions, nothing was
+    squashed, and the copy's face is that face pulled out of shape (a benign photo's face
+    stretched twice as wide reads as surely, 0.92-0.95, as upright). A tilted copy undoes a
+    face tilted 45 degrees: when the upright face's eyes are the more level, it was not, and
+    alignment (which turns the eyes level) gets no more from the copy than from upright. An
+    attacker's squashed or tilted face is the other way round: the copy's is the usual one."""
+    if how in STRETCH:
+        return _off_proportion(face) > _off_proportion(upright) + PROPORTION_MARGIN
+    if how in TILTS:
+        return abs(_roll(face)) > abs(_roll(upright)) + ROLL_MARGIN
+    return False
+
+
+def _off_proportion(face: Face) -> float:
+    """How far, as |log| of the ratio, the face's eye width over eye-to-mouth height is from
+    USUAL_PROPORTION (inf when the landmarks give no such height)."""
+    points = np.asarray(face.landmarks, np.float64).reshape(5, 2)
+    eyes = np.hypot(*(points[1] - points[0]))
+    height = np.hypot(*((points[3] + points[4]) / 2 - (points[0] + points[1]) / 2))
+    if eyes <= 0 or height <= 0:
+        return float("inf")
+    return float(abs(np.log(eyes / height / USUAL_PROPORTION)))
+
+
+def _roll(face: Face) -> float:
+    """The angle of the line from one eye to the other, in degrees (0: level)."""
+    points = np.asarray(face.landmarks, np.float64).reshape(5, 2)
+    dx, dy = points[1] - points[0]
+    return float(np.degrees(np.arctan2(dy, dx)))
 
 
 def _same_place(where: Tuple[float, float, float], other: Face) -> bool:

@@ -167,7 +167,8 @@ DELTAS = (-0.3, -0.2, -0.15, -0.1, -0.05, -0.02, 0.0, 0.02, 0.04, 0.06, 0.08)
 
 
 def print_tradeoff() -> None:
-    """The trade-off curve on the held-out rows of the trainable sources: every script's
+    """The trade-off curve on the held-out rows of the trainable sources and on every row of
+    the measured-only ones (T2I-RiskyPrompt, T2VSafetyBench, Netifier): every script's
     threshold, and the threshold that confirms a suggestive word, moved by the same delta, the
     lexicon's decision unchanged (a classifier hit beside a minor term is not modelled here:
     it only adds blocks)."""
@@ -184,13 +185,15 @@ def print_tradeoff() -> None:
     confirm_all = _Silent(silent, corroborate=0.0)  # which prompts have a word to confirm
     corroborate = 2.0 if real.corroborate is None else real.corroborate
     groups = {}
-    for source in pd.TRAINABLE_SOURCES:
+    for source in pd.TRAINABLE_SOURCES + pd.EVALUATE_ONLY_SOURCES:
+        trainable = source in pd.TRAINABLE_SOURCES
         for r in pd.textlabelled(source):
-            if not pd.held_out_row(r) or r.label == "suggestive":
+            if (trainable and not pd.held_out_row(r)) or r.label == "suggestive":
                 continue
             label = "benign sexual-topic" if r.label == "benign" and r.sexual_topic else r.label
             groups.setdefault(f"{source} {label}", []).append(r.text)
-    print("\ntrade-off on held-out rows (all scripts' thresholds + delta; share not allowed)")
+    print("\ntrade-off (all scripts' thresholds + delta; share not allowed): held-out rows of "
+          "the trained-on sources, all rows of the measured-only ones (never trained on)")
     print("  " + " " * 34 + "".join(f"{d:+7.2f}" for d in DELTAS))
     for name, texts in sorted(groups.items()):
         lex, score, thr, word = [], [], [], []

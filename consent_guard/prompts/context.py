@@ -73,7 +73,8 @@ _AFTER_HARM = (r" (?:prevention|awareness|education|survivors?|support|hotlines?
                r"polic(?:y|ies)|laws?|statistics|resources|is)")
 _PORN = (r"(?:online |internet |easily accessible )?(?:pornography|pornographic "
          r"(?:content|material|media|websites?)|x rated (?:material|content)|(?:sexually )?"
-         r"explicit (?:content|material|photos|images|pictures|messages)|adult content)")
+         r"explicit (?:content|material|photos|images|pictures|messages)|adult content|"
+         r"(?:intimate|compromising) (?:photos|images|pictures|content|material|videos))")
 _MEDIA = r"(?:content|material|photos|images|pictures|messages)"
 # what is done to such media in a protection prompt: blocked, filtered, shared, reported ...
 _PORN_ACTS = (r"(?:block[a-z]*|filter[a-z]*|report[a-z]*|shar[a-z]*|send[a-z]*|sent|"
@@ -101,6 +102,9 @@ TOPIC_PATTERNS = [re.compile(r"(?<![a-z])(?:" + p + r")(?![a-z])") for p in (
     # explicit media as what is blocked, shared or reported ("how to block explicit content",
     # "the consequences of sharing explicit photos")
     _PORN_ACTS + _PORN,
+    # ... or what children are kept from ("protecting children from explicit content online")
+    r"(?:protect[a-z]*|shield[a-z]*|keep[a-z]*|guard[a-z]*|safe|safer|away) (?:[a-z]+ ){0,3}"
+    r"from " + _PORN,
 )]
 
 

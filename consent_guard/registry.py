@@ -1216,10 +1216,9 @@ def _spare_core() -> bool:
     it all (they compete for the GIL and the caches): at 100,000 x 128-d on 2 cores a load
     took 0.81-0.86x as long with a core free, but 1.25x with the machine saturated (load 5:
     bench/registry.py, cold)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
+    from .models import usable_cpus  # here: the registry alone need not read the manifest
+
+    cores = usable_cpus()
     try:
         busy = os.getloadavg()[0]
     except (AttributeError, OSError):  # Windows: no load average

@@ -115,6 +115,15 @@ def upright(stage: FaceStage, rgb) -> list:
     return stage.matchable(stage.detector.detect(rgb))
 
 
+def assert_found_only_by_the_search(rgb, faces=None) -> None:
+    """An attacked picture of Alice: the upright search finds a face but matches nobody (a
+    misreading), and the search of the copies finds her."""
+    stage = stage_for(faces or DiskFaces())
+    seen = upright(stage, rgb)
+    assert seen and not any(m.identity for m in stage.match(rgb, seen))
+    assert [h.identity for h in turned_findings(stage, rgb, seen=seen)] == [f"person {ALICE}"]
+
+
 def test_the_double_reads_an_upright_disk_surer_than_a_turned_one():
     faces = DiskFaces()
     up = faces.detect(picture(STRANGER))[0]
@@ -173,25 +182,13 @@ def test_a_benign_upright_face_is_not_embedded_again_in_turned_or_tilted_copies(
 
 @pytest.mark.parametrize("turn", [1, 2, 3])
 def test_a_protected_face_turned_by_an_attacker_is_still_found(turn):
-    faces = DiskFaces()
-    stage = stage_for(faces)
-    rgb = np.ascontiguousarray(np.rot90(picture(ALICE), turn))
-    seen = upright(stage, rgb)
-    assert seen and not any(m.identity for m in stage.match(rgb, seen))  # misread upright
-    hits = turned_findings(stage, rgb, seen=seen)
-    assert [h.identity for h in hits] == [f"person {ALICE}"]
+    assert_found_only_by_the_search(np.ascontiguousarray(np.rot90(picture(ALICE), turn)))
 
 
 @pytest.mark.parametrize("angle", [45, -45])
 def test_a_protected_face_tilted_by_an_attacker_is_still_found(angle):
-    faces = DiskFaces()
-    stage = stage_for(faces)
-    rgb = np.asarray(Image.fromarray(picture(ALICE)).rotate(
-        angle, resample=Image.Resampling.BILINEAR, expand=True, fillcolor=(128, 128, 128)))
-    seen = upright(stage, rgb)
-    assert seen and not any(m.identity for m in stage.match(rgb, seen))
-    hits = turned_findings(stage, rgb, seen=seen)
-    assert [h.identity for h in hits] == [f"person {ALICE}"]
+    assert_found_only_by_the_search(np.asarray(Image.fromarray(picture(ALICE)).rotate(
+        angle, resample=Image.Resampling.BILINEAR, expand=True, fillcolor=(128, 128, 128))))
 
 
 @pytest.fixture
@@ -236,12 +233,8 @@ def test_a_turned_or_tilted_copy_whose_cheap_pass_finds_only_the_misread_is_not_
 
 
 def test_a_face_turned_by_an_attacker_is_searched_past_the_cheap_pass():
-    faces = DiskFaces()
-    stage = stage_for(faces)
-    rgb = np.ascontiguousarray(np.rot90(picture(ALICE, size=(480, 640)), 1))
-    seen = upright(stage, rgb)
-    assert seen and not any(m.identity for m in stage.match(rgb, seen))
-    assert [h.identity for h in turned_findings(stage, rgb, seen=seen)] == [f"person {ALICE}"]
+    assert_found_only_by_the_search(
+        np.ascontiguousarray(np.rot90(picture(ALICE, size=(480, 640)), 1)))
 
 
 def test_the_cheap_pass_of_a_large_picture_keeps_a_face_of_the_smallest_matched_size():
@@ -255,12 +248,8 @@ def test_the_cheap_pass_of_a_large_picture_keeps_a_face_of_the_smallest_matched_
 def test_a_small_face_turned_in_a_large_picture_is_found():
     """An 80 px face in a 3000 px picture is 8.5 px at 320 px, below what the detector finds:
     the cheap pass of every turned copy missed it, so none was searched."""
-    faces = DiskFaces()
-    stage = stage_for(faces)
-    rgb = np.ascontiguousarray(np.rot90(picture(ALICE, size=(3000, 3000)), 1))
-    seen = upright(stage, rgb)
-    assert seen and not any(m.identity for m in stage.match(rgb, seen))
-    assert [h.identity for h in turned_findings(stage, rgb, seen=seen)] == [f"person {ALICE}"]
+    assert_found_only_by_the_search(
+        np.ascontiguousarray(np.rot90(picture(ALICE, size=(3000, 3000)), 1)))
 
 
 def test_the_larger_cheap_pass_runs_only_where_the_small_one_found_nothing_new(monkeypatch):
@@ -362,12 +351,7 @@ def squashed_picture(blue: int, axis: str) -> np.ndarray:
 
 @pytest.mark.parametrize("axis", ["height", "width"])
 def test_a_protected_face_squashed_by_an_attacker_is_still_found(axis):
-    faces = DiskFaces()
-    stage = stage_for(faces)
-    rgb = squashed_picture(ALICE, axis)
-    seen = upright(stage, rgb)
-    assert seen and not any(m.identity for m in stage.match(rgb, seen))  # misread upright
-    assert [h.identity for h in turned_findings(stage, rgb, seen=seen)] == [f"person {ALICE}"]
+    assert_found_only_by_the_search(squashed_picture(ALICE, axis))
 
 
 class NegativeDisks(DiskFaces):
@@ -401,9 +385,5 @@ def test_a_benign_face_is_not_embedded_again_stretched_or_as_its_negative(double
 
 @pytest.mark.parametrize("turn", [0, 1, 2, 3])
 def test_a_protected_face_inverted_by_an_attacker_is_still_found(turn):
-    faces = NegativeDisks()
-    stage = stage_for(faces)
-    rgb = np.ascontiguousarray(255 - np.rot90(picture(ALICE), turn))
-    seen = upright(stage, rgb)
-    assert seen and not any(m.identity for m in stage.match(rgb, seen))  # the negative
-    assert [h.identity for h in turned_findings(stage, rgb, seen=seen)] == [f"person {ALICE}"]
+    assert_found_only_by_the_search(
+        np.ascontiguousarray(255 - np.rot90(picture(ALICE), turn)), NegativeDisks())

@@ -15,7 +15,7 @@ from consent_guard.faces.stage import (FINE_TILE, TURNS, _detection_copy, _Once,
                                        _turned_faces, detect_faces, detection_copies,
                                        fine_tiles, turned)
 
-from test_face_search import SHADES, Recorder, Squares, stage_of
+from test_face_search import SHADES, Recorder, Squares, face_picture, stage_of
 from test_turned_faces import DarkBlock
 
 
@@ -137,3 +137,46 @@ def test_the_stage_cuts_a_picture_down_once_for_the_upright_pass_and_the_search(
     found = stage.findings(rgb, turns=True)
     assert len(found) == 1 and found[0].identity is None  # the upright face, a stranger
     assert made.count(rgb.shape[:2]) == 2  # the 640 px copy and the finer one, once each
+
+
+def grid_picture(side: int = 2048, every: int = 24) -> np.ndarray:
+    """Flat grey with a black line 1 px wide every `every` px each way (the red team's grid)."""
+    rgb = np.full((side, side, 3), 128, np.uint8)
+    rgb[::every] = 0
+    rgb[:, ::every] = 0
+    return rgb
+
+
+def test_detection_copies_are_reduced_first_but_the_cleaned_base_is_not():
+    """A picture several times the size asked for is first reduced by a whole factor (the
+    bilinear kernel straight from full size is as wide as the factor: REDUCING_GAP); the
+    cleaned copies' base is bilinear all the way, which washes a grid of 1 px lines out
+    further, and the median and blur copies made from it are there to undo such a grid."""
+    from PIL import Image
+
+    rgb = grid_picture()
+    img = Image.fromarray(rgb)
+    reduced = img.resize((320, 320), Image.Resampling.BILINEAR, reducing_gap=1.0)
+    assert np.array_equal(stage_module.cut_down(rgb, 320 / 2048), np.asarray(reduced))
+    small, f = stage_module._shrunk(rgb, 320)
+    assert f == 320 / 2048 and np.array_equal(small, np.asarray(reduced))
+    base, g = stage_module._shrunk(rgb, stage_module.CLEAN_SIZE, reduce=False)
+    assert g == 0.5 and np.array_equal(base, np.asarray(img.resize(
+        (1024, 1024), Image.Resampling.BILINEAR)))
+    boxed = np.asarray(img.resize((1024, 1024), Image.Resampling.BILINEAR, reducing_gap=1.0))
+    assert base.astype(float).std() < boxed.astype(float).std()  # the lines washed out more
+
+
+def test_the_search_makes_its_cleaned_base_without_a_reduce(monkeypatch):
+    made = []
+    real = stage_module._shrunk
+
+    def recorded(rgb, side, reduce=True):
+        made.append((side, reduce))
+        return real(rgb, side, reduce)
+
+    monkeypatch.setattr(stage_module, "_shrunk", recorded)
+    stage = stage_of(Squares(), Recorder())
+    assert stage_module.turned_findings(stage, face_picture()) == []  # every copy searched
+    assert (stage_module.CLEAN_SIZE, False) in made
+    assert all(reduce for side, reduce in made if side != stage_module.CLEAN_SIZE)

@@ -387,3 +387,44 @@ def test_a_benign_face_is_not_embedded_again_stretched_or_as_its_negative(double
 def test_a_protected_face_inverted_by_an_attacker_is_still_found(turn):
     assert_found_only_by_the_search(
         np.ascontiguousarray(255 - np.rot90(picture(ALICE), turn)), NegativeDisks())
+
+
+class SurerSmallNegatives(NegativeDisks):
+    """NegativeDisks whose negative reads as surely as the upright disk on a copy no larger
+    than the cheap pass's (so the cheap pass sends the inverted copy on to the full search),
+    and less surely on a larger one (where the upright face dominates it)."""
+
+    def detect(self, rgb):
+        found = super().detect(rgb)
+        if found and max(np.asarray(rgb).shape[:2]) <= PREPASS_SIZE and \
+                DiskFaces._read(np.asarray(rgb)) is None:  # a negative, on the small copy
+            return [Face(f.box, 0.95, f.landmarks) for f in found]
+        return found
+
+
+def test_the_picture_is_inverted_at_full_size_only_for_a_face_to_embed(monkeypatch):
+    """An inverted copy's faces are found on the shared cut-down copies, inverted there; the
+    full-size picture is inverted only when one of them is to be embedded: not when the
+    full search finds only a misread negative of a benign face (dominated), but for an
+    attacker's negative."""
+    import consent_guard.faces.stage as stage_module
+
+    made = []
+    real = stage_module.turned_view
+
+    def recorded(rgb, how):
+        made.append(how)
+        return real(rgb, how)
+
+    monkeypatch.setattr(stage_module, "turned_view", recorded)
+    faces = SurerSmallNegatives()
+    stage = stage_for(faces)
+    rgb = np.full((480, 640, 3), 128, np.uint8)  # larger than the cheap pass's copy
+    rgb[120:360, 160:480] = picture(STRANGER)
+    assert turned_findings(stage, rgb, seen=upright(stage, rgb)) == []
+    assert (0, False) in made  # the inverted copy was searched at full size ...
+    assert not [how for how in made if how[1]]  # ... without inverting the picture
+    made.clear()
+    attacked = np.ascontiguousarray(255 - picture(ALICE))
+    assert_found_only_by_the_search(attacked, NegativeDisks())
+    assert (0, True) in made

@@ -348,8 +348,8 @@ def _copy_hits(stage: "FaceStage", rgb: np.ndarray, to_full: float, how,
     else:  # nothing new in any pass (the larger one may see a small face beside a big one)
         return []
     h, w = rgb.shape[:2]
-    if isinstance(how, tuple):
-        copy, scale = turned_view(rgb, how), to_full
+    if isinstance(how, tuple):  # turned: a view of rgb; its colours inverted only when a
+        copy, scale = turned_view(rgb, (how[0], False)), to_full  # face is embedded (below)
         faces = _turned_faces(stage, rgb, how, to_full, detect_base)
     else:
         base, g = cleaned_base()
@@ -361,6 +361,8 @@ def _copy_hits(stage: "FaceStage", rgb: np.ndarray, to_full: float, how,
         base_shape = cleaned_base()[0].shape[:2] if how in TILTS else None
         faces = [face for face in faces if not _dominated(face, in_picture(
             face, how, w, h, copy.shape[:2], base_shape, to_full / scale), seen, how)]
+    if isinstance(how, tuple) and how[1] and faces:
+        copy = turned_view(rgb, how)  # the inverted picture, made at full size
     hits: List[FaceFinding] = []
     for face, finding in zip(faces, stage.match(copy, faces, scale)):
         if not finding.identity:

@@ -26,7 +26,9 @@ embedding, matching, the turned-copy search) per image, for the search the detec
 faces embedded per searched image and the time in each model, and the execution providers
 every onnxruntime session uses: on a GPU machine with onnxruntime-gpu these are the absolute
 figures. With people enrolled it also times the check with the turned/cleaned copies' search
-switched off: the floor that no change to that search can go below.
+switched off: the floor that no change to that search can go below; and the check with the
+identity check run after the explicit models instead of beside them (as before 8e0a2c5),
+interleaved with the check as it runs.
 
 Needs ../shared/eval (exits 2 without it) and, for the reference, nudenet's own package with
 OpenCV (`pip install 'opencv-python-headless<5'`).
@@ -410,8 +412,33 @@ def check_case(a, engine: Engine, files: Sequence[Path], registry_path: Optional
             against_nudenet("the same without the turned/cleaned copies' search (a floor: what "
                             "reading the faces as they are costs)", engine, files, reference,
                             a.rounds, target)
+    if a.stages and registry_path:
+        beside_or_after(engine, files, a.rounds)
     if a.stages:
         stage_times(engine, files)
+
+
+def beside_or_after(engine: Engine, files: Sequence[Path], rounds: int) -> None:
+    """The check as it runs (the identity check beside the explicit models: Engine._faces_ahead)
+    against the same check with the identity check after them, as before, interleaved in
+    this process (a ratio two processes run at different times cannot give on a machine whose
+    load changes), and whether any decision differs between the two."""
+    def after():
+        for f in files:
+            serial.check_file(f)
+
+    def beside():
+        for f in files:
+            engine.check_file(f)
+
+    serial = engine.with_policy(engine.policy)
+    serial._faces_ahead = lambda *a, **k: None  # type: ignore[method-assign]
+    same = sum(outcome(engine.check_file(f)) == outcome(serial.check_file(f)) for f in files)
+    t_beside, t_after = interleaved(beside, after, rounds)
+    n = len(files)
+    print(f"  the identity check beside the explicit models {1000 * t_beside / n:.1f} ms/image, "
+          f"after them {1000 * t_after / n:.1f} ms/image: {t_beside / t_after:.2f}x "
+          f"(median of {rounds} interleaved rounds; {same} of {n} outcomes the same)")
 
 
 @contextmanager

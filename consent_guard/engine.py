@@ -215,7 +215,9 @@ class Engine:
         nobody matched) searched for in turned and cleaned copies (_FaceWork), on a thread of
         their own while the explicit models run: the protected-identity check does not
         depend on their verdict. The two share the CPUs better than one after the other
-        (bench/speed.py --cases faces, 2 cores: 3.36x -> 2.81x NudeNet's time, 0.84x).
+        (2 cores: 0.94x the time on 65 face photos, interleaved in one process on a loaded
+        machine, bench/speed.py --cases faces --stages; 0.81x for the models and the upright
+        faces alone on a quiet one).
         Waited for even when the explicit check raises: no work is left running on the
         pixels. A future of one _FaceWork per image, or None: nobody enrolled, or a policy
         whose minors rule would look for faces on a larger copy than matching does (its

@@ -6,33 +6,19 @@ from __future__ import annotations
 import threading
 import time
 
-import pytest
-
-from conftest import FakeFaces, FakeParts, FakeScorer, keyed_image
+from conftest import FakeFaces, FakeParts, FakeScorer
 from consent_guard.detectors.base import PartDetection
 from consent_guard.engine import Engine
 from consent_guard.faces.age import AgeEstimate
 from consent_guard.faces.backends import FaceBackend
 from consent_guard.policy import Policy
-from consent_guard.registry import Consent, Registry
+from consent_guard.registry import Registry
 from consent_guard.verdict import Decision
+from test_identity_rules import PASS, img, registry  # noqa: F401  (Alice: any, Bob: explicit)
 
-PASS = "correct horse battery"
 ALICE, STRANGER, NOBODY, BAND = 30, 31, 32, 33  # image keys
 PEOPLE = {ALICE: ["alice"], STRANGER: ["stranger"], BAND: ["stranger"]}
 WAIT = 10.0  # s: how long a double waits for the other side before it gives up
-
-
-def img(key):
-    return keyed_image(key, size=(120, 64))
-
-
-@pytest.fixture
-def registry(tmp_path):
-    reg = Registry.create(tmp_path / "identities.db", PASS)
-    reg.add("Alice", "any", Consent("Alice"), {"fake-000000000001": FakeFaces.vector("alice")[None]})
-    yield reg
-    reg.close()
 
 
 class SignallingFaces(FakeFaces):
@@ -114,20 +100,14 @@ def test_explicit_models_that_raise_fail_closed_and_leave_no_face_work_running(r
     assert faces.detections == done
 
 
-def test_scope_explicit_still_waits_for_the_explicit_verdict(tmp_path):
-    reg = Registry.create(tmp_path / "identities.db", PASS)
-    try:
-        reg.add("Bob", "explicit", Consent("Bob"),
-                {"fake-000000000001": FakeFaces.vector("bob")[None]})
-        people = {40: ["bob"], 41: ["bob"]}
-        faces = SignallingFaces(people)
-        parts = WaitingParts(faces, {41: [PartDetection("BUTTOCKS_EXPOSED", 0.7, (1, 1, 8, 8))]})
-        plain, censored = engine(reg, faces, parts, whole={41: 0.5}).check_images(
-            [img(40), img(41)])
-        assert plain.decision is Decision.ALLOW and plain.faces[0].identity
-        assert censored.decision is Decision.BLOCK and "scope explicit" in censored.rule
-    finally:
-        reg.close()
+def test_scope_explicit_still_waits_for_the_explicit_verdict(registry):
+    people = {40: ["bob"], 41: ["bob"]}
+    faces = SignallingFaces(people)
+    parts = WaitingParts(faces, {41: [PartDetection("BUTTOCKS_EXPOSED", 0.7, (1, 1, 8, 8))]})
+    plain, censored = engine(registry, faces, parts, whole={41: 0.5}).check_images(
+        [img(40), img(41)])
+    assert plain.decision is Decision.ALLOW and plain.faces[0].identity
+    assert censored.decision is Decision.BLOCK and "scope explicit" in censored.rule
 
 
 def test_a_smaller_detection_size_is_redone_at_the_minors_rules_size(registry):
